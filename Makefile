@@ -1,0 +1,42 @@
+# The README's two commands: `make run` and `make test`. Both build .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint format bench bench-quick system-deps clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -e '.[test,redis]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/msgd -c examples/msgd.toml
+
+test: $(STAMP) system-deps
+	$(PY) -m ruff check daemon ctl tests bench
+	$(PY) -m pytest -q
+
+# redis-server for the Redis backend's tests and the peers' benchmarks (installed when root).
+system-deps:
+	@command -v redis-server >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
+	  else echo "note: redis-server missing and not root; Redis tests will be skipped"; fi; }
+
+lint: $(STAMP)
+	$(PY) -m ruff check daemon ctl tests bench
+	$(PY) -m ruff format --check daemon ctl tests bench
+
+format: $(STAMP)
+	$(PY) -m ruff format daemon ctl tests bench
+
+bench: $(STAMP) system-deps
+	$(PY) bench/run.py
+
+bench-quick: $(STAMP) system-deps
+	$(PY) bench/run.py --quick
+
+clean:
+	rm -rf $(VENV) .venv-bench examples/var

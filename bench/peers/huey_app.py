@@ -1,0 +1,24 @@
+"""The Huey application the consumer imports: storage chosen by the environment.
+
+BENCH_HUEY_BACKEND=sqlite (BENCH_HUEY_DB = database file) or redis (BENCH_REDIS_URL).
+SQLite runs in Huey's default WAL mode with fsync=True (synchronous=FULL), the durable setting,
+to match msgd's `fsync = true`. No result store: like msgd, a handler's return value is dropped.
+"""
+
+from __future__ import annotations
+
+import os
+
+from huey import RedisHuey, SqliteHuey
+
+import tasks
+
+if os.environ.get("BENCH_HUEY_BACKEND", "sqlite") == "redis":
+    huey = RedisHuey("bench", url=os.environ["BENCH_REDIS_URL"], results=False)
+else:
+    huey = SqliteHuey("bench", filename=os.environ["BENCH_HUEY_DB"], fsync=True, results=False)
+
+
+@huey.task()
+def job(seq: int, enqueued: float, iterations: int) -> None:
+    tasks.run(seq, enqueued, iterations)

@@ -1,0 +1,81 @@
+"""Peer 2: Huey, SqliteHuey or RedisHuey storage, consumer `-k process -w 2`.
+
+Run (with the bench venv): python bench/peers/huey_peer.py {drain,stream,cpu,memory,enqueue}
+    --backend {sqlite,redis} [--redis-url URL] --n N --workdir D --out F
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import launch  # noqa: E402
+import scenario  # noqa: E402
+from common import tree_memory, write_result  # noqa: E402
+
+WORKERS = 2
+
+
+def setup(args) -> dict[str, str]:
+    extra = {"BENCH_HUEY_BACKEND": args.backend}
+    if args.backend == "redis":
+        extra["BENCH_REDIS_URL"] = args.redis_url
+    else:
+        db = os.path.join(args.workdir, "huey.db")
+        for suffix in ("", "-wal", "-shm"):
+            if os.path.exists(db + suffix):
+                os.unlink(db + suffix)
+        extra["BENCH_HUEY_DB"] = db
+    os.environ.update(extra)
+    return extra
+
+
+def consumer(args, extra):
+    argv = [launch.tool("huey_consumer"), "huey_app.huey", "-k", "process", "-w", str(WORKERS)]
+    return launch.start(argv, extra, os.path.join(args.workdir, "huey-consumer.log"))
+
+
+def main() -> None:
+    args = scenario.parse(["drain", "stream", "cpu", "memory", "enqueue"])
+    extra = setup(args)
+    args.probe = scenario.fresh_probe(args.workdir, args.n)
+    from huey_app import huey, job
+
+    huey.flush()
+    if args.scenario == "enqueue":  # producer side only, no consumer running
+        t = time.perf_counter()
+        for i in range(args.n):
+            job(i, 0.0, 0)
+        seconds = time.perf_counter() - t
+        write_result(args.out, {"n": args.n, "seconds": seconds, "msgs_per_s": args.n / seconds})
+        return
+    if args.scenario in ("drain", "cpu"):
+        for i in range(args.n):
+            job(i, 0.0, args.iterations)
+    proc = consumer(args, extra)
+    try:
+        if args.scenario in ("drain", "cpu"):
+            s = scenario.wait_count(args.probe, args.n, args.timeout)
+            result = scenario.drain_result(s, args.n, args.unit)
+        else:
+            for _ in range(scenario.WARMUP):
+                job(-1, 0.0, 0)
+            scenario.wait_ready(args.probe)
+            if args.scenario == "memory":
+                time.sleep(1.0)  # measured idle: 1 s after the last warm-up message, not a sync
+                result = tree_memory(proc.pid)
+            else:
+                first, last = scenario.produce(lambda i, ts: job(i, ts, 0), args.n)
+                s = scenario.wait_count(args.probe, args.n, args.timeout, with_values=True)
+                result = scenario.stream_result(s, args.n, first, last)
+    finally:
+        launch.stop(proc)
+    write_result(args.out, result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""What every scenario script shares: its command line, probe directories and result figures.
+
+Each system's script (bench/peers/*.py, bench/msgd_bench.py) is run by the driver as
+`python SCRIPT SCENARIO --n N --workdir DIR --out FILE [...]` and writes one JSON object to FILE.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import time
+
+import probe
+from common import latency_figures, wait_for
+
+WARMUP = 4  # warm-up messages sent before a stream, so that no worker is still starting
+
+
+def parse(scenarios: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    p.add_argument("scenario", choices=scenarios)
+    p.add_argument("--n", type=int, default=1000)
+    p.add_argument("--iterations", type=int, default=0, help="burn() iterations per message")
+    p.add_argument("--unit", type=float, default=0.0, help="seconds one message's work takes")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--redis-url", default="")
+    p.add_argument("--backend", default="")
+    p.add_argument("--samples", type=int, default=20)
+    p.add_argument("--timeout", type=float, default=300.0)
+    return p.parse_args()
+
+
+def fresh_probe(workdir: str, capacity: int, name: str = "probe") -> str:
+    """An empty probe directory, exported to child processes through the environment."""
+    directory = os.path.join(workdir, name)
+    shutil.rmtree(directory, ignore_errors=True)
+    os.makedirs(directory)
+    os.environ.update(probe.env(directory, capacity))
+    return directory
+
+
+def wait_count(directory: str, n: int, timeout: float, with_values: bool = False) -> probe.Summary:
+    """Wait until handlers have recorded `n` messages; return the final summary."""
+    wait_for(
+        lambda: probe.summary(directory).count >= n, timeout, f"{n} messages handled", 0.01
+    )
+    return probe.summary(directory, with_values)
+
+
+def wait_ready(directory: str, timeout: float = 60.0) -> None:
+    wait_for(lambda: probe.summary(directory).ready >= 1, timeout, "a ready worker", 0.01)
+
+
+def drain_result(s: probe.Summary, n: int, unit: float = 0.0, workers: int = 2) -> dict:
+    """Throughput from the first handler start to the last handler end (all systems alike)."""
+    seconds = s.last_done - s.first_start
+    result = {"n": n, "handled": s.count, "seconds": seconds, "msgs_per_s": n / seconds}
+    if unit:
+        ideal = n * unit / workers
+        result.update(
+            ideal_seconds=ideal,
+            efficiency=ideal / seconds,
+            handler_busy_seconds=s.busy,
+            unit_ms=unit * 1e3,
+        )
+    return result
+
+
+def stream_result(s: probe.Summary, n: int, first_send: float, last_send: float) -> dict:
+    """Throughput from the first send to the last handler end; latency per message."""
+    seconds = s.last_done - first_send
+    return {
+        "n": n,
+        "handled": s.count,
+        "seconds": seconds,
+        "msgs_per_s": n / seconds,
+        "send_seconds": last_send - first_send,
+        **latency_figures(s.values),
+    }
+
+
+def produce(send, n: int) -> tuple[float, float]:
+    """Send `n` latency-probe messages as fast as `send(seq, timestamp)` allows."""
+    first = time.time()
+    for i in range(n):
+        send(i, time.time())
+    return first, time.time()

@@ -1,0 +1,168 @@
+"""The configuration file: a typed schema, loading, and errors that name the key.
+
+The schema is declared once with msgspec, which checks types, bounds and unknown keys; the few rules
+a schema cannot say (paths, handler specs, queue names) live in `_check`. Every error message starts
+with the dotted key it is about, so an operator editing the file knows where to look.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Literal, TypeVar
+
+import msgspec
+
+DEFAULT_PATH = "/etc/msgd/msgd.toml"
+QUEUE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+HANDLER_SPEC = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+MAX_QUEUES = 32  # fixed by the shared counter layout (stats.py)
+MAX_RUNNERS = 32  # handler threads per worker, summed over queues (stats.py)
+
+Seconds = Annotated[float, msgspec.Meta(ge=0)]
+Positive = Annotated[float, msgspec.Meta(gt=0)]
+T = TypeVar("T")
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used; the message says which key and why."""
+
+
+class _Table(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class DaemonConfig(_Table):
+    pidfile: str = "/run/msgd/msgd.pid"
+    spool: str = "/var/spool/msgd"
+    workers: Annotated[int, msgspec.Meta(ge=0, le=256)] = 2
+    grace_period: Seconds = 30.0
+    log_file: str = ""
+    log_format: Literal["console", "json"] = "console"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    stats_file: str = "/run/msgd/stats.json"
+    stats_log_interval: Seconds = 0.0
+    user: str = ""
+    group: str = ""
+    allow_root: bool = False
+    fsync: bool = True
+    pythonpath: list[str] = []
+    max_message_size: Annotated[int, msgspec.Meta(ge=0)] = 16 * 1024 * 1024
+    max_rss_mb: Annotated[int, msgspec.Meta(ge=0)] = 0
+    file_mode: Annotated[int, msgspec.Meta(ge=0, le=0o777)] = 0o600
+    dir_mode: Annotated[int, msgspec.Meta(ge=0, le=0o777)] = 0o700
+
+
+class QueueConfig(_Table):
+    handler: str = ""
+    command: list[str] = []
+    mode: Literal["continuous", "burst"] = "continuous"
+    timeout: Positive = 30.0
+    max_attempts: Annotated[int, msgspec.Meta(ge=1)] = 5
+    backoff: list[Seconds] = msgspec.field(default_factory=lambda: [1.0, 5.0, 30.0, 300.0])
+    threads: Annotated[int, msgspec.Meta(ge=1, le=MAX_RUNNERS)] = 1
+    backend: Literal["spool", "redis"] = "spool"
+    url: str = "redis://127.0.0.1:6379/0"
+    stream: str = ""  # default: msgd:<queue>
+    group: str = "msgd"
+    consumer: str = ""  # default: <host>:<pid>
+    claim_idle: Positive = 60.0
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait before attempt `attempt + 1` (the last backoff value repeats)."""
+        if not self.backoff:
+            return 0.0
+        return self.backoff[min(attempt, len(self.backoff)) - 1]
+
+
+class Config(msgspec.Struct, kw_only=True):
+    path: str
+    daemon: DaemonConfig
+    queues: dict[str, QueueConfig]
+
+    @property
+    def state_file(self) -> str:
+        """The acknowledgement file msgctl reads; it lives beside the pidfile."""
+        return str(Path(self.daemon.pidfile).with_suffix(".state"))
+
+
+def default_path() -> str:
+    return os.environ.get("MSGD_CONFIG") or DEFAULT_PATH
+
+
+def load(path: str | os.PathLike[str]) -> Config:
+    """Read, validate and resolve a config file; raise ConfigError naming the key at fault."""
+    path = os.path.abspath(path)
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: TOML syntax error: {e}") from None
+    unknown = set(raw) - {"daemon", "queues"}
+    if unknown:
+        raise ConfigError(f"{sorted(unknown)[0]}: unknown table (expected [daemon] or [queues.NAME])")
+    daemon = _convert(raw.get("daemon", {}), DaemonConfig, "daemon")
+    tables = raw.get("queues", {})
+    if not isinstance(tables, dict) or not tables:
+        raise ConfigError("queues: define at least one [queues.NAME] table")
+    queues = {name: _convert(table, QueueConfig, f"queues.{name}") for name, table in tables.items()}
+    config = Config(path=path, daemon=_resolve(daemon, os.path.dirname(path)), queues=queues)
+    _check(config)
+    return config
+
+
+def _convert(table: object, kind: type[T], where: str) -> T:
+    try:
+        return msgspec.convert(table, kind)
+    except msgspec.ValidationError as e:
+        message, _, at = str(e).rpartition(" - at `$")
+        key = where + at.rstrip("`") if message else where
+        raise ConfigError(f"{key}: {message or e}") from None
+
+
+def _resolve(daemon: DaemonConfig, base: str) -> DaemonConfig:
+    """Relative paths are relative to the config file, so a copied examples/ is self-contained."""
+
+    def absolute(p: str) -> str:
+        return os.path.normpath(os.path.join(base, p)) if p else p
+
+    return msgspec.structs.replace(
+        daemon,
+        pidfile=absolute(daemon.pidfile),
+        spool=absolute(daemon.spool),
+        log_file=absolute(daemon.log_file),
+        stats_file=absolute(daemon.stats_file),
+        pythonpath=[absolute(p) for p in daemon.pythonpath],
+    )
+
+
+def _check(config: Config) -> None:
+    d = config.daemon
+    for key in ("pidfile", "spool", "stats_file"):
+        if not getattr(d, key):
+            raise ConfigError(f"daemon.{key}: must not be empty")
+    if len(config.queues) > MAX_QUEUES:
+        raise ConfigError(f"queues: at most {MAX_QUEUES} queues")
+    if sum(q.threads for q in config.queues.values()) > MAX_RUNNERS:
+        raise ConfigError(f"queues: the threads of all queues add up to more than {MAX_RUNNERS}")
+    for name, q in config.queues.items():
+        where = f"queues.{name}"
+        if not valid_queue_name(name):
+            raise ConfigError(f"{where}: bad queue name (letters, digits, _ . -, no leading dot)")
+        if bool(q.handler) == bool(q.command):
+            raise ConfigError(f"{where}: set exactly one of handler or command")
+        if q.handler and not HANDLER_SPEC.fullmatch(q.handler):
+            raise ConfigError(f"{where}.handler: expected 'package.module:function'")
+        if q.command and not os.path.isabs(q.command[0]) and "/" in q.command[0]:
+            raise ConfigError(f"{where}.command: a program path must be absolute or a bare name")
+
+
+def valid_queue_name(name: str) -> bool:
+    """Queue names become directory names: nothing that could step outside the spool."""
+    return bool(QUEUE_NAME.fullmatch(name)) and not name.startswith(".")

@@ -1,0 +1,374 @@
+"""The master: one asyncio process that owns the config, the pool, and the signal table's actions.
+
+Life cycle: lock the pidfile, repair what a previous master left in cur/, start the pool, say
+READY, then wait. Each action of the signal table (signals.py) has one task that awaits its Event
+and runs the action; a signal that arrives while its action runs sets the Event again, so it
+causes exactly one more run. The master is never on a message's path: workers claim, run and
+settle messages themselves; the master watches them, keeps time (retries, timeouts) and reports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import grp
+import json
+import multiprocessing
+import os
+import pwd
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+import setproctitle
+import structlog
+
+from msgd import handlers, logs
+from msgd.config import MAX_QUEUES, Config, ConfigError
+from msgd.config import load as load_config
+from msgd.notify import Notifier
+from msgd.pidfile import Pidfile, StateFile
+from msgd.pool import Pool
+from msgd.signals import Action, SignalWatcher
+from msgd.spool import Spool, split_name
+from msgd.stats import Counters, Rates, snapshot, summary
+from msgd.sysutil import atomic_write, make_dirs
+
+TICK = 0.05  # seconds between checks of timeouts and due retries
+BURST_POLL = 0.01  # how often a burst looks whether its messages are all worked
+STATUS_EVERY = 5.0  # seconds between STATUS= lines to systemd
+
+
+class StartError(Exception):
+    """The daemon cannot start; the message is the one line the operator sees."""
+
+
+class Master:
+    def __init__(self, config: Config, on_ready: Callable[[], None] | None = None) -> None:
+        self.config = config
+        self.on_ready = on_ready
+        self.log = structlog.get_logger()
+        self.notify = Notifier()
+        self.spool = Spool.from_config(config)
+        self.pidfile = Pidfile(config.daemon.pidfile)
+        self.counters = Counters()
+        self.queue_index: dict[str, int] = {}
+        self.rates = Rates()
+        self.started = time.time()
+        self.reloads = 0
+        self.stats_generation = 0
+        self.draining = False
+        self.burst_pending: dict[str, set[str]] = {}  # names still in new/ or cur/
+        self.burst_ids: dict[str, set[str]] = {}  # every id of the burst, for its report
+        self.burst_upto = 0
+        self.burst_task: asyncio.Task[None] | None = None
+
+    # -- life cycle ------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        return asyncio.run(self.main())
+
+    async def main(self) -> int:
+        loop = asyncio.get_running_loop()
+        self.signals = SignalWatcher()
+        self.signals.install(loop)  # first: a signal during start-up must not kill us
+        self.start()
+        self.log.info("started", pid=os.getpid(), workers=self.pool.size, config=self.config.path,
+                      queues=sorted(self.config.queues))
+        self.notify.ready(self.summary())
+        if self.on_ready:
+            self.on_ready()
+        actions = {
+            Action.RELOAD: self.reload,
+            Action.STATS: self.dump_stats,
+            Action.BURST: self.burst,
+            Action.SCALE_UP: lambda: self.scale(+1),
+            Action.SCALE_DOWN: lambda: self.scale(-1),
+        }
+        tasks = [asyncio.create_task(self.serve(a, f)) for a, f in actions.items()]
+        tasks.append(asyncio.create_task(self.keep_time()))
+        stop = asyncio.create_task(self.signals.events[Action.STOP].wait())
+        quit_ = asyncio.create_task(self.signals.events[Action.QUIT].wait())
+        await asyncio.wait({stop, quit_}, return_when=asyncio.FIRST_COMPLETED)
+        await self.shutdown(now=quit_.done())
+        for task in [*tasks, stop, quit_]:
+            task.cancel()
+        self.signals.close()
+        return 0
+
+    def start(self) -> None:
+        d = self.config.daemon
+        self.pidfile.acquire()
+        if self.pidfile.stale_pid:
+            self.log.warning("stale pidfile taken over", pidfile=d.pidfile,
+                             stale_pid=self.pidfile.stale_pid)
+        self.drop_privileges()
+        try:
+            self.spool.ensure_root()
+            for name in self.config.queues:
+                self.spool.ensure(name)
+            make_dirs(os.path.dirname(d.stats_file), 0o755)
+        except OSError as e:
+            raise StartError(f"daemon.spool: {e}") from None
+        for slot in sorted(self.spool.slots_in_use()):
+            returned = self.spool.recover(slot, self.spool.queues())
+            if returned:
+                self.log.warning("recovered messages left in flight by a previous master",
+                                 slot=slot, **{f"{q}_{s}": n for (q, s), n in returned.items()})
+        self.index_queues(self.config)
+        self.burst_generation = multiprocessing.Value("Q", 0, lock=False)
+        self.pool = Pool(config=self.config, spool=self.spool, counters=self.counters,
+                         queue_index=self.queue_index, burst_generation=self.burst_generation,
+                         close_in_child=[self.pidfile.fd])
+        self.pool.start()
+        self.state = StateFile(self.config.state_file, {
+            "pid": os.getpid(), "started_at": self.started, "config": self.config.path})
+        self.state.write()
+        self.publish()
+
+    def drop_privileges(self) -> None:
+        """As root, become daemon.user/group once the pidfile and log are open; or refuse."""
+        d = self.config.daemon
+        if os.geteuid() != 0:
+            return
+        if not d.user:
+            if d.allow_root:
+                return
+            raise StartError("daemon.user: refusing to run as root without a user to become "
+                             "(set daemon.user, or daemon.allow_root = true)")
+        try:
+            user = pwd.getpwnam(d.user)
+            gid = grp.getgrnam(d.group).gr_gid if d.group else user.pw_gid
+        except KeyError as e:
+            raise StartError(f"daemon.user/group: no such user or group: {e}") from None
+        os.fchown(self.pidfile.fd, user.pw_uid, gid)
+        os.setgroups([])
+        os.setgid(gid)
+        os.setuid(user.pw_uid)
+
+    async def shutdown(self, now: bool) -> None:
+        """TERM: drain within the grace period (a second TERM or a QUIT cuts it short); QUIT: now."""
+        self.draining = True
+        grace = 0.0 if now else self.config.daemon.grace_period
+        self.log.info("stopping", mode="now" if now else "graceful", grace_period=grace,
+                      in_flight=sum(len(self.in_flight(h.slot)) for h in self.pool.live()))
+        self.notify.stopping()
+        for event in (Action.STOP, Action.QUIT):
+            self.signals.events[event].clear()
+        drain = asyncio.create_task(self.pool.stop(grace))
+        cut_short = asyncio.create_task(self.second_stop())
+        while not drain.done():
+            done_before = self.processed()
+            await asyncio.wait({drain, cut_short}, timeout=STATUS_EVERY,
+                               return_when=asyncio.FIRST_COMPLETED)
+            if cut_short.done() and not drain.done():
+                self.log.info("stopping", mode="now", reason="second stop signal")
+                for handle in self.pool.live():
+                    handle.kill_reason = "killed by an immediate stop"
+                    handle.signal(signal.SIGKILL)
+                await drain
+            elif not drain.done() and self.processed() > done_before:
+                self.notify.extend_timeout(2 * STATUS_EVERY)
+        cut_short.cancel()
+        self.publish()
+        self.log.info("stopped", **self.current_snapshot()["totals"])
+        self.state.remove()
+        self.pidfile.release()
+
+    async def second_stop(self) -> None:
+        stop, quit_ = self.signals.events[Action.STOP], self.signals.events[Action.QUIT]
+        await asyncio.wait({asyncio.create_task(stop.wait()), asyncio.create_task(quit_.wait())},
+                           return_when=asyncio.FIRST_COMPLETED)
+
+    async def serve(self, action: Action, run: Callable[[], Any]) -> None:
+        """One action's task: wait for its signal, run it, repeat. Repeats coalesce."""
+        event = self.signals.events[action]
+        while True:
+            await event.wait()
+            event.clear()
+            if self.draining:
+                continue
+            try:
+                result = run()
+                if asyncio.iscoroutine(result):
+                    await result
+            except Exception:
+                self.log.exception(action.value, outcome="error")
+
+    # -- actions ---------------------------------------------------------------------------------
+
+    def reload(self) -> None:
+        """HUP: reopen the log, then load and check the whole config before touching anything."""
+        self.notify.reloading()
+        logs.reopen(self.config.daemon.log_file)
+        try:
+            new = load_config(self.config.path)
+            self.check_reloadable(new)
+            handlers.check(new)
+        except ConfigError as e:
+            self.log.error("reload", outcome="rejected", error=str(e))
+            self.state.record("reload", ok=False, error=str(e))
+            self.notify.ready(f"reload rejected: {e}")
+            return
+        d = new.daemon
+        logs.setup(d.log_file, d.log_format, d.log_level)
+        self.index_queues(new)
+        self.config = new
+        self.pool.replace_all(new)
+        self.reloads += 1
+        self.log.info("reload", outcome="ok", generation=self.reloads, workers=d.workers,
+                      queues=sorted(new.queues))
+        self.state.record("reload", ok=True, config_generation=self.reloads)
+        self.notify.ready(self.summary())
+
+    def check_reloadable(self, new: Config) -> None:
+        """What cannot change under a running daemon, and a spool we cannot write."""
+        for key in ("pidfile", "spool", "user", "group"):
+            if getattr(new.daemon, key) != getattr(self.config.daemon, key):
+                raise ConfigError(f"daemon.{key}: cannot change on reload (restart msgd)")
+        if len(set(self.queue_index) | set(new.queues)) > MAX_QUEUES:
+            raise ConfigError(f"queues: more than {MAX_QUEUES} queue names since start (restart)")
+        try:
+            for name in new.queues:
+                self.spool.ensure(name)
+                probe = os.path.join(self.spool.dir(name, "tmp"), f".probe.{os.getpid()}")
+                atomic_write(probe, b"")
+                os.unlink(probe)
+        except OSError as e:
+            raise ConfigError(f"daemon.spool: not writable: {e}") from None
+
+    def dump_stats(self) -> None:
+        """USR1: one `stats` log event and a fresh stats file, both with the same generation."""
+        self.stats_generation += 1
+        snap = self.publish()
+        self.log.info("stats", **{k: v for k, v in snap.items() if k != "histogram_bounds_s"})
+        self.state.record("stats", generation=self.stats_generation)
+
+    def burst(self) -> None:
+        """USR2: deferred retries become due now and burst-mode queues run until drained."""
+        for name in self.spool_queues():
+            self.spool.release_due(name, force=True)
+            names = set(self.spool.names(name, "new"))
+            for slot in self.spool.cur_slots(name):
+                names.update(self.spool.names(name, f"cur/{slot}"))
+            self.burst_pending.setdefault(name, set()).update(names)
+            self.burst_ids.setdefault(name, set()).update(split_name(n)[0] for n in names)
+        self.pool.burst()
+        size = sum(len(ids) for ids in self.burst_ids.values())
+        self.burst_upto = self.state.record("burst", pending=size)
+        self.log.info("burst", outcome="started", pending=size)
+        if self.burst_task is None or self.burst_task.done():
+            self.burst_task = asyncio.create_task(self.finish_burst())
+
+    async def finish_burst(self) -> None:
+        """Wait until every message pending at the signal(s) has been worked, then report.
+
+        A message counts as worked once it has left new/ and cur/: unlinked (succeeded), in
+        defer/ (retried) or in failed/. Bursts that overlap are reported together.
+        """
+        while any(self.still_pending(q, names) for q, names in self.burst_pending.items()):
+            await asyncio.sleep(BURST_POLL)
+        failed = retried = 0
+        for queue, ids in self.burst_ids.items():
+            failed += len(ids & set(self.spool.names(queue, "failed")))
+            retried += len(ids & {split_name(n)[0] for n in self.spool.names(queue, "defer")})
+        total = sum(len(ids) for ids in self.burst_ids.values())
+        outcome = {"succeeded": total - failed - retried, "retried": retried, "failed": failed}
+        self.burst_pending.clear()
+        self.burst_ids.clear()
+        self.log.info("burst", outcome="done", **outcome)
+        self.state.record("burst_done", generation=self.burst_upto, **outcome)
+
+    def still_pending(self, queue: str, names: set[str]) -> bool:
+        """Drop from `names` those no longer in new/ or cur/; True while any remain."""
+        present = set(self.spool.names(queue, "new"))
+        for slot in self.spool.cur_slots(queue):
+            present.update(self.spool.names(queue, f"cur/{slot}"))
+        names &= present
+        return bool(names)
+
+    def scale(self, delta: int) -> None:
+        size = self.pool.scale(delta)
+        self.log.info("scale", outcome="ok", workers=size, change=delta)
+        self.state.record("scale", workers=size)
+
+    # -- keeping time ----------------------------------------------------------------------------
+
+    async def keep_time(self) -> None:
+        """Timeouts and due retries every tick; stats file every second; systemd's clocks."""
+        next_second = next_status = next_watchdog = next_log = time.monotonic()
+        interval = self.config.daemon.stats_log_interval
+        while True:
+            await asyncio.sleep(TICK)
+            if self.draining:
+                continue
+            self.pool.check_timeouts()
+            for name in self.spool_queues():
+                self.spool.release_due(name)
+            now = time.monotonic()
+            if now >= next_second:
+                next_second = now + 1.0
+                snap = self.publish()
+                setproctitle.setproctitle(f"msgd: master -c {self.config.path} {summary(snap)}")
+                interval = self.config.daemon.stats_log_interval
+                if interval and now >= next_log:
+                    next_log = now + interval
+                    self.log.info("stats", **snap)
+            if now >= next_status:
+                next_status = now + STATUS_EVERY
+                self.notify.status(self.summary())
+            if self.notify.watchdog_interval and now >= next_watchdog and self.healthy():
+                next_watchdog = now + self.notify.watchdog_interval
+                self.notify.watchdog()
+
+    def healthy(self) -> bool:
+        """Watchdog pings only while the pool has the workers it should (or is getting them)."""
+        return bool(self.pool.workers) or self.pool.size == 0
+
+    # -- reporting -------------------------------------------------------------------------------
+
+    def current_snapshot(self) -> dict[str, Any]:
+        spool_queues = self.spool_queues()
+        return snapshot(
+            slots=self.counters.read(),
+            queue_index=self.queue_index,
+            workers=[(h.slot, h.pid, self.in_flight(h.slot)) for h in self.pool.live()],
+            depths={q: self.spool.depths(q) for q in spool_queues},
+            rates=self.rates,
+            info={
+                "generation": self.stats_generation,
+                "time": time.time(),
+                "pid": os.getpid(),
+                "uptime": round(time.time() - self.started, 3),
+                "config": self.config.path,
+                "reloads": self.reloads,
+                "workers_target": self.pool.size,
+                "draining": self.draining,
+            },
+        )
+
+    def publish(self) -> dict[str, Any]:
+        """Rewrite the stats file (atomically) and return what was written."""
+        snap = self.current_snapshot()
+        atomic_write(self.config.daemon.stats_file, json.dumps(snap).encode(), 0o644)
+        return snap
+
+    def summary(self) -> str:
+        return summary(self.current_snapshot())
+
+    def processed(self) -> int:
+        return self.current_snapshot()["processed"]
+
+    def in_flight(self, slot: int) -> list[str]:
+        names = []
+        for queue in self.spool_queues():
+            names += self.spool.names(queue, f"cur/{slot}")
+        return names
+
+    def spool_queues(self) -> list[str]:
+        return [n for n, q in self.config.queues.items() if q.backend == "spool"]
+
+    def index_queues(self, config: Config) -> None:
+        for name in config.queues:
+            self.queue_index.setdefault(name, len(self.queue_index))
+

@@ -1,0 +1,49 @@
+"""Small OS operations the standard library lacks: atomic files, safe directories, prctl."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+
+_PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def set_parent_death_signal(sig: int = signal.SIGKILL) -> None:
+    """Have the kernel send `sig` to this process when its parent dies (no orphans)."""
+    _libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+
+
+def atomic_write(path: str, data: bytes, mode: int = 0o600) -> None:
+    """Replace `path` with `data` so that readers see the old file or the new one, never a part.
+
+    The temporary file is created exclusively and without following links, so a planted symlink
+    cannot redirect the write.
+    """
+    tmp = f"{path}.tmp.{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+    try:
+        os.rename(tmp, path)
+    except OSError:
+        os.unlink(tmp)
+        raise
+
+
+def make_dirs(path: str, mode: int = 0o700) -> None:
+    """Create `path` and missing parents with `mode`, refusing a symlink in its place."""
+    os.makedirs(path, mode=mode, exist_ok=True)
+    if os.path.islink(path):
+        raise OSError(f"{path}: is a symbolic link")
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
