@@ -15,7 +15,7 @@ from collections.abc import Iterable
 
 __version__ = "0.1.0"
 
-from msgd.handlers import Message, Reject  # noqa: E402
+from msgd.handlers import Message, Reject
 
 __all__ = ["Message", "Reject", "send", "send_many"]
 
@@ -25,8 +25,9 @@ def send(body: bytes, queue: str = "default", config: str | None = None) -> str:
     return send_many([body], queue, config)[0]
 
 
-def send_many(bodies: Iterable[bytes], queue: str = "default",
-              config: str | None = None) -> list[str]:
+def send_many(
+    bodies: Iterable[bytes], queue: str = "default", config: str | None = None
+) -> list[str]:
     """Enqueue a batch durably with one flush; returns the ids in order."""
     from msgd.producer import producer_for
 

@@ -19,10 +19,12 @@ from msgd.pidfile import AlreadyRunning
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="msgd", description=__doc__)
-    parser.add_argument("-c", "--config", help=f"config file (default: $MSGD_CONFIG or "
-                        f"{default_path()})")
-    parser.add_argument("-D", "--daemon", action="store_true",
-                        help="detach; exit 0 once the daemon is ready")
+    parser.add_argument(
+        "-c", "--config", help=f"config file (default: $MSGD_CONFIG or {default_path()})"
+    )
+    parser.add_argument(
+        "-D", "--daemon", action="store_true", help="detach; exit 0 once the daemon is ready"
+    )
     parser.add_argument("--check", action="store_true", help="validate the config and exit")
     parser.add_argument("--version", action="version", version=f"msgd {__version__}")
     args = parser.parse_args(argv)
@@ -39,8 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     return serve(config)
 
 
-def serve(config: Config, on_ready: Callable[[], None] | None = None,
-          report: Callable[[str], int] | None = None) -> int:
+def serve(
+    config: Config,
+    on_ready: Callable[[], None] | None = None,
+    report: Callable[[str], int] | None = None,
+) -> int:
     """Run the master in this process until it stops; returns the exit status."""
     report = report or fail
     d = config.daemon

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from pathlib import Path
 from typing import Annotated, Literal, TypeVar
 
 import msgspec
@@ -82,11 +81,6 @@ class Config(msgspec.Struct, kw_only=True):
     daemon: DaemonConfig
     queues: dict[str, QueueConfig]
 
-    @property
-    def state_file(self) -> str:
-        """The acknowledgement file msgctl reads; it lives beside the pidfile."""
-        return str(Path(self.daemon.pidfile).with_suffix(".state"))
-
 
 def default_path() -> str:
     return os.environ.get("MSGD_CONFIG") or DEFAULT_PATH
@@ -106,12 +100,16 @@ def load(path: str | os.PathLike[str]) -> Config:
         raise ConfigError(f"{path}: TOML syntax error: {e}") from None
     unknown = set(raw) - {"daemon", "queues"}
     if unknown:
-        raise ConfigError(f"{sorted(unknown)[0]}: unknown table (expected [daemon] or [queues.NAME])")
+        raise ConfigError(
+            f"{sorted(unknown)[0]}: unknown table (expected [daemon] or [queues.NAME])"
+        )
     daemon = _convert(raw.get("daemon", {}), DaemonConfig, "daemon")
     tables = raw.get("queues", {})
     if not isinstance(tables, dict) or not tables:
         raise ConfigError("queues: define at least one [queues.NAME] table")
-    queues = {name: _convert(table, QueueConfig, f"queues.{name}") for name, table in tables.items()}
+    queues = {
+        name: _convert(table, QueueConfig, f"queues.{name}") for name, table in tables.items()
+    }
     config = Config(path=path, daemon=_resolve(daemon, os.path.dirname(path)), queues=queues)
     _check(config)
     return config

@@ -41,9 +41,7 @@ def setup(log_file: str, log_format: str, log_level: str) -> None:
             structlog.processors.format_exc_info,
             renderer,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(
-            getattr(logging, log_level.upper())
-        ),
+        wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, log_level.upper())),
         logger_factory=structlog.WriteLoggerFactory(file=_stream),
         cache_logger_on_first_use=False,
     )

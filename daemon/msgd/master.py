@@ -27,7 +27,7 @@ from msgd import handlers, logs
 from msgd.config import MAX_QUEUES, Config, ConfigError
 from msgd.config import load as load_config
 from msgd.notify import Notifier
-from msgd.pidfile import Pidfile, StateFile
+from msgd.pidfile import Pidfile, StateFile, state_path
 from msgd.pool import Pool
 from msgd.signals import Action, SignalWatcher
 from msgd.spool import Spool, split_name
@@ -73,8 +73,13 @@ class Master:
         self.signals = SignalWatcher()
         self.signals.install(loop)  # first: a signal during start-up must not kill us
         self.start()
-        self.log.info("started", pid=os.getpid(), workers=self.pool.size, config=self.config.path,
-                      queues=sorted(self.config.queues))
+        self.log.info(
+            "started",
+            pid=os.getpid(),
+            workers=self.pool.size,
+            config=self.config.path,
+            queues=sorted(self.config.queues),
+        )
         self.notify.ready(self.summary())
         if self.on_ready:
             self.on_ready()
@@ -100,8 +105,9 @@ class Master:
         d = self.config.daemon
         self.pidfile.acquire()
         if self.pidfile.stale_pid:
-            self.log.warning("stale pidfile taken over", pidfile=d.pidfile,
-                             stale_pid=self.pidfile.stale_pid)
+            self.log.warning(
+                "stale pidfile taken over", pidfile=d.pidfile, stale_pid=self.pidfile.stale_pid
+            )
         self.drop_privileges()
         try:
             self.spool.ensure_root()
@@ -113,18 +119,28 @@ class Master:
         for slot in sorted(self.spool.slots_in_use()):
             returned = self.spool.recover(slot, self.spool.queues())
             if returned:
-                self.log.warning("recovered messages left in flight by a previous master",
-                                 slot=slot, **{f"{q}_{s}": n for (q, s), n in returned.items()})
+                self.log.warning(
+                    "recovered messages left in flight by a previous master",
+                    slot=slot,
+                    **{f"{q}_{s}": n for (q, s), n in returned.items()},
+                )
         self.index_queues(self.config)
         self.burst_generation = multiprocessing.Value("Q", 0, lock=False)
-        self.pool = Pool(config=self.config, spool=self.spool, counters=self.counters,
-                         queue_index=self.queue_index, burst_generation=self.burst_generation,
-                         close_in_child=[self.pidfile.fd])
+        self.pool = Pool(
+            config=self.config,
+            spool=self.spool,
+            counters=self.counters,
+            queue_index=self.queue_index,
+            burst_generation=self.burst_generation,
+            close_in_child=[self.pidfile.fd],
+        )
         self.pool.start()
-        self.state = StateFile(self.config.state_file, {
-            "pid": os.getpid(), "started_at": self.started, "config": self.config.path})
-        self.state.write()
+        self.state = StateFile(
+            state_path(self.config.daemon.pidfile),
+            {"pid": os.getpid(), "started_at": self.started, "config": self.config.path},
+        )
         self.publish()
+        self.state.write()  # last: its appearance is what "ready" means to msgctl and scripts
 
     def drop_privileges(self) -> None:
         """As root, become daemon.user/group once the pidfile and log are open; or refuse."""
@@ -134,8 +150,10 @@ class Master:
         if not d.user:
             if d.allow_root:
                 return
-            raise StartError("daemon.user: refusing to run as root without a user to become "
-                             "(set daemon.user, or daemon.allow_root = true)")
+            raise StartError(
+                "daemon.user: refusing to run as root without a user to become "
+                "(set daemon.user, or daemon.allow_root = true)"
+            )
         try:
             user = pwd.getpwnam(d.user)
             gid = grp.getgrnam(d.group).gr_gid if d.group else user.pw_gid
@@ -147,11 +165,15 @@ class Master:
         os.setuid(user.pw_uid)
 
     async def shutdown(self, now: bool) -> None:
-        """TERM: drain within the grace period (a second TERM or a QUIT cuts it short); QUIT: now."""
+        """TERM: drain within the grace period (a second TERM/QUIT cuts it short); QUIT: now."""
         self.draining = True
         grace = 0.0 if now else self.config.daemon.grace_period
-        self.log.info("stopping", mode="now" if now else "graceful", grace_period=grace,
-                      in_flight=sum(len(self.in_flight(h.slot)) for h in self.pool.live()))
+        self.log.info(
+            "stopping",
+            mode="now" if now else "graceful",
+            grace_period=grace,
+            in_flight=sum(len(self.in_flight(h.slot)) for h in self.pool.live()),
+        )
         self.notify.stopping()
         for event in (Action.STOP, Action.QUIT):
             self.signals.events[event].clear()
@@ -159,8 +181,9 @@ class Master:
         cut_short = asyncio.create_task(self.second_stop())
         while not drain.done():
             done_before = self.processed()
-            await asyncio.wait({drain, cut_short}, timeout=STATUS_EVERY,
-                               return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(
+                {drain, cut_short}, timeout=STATUS_EVERY, return_when=asyncio.FIRST_COMPLETED
+            )
             if cut_short.done() and not drain.done():
                 self.log.info("stopping", mode="now", reason="second stop signal")
                 for handle in self.pool.live():
@@ -177,8 +200,10 @@ class Master:
 
     async def second_stop(self) -> None:
         stop, quit_ = self.signals.events[Action.STOP], self.signals.events[Action.QUIT]
-        await asyncio.wait({asyncio.create_task(stop.wait()), asyncio.create_task(quit_.wait())},
-                           return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(
+            {asyncio.create_task(stop.wait()), asyncio.create_task(quit_.wait())},
+            return_when=asyncio.FIRST_COMPLETED,
+        )
 
     async def serve(self, action: Action, run: Callable[[], Any]) -> None:
         """One action's task: wait for its signal, run it, repeat. Repeats coalesce."""
@@ -216,8 +241,13 @@ class Master:
         self.config = new
         self.pool.replace_all(new)
         self.reloads += 1
-        self.log.info("reload", outcome="ok", generation=self.reloads, workers=d.workers,
-                      queues=sorted(new.queues))
+        self.log.info(
+            "reload",
+            outcome="ok",
+            generation=self.reloads,
+            workers=d.workers,
+            queues=sorted(new.queues),
+        )
         self.state.record("reload", ok=True, config_generation=self.reloads)
         self.notify.ready(self.summary())
 
@@ -371,4 +401,3 @@ class Master:
     def index_queues(self, config: Config) -> None:
         for name in config.queues:
             self.queue_index.setdefault(name, len(self.queue_index))
-

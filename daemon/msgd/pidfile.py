@@ -69,6 +69,12 @@ class Pidfile:
         self.fd = -1
 
 
+def state_path(pidfile: str) -> str:
+    """The state (ack) file lives beside the pidfile: msgd.pid -> msgd.state."""
+    root, _ = os.path.splitext(pidfile)
+    return root + ".state"
+
+
 def _same_file(fd: int, path: str) -> bool:
     try:
         st = os.stat(path, follow_symlinks=False)

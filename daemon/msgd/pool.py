@@ -59,9 +59,16 @@ class WorkerHandle:
 
 
 class Pool:
-    def __init__(self, *, config: Config, spool: Spool, counters: Counters,
-                 queue_index: dict[str, int], burst_generation: Any,
-                 close_in_child: list[int]) -> None:
+    def __init__(
+        self,
+        *,
+        config: Config,
+        spool: Spool,
+        counters: Counters,
+        queue_index: dict[str, int],
+        burst_generation: Any,
+        close_in_child: list[int],
+    ) -> None:
         self.config = config
         self.spool = spool
         self.counters = counters
@@ -90,8 +97,9 @@ class Pool:
     def spawn(self, slot: int) -> WorkerHandle:
         writer = self.counters.writer(slot)
         ours, theirs = _fork.Pipe()
-        process = _fork.Process(target=self._child, args=(slot, theirs), name=f"worker-{slot}",
-                                daemon=False)
+        process = _fork.Process(
+            target=self._child, args=(slot, theirs), name=f"worker-{slot}", daemon=False
+        )
         gc.freeze()  # keeps the child's first GC from copying every shared page
         process.start()
         theirs.close()
@@ -109,9 +117,14 @@ class Pool:
         for fd in self.close_in_child:
             with contextlib.suppress(OSError):
                 os.close(fd)
-        Worker(slot=slot, config=self.config, queue_index=self.queue_index,
-               counters=self.counters.writer(slot), conn=conn,
-               burst_generation=self.burst_generation).run()
+        Worker(
+            slot=slot,
+            config=self.config,
+            queue_index=self.queue_index,
+            counters=self.counters.writer(slot),
+            conn=conn,
+            burst_generation=self.burst_generation,
+        ).run()
 
     # -- death -----------------------------------------------------------------------------------
 
@@ -125,12 +138,18 @@ class Pool:
         self.retired.discard(handle)
         code = handle.process.exitcode
         how = handle.kill_reason or (
-            f"killed by signal {signal.Signals(-code).name}" if code < 0 else f"exit status {code}")
+            f"killed by signal {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+        )
         settled = self.settle(handle, how)
         expected = handle.retiring or self.stopping
         log = self.log.info if expected else self.log.warning
-        log("worker exited", worker=handle.slot, pid=handle.pid, how=how,
-            **{k: v for k, v in settled.items() if v})
+        log(
+            "worker exited",
+            worker=handle.slot,
+            pid=handle.pid,
+            how=how,
+            **{k: v for k, v in settled.items() if v},
+        )
         if not expected:
             self._respawn_later(handle)
         if not self.workers and not self.retired:
@@ -144,8 +163,11 @@ class Pool:
         timeout counts only against the message that timed out. A stop returns messages untouched.
         """
         if handle.timed_out:
-            error = {"error_type": "Timeout", "error": f"handler ran past its timeout; {how}",
-                     "traceback": self._read_dump(handle.slot)}
+            error = {
+                "error_type": "Timeout",
+                "error": f"handler ran past its timeout; {how}",
+                "traceback": self._read_dump(handle.slot),
+            }
             queue, name = handle.timed_out.split("/", 1)
             self.counters.writer(handle.slot).count(self.queue_index[queue], TIMED_OUT)
             counts = lambda q, n: (q, n) == (queue, name)  # noqa: E731
@@ -153,8 +175,9 @@ class Pool:
             error = {"error_type": "WorkerDied", "error": f"worker {how}", "traceback": ""}
             dying = not (handle.retiring or self.stopping)
             counts = lambda q, n: dying  # noqa: E731
-        outcome = self.spool.recover(handle.slot, self.config.queues, counts, self.config.queues,
-                                     error)
+        outcome = self.spool.recover(
+            handle.slot, self.config.queues, counts, self.config.queues, error
+        )
         writer = self.counters.writer(handle.slot)
         summary: dict[str, int] = {}
         for (queue, state), n in outcome.items():
@@ -164,10 +187,11 @@ class Pool:
         return summary
 
     def _read_dump(self, slot: int) -> str:
-        with contextlib.suppress(OSError):
+        try:
             with open(os.path.join(self.spool.root, ".msgd", f"dump.{slot}")) as f:
                 return f.read()[-8000:]
-        return ""
+        except OSError:
+            return ""
 
     def _respawn_later(self, dead: WorkerHandle) -> None:
         """Replace a dead worker in its slot; a worker that keeps dying at start backs off."""
@@ -177,8 +201,11 @@ class Pool:
             self.fast_deaths[dead.slot] = self.fast_deaths.get(dead.slot, 0) + 1
         else:
             self.fast_deaths.pop(dead.slot, None)
-        delay = min(0.05 * 2 ** self.fast_deaths.get(dead.slot, 0), 10.0) if (
-            dead.slot in self.fast_deaths) else 0.0
+        delay = (
+            min(0.05 * 2 ** self.fast_deaths.get(dead.slot, 0), 10.0)
+            if (dead.slot in self.fast_deaths)
+            else 0.0
+        )
         self.loop.call_later(delay, self._refill)
 
     def _refill(self) -> None:
@@ -230,8 +257,13 @@ class Pool:
                     name = self._name_of(handle.slot, queue, run.crc)
                     handle.timed_out = f"{queue}/{name}"
                     handle.kill_reason = f"killed after its handler ran past {policy.timeout}s"
-                    self.log.error("handler timed out", worker=handle.slot, queue=queue,
-                                   id=split_name(name)[0], timeout=policy.timeout)
+                    self.log.error(
+                        "handler timed out",
+                        worker=handle.slot,
+                        queue=queue,
+                        id=split_name(name)[0],
+                        timeout=policy.timeout,
+                    )
                     handle.signal(DUMP_SIGNAL)
                     self.loop.call_later(DUMP_WAIT, handle.signal, signal.SIGKILL)
                     break

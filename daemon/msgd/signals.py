@@ -30,13 +30,21 @@ class Action(enum.Enum):
 
 # The contract. The README's signal table mirrors this one.
 TABLE: dict[signal.Signals, tuple[Action, str]] = {
-    signal.SIGHUP: (Action.RELOAD, "re-read and validate the config, apply it, reopen the log "
-                                   "file; a bad config is rejected and the old one keeps running"),
+    signal.SIGHUP: (
+        Action.RELOAD,
+        "re-read and validate the config, apply it, reopen the log "
+        "file; a bad config is rejected and the old one keeps running",
+    ),
     signal.SIGUSR1: (Action.STATS, "log one `stats` event and rewrite the stats file"),
-    signal.SIGUSR2: (Action.BURST, "work everything pending now: burst-mode queues and deferred "
-                                   "retries included"),
-    signal.SIGTERM: (Action.STOP, "graceful stop: finish in-flight messages within grace_period, "
-                                  "exit 0; a second TERM/INT means QUIT"),
+    signal.SIGUSR2: (
+        Action.BURST,
+        "work everything pending now: burst-mode queues and deferred retries included",
+    ),
+    signal.SIGTERM: (
+        Action.STOP,
+        "graceful stop: finish in-flight messages within grace_period, "
+        "exit 0; a second TERM/INT means QUIT",
+    ),
     signal.SIGINT: (Action.STOP, "same as TERM"),
     signal.SIGQUIT: (Action.QUIT, "stop now: in-flight messages go back to new/ untouched, exit 0"),
     signal.SIGTTIN: (Action.SCALE_UP, "one worker more (until the next reload)"),

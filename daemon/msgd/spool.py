@@ -72,8 +72,9 @@ def enqueued_at(mid: str, fd: int) -> float:
 class Spool:
     """The spool root: producing, inspecting and repairing queues. Cheap to create."""
 
-    def __init__(self, root: str, *, fsync: bool = True, file_mode: int = 0o600,
-                 dir_mode: int = 0o700) -> None:
+    def __init__(
+        self, root: str, *, fsync: bool = True, file_mode: int = 0o600, dir_mode: int = 0o700
+    ) -> None:
         self.root = root
         self.fsync = fsync
         self.file_mode = file_mode
@@ -194,8 +195,11 @@ class Spool:
     def retry_failed(self, queue: str, ids: list[str] | None = None) -> list[str]:
         """Give dead letters a fresh start: back to new/ with no attempts counted."""
         failed, new = self.dir(queue, "failed"), self.dir(queue, "new")
-        names = [check_name(i) for i in ids] if ids else [
-            n for n in _listdir(failed) if not n.endswith(ERROR_SUFFIX)]
+        names = (
+            [check_name(i) for i in ids]
+            if ids
+            else [n for n in _listdir(failed) if not n.endswith(ERROR_SUFFIX)]
+        )
         moved = []
         for name in names:
             mid = split_name(name)[0]
@@ -208,10 +212,14 @@ class Spool:
             moved.append(mid)
         return moved
 
-    def recover(self, slot: int, queues: Iterable[str],
-                counts: Callable[[str, str], bool] = lambda queue, name: False,
-                policies: Mapping[str, QueueConfig] | None = None,
-                error: dict[str, Any] | None = None) -> Counter[tuple[str, str]]:
+    def recover(
+        self,
+        slot: int,
+        queues: Iterable[str],
+        counts: Callable[[str, str], bool] = lambda queue, name: False,
+        policies: Mapping[str, QueueConfig] | None = None,
+        error: dict[str, Any] | None = None,
+    ) -> Counter[tuple[str, str]]:
         """Settle what a worker slot left in cur/ when its worker went away.
 
         Names in the slot's ack log were finished: they are unlinked. The rest were in flight:
@@ -231,8 +239,16 @@ class Spool:
                     state = "finished"
                 elif policies and queue in policies and counts(queue, name):
                     mid, done = split_name(name)
-                    state = settle_failure(self, queue, path, mid, done + 1, policies[queue],
-                                           dict(error or {}), permanent=False)
+                    state = settle_failure(
+                        self,
+                        queue,
+                        path,
+                        mid,
+                        done + 1,
+                        policies[queue],
+                        dict(error or {}),
+                        permanent=False,
+                    )
                 else:
                     os.rename(path, os.path.join(self.dir(queue, "new"), name))
                     state = "returned"
@@ -251,8 +267,16 @@ class Spool:
         return slots
 
 
-def settle_failure(spool: Spool, queue: str, path: str, mid: str, attempt: int,
-                   policy: QueueConfig, error: dict[str, Any], permanent: bool) -> str:
+def settle_failure(
+    spool: Spool,
+    queue: str,
+    path: str,
+    mid: str,
+    attempt: int,
+    policy: QueueConfig,
+    error: dict[str, Any],
+    permanent: bool,
+) -> str:
     """Move a message that failed `attempt` to defer/ or, when done trying, to failed/.
 
     Returns "retried" or "failed". The error record of a dead letter is written before the
@@ -261,9 +285,11 @@ def settle_failure(spool: Spool, queue: str, path: str, mid: str, attempt: int,
     if permanent or attempt >= policy.max_attempts:
         failed = spool.dir(queue, "failed")
         record = {"id": mid, "queue": queue, "attempts": attempt, "failed_at": time.time(), **error}
-        fd = os.open(os.path.join(failed, mid + ERROR_SUFFIX),
-                     os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     spool.file_mode)
+        fd = os.open(
+            os.path.join(failed, mid + ERROR_SUFFIX),
+            os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+            spool.file_mode,
+        )
         with os.fdopen(fd, "w") as f:
             json.dump(record, f, indent=1)
         os.rename(path, os.path.join(failed, mid))
@@ -324,12 +350,12 @@ class AckLog:
         if len(record) >= self.RECORD:
             return False
         start = index * self.RECORD
-        self._map[start:start + self.RECORD] = record.ljust(self.RECORD, b"\0")
+        self._map[start : start + self.RECORD] = record.ljust(self.RECORD, b"\0")
         return True
 
     def clear(self, index: int) -> None:
         start = index * self.RECORD
-        self._map[start:start + 1] = b"\0"
+        self._map[start : start + 1] = b"\0"
 
     def entries(self) -> set[str]:
         try:
@@ -337,7 +363,7 @@ class AckLog:
                 data = f.read()
         except FileNotFoundError:
             return set()
-        records = (data[i:i + self.RECORD] for i in range(0, len(data), self.RECORD))
+        records = (data[i : i + self.RECORD] for i in range(0, len(data), self.RECORD))
         return {r.rstrip(b"\0").decode(errors="replace") for r in records if r[:1] != b"\0"}
 
     def reset(self) -> None:
@@ -373,7 +399,8 @@ class SpoolInbox:
             with self._lock:
                 if not self._batch:
                     self._batch = sorted(
-                        (n for n in os.listdir(self.new) if not n.startswith(".")), reverse=True)
+                        (n for n in os.listdir(self.new) if not n.startswith(".")), reverse=True
+                    )
                     if not self._batch:
                         return None
                 name = self._batch.pop()

@@ -58,8 +58,9 @@ class SlotWriter:
         self.a[r] = queue + 1
         return now
 
-    def finish(self, runner: int, queue: int, outcome: int, started: int,
-               rejected: bool = False) -> None:
+    def finish(
+        self, runner: int, queue: int, outcome: int, started: int, rejected: bool = False
+    ) -> None:
         elapsed = time.monotonic_ns() - started
         q = self.base + QUEUES + queue * QUEUE_BLOCK
         a = self.a
@@ -88,8 +89,7 @@ class Counters:
 
     def writer(self, slot: int) -> SlotWriter:
         while slot >= len(self.segments) * SLOTS_PER_SEGMENT:
-            self.segments.append(
-                multiprocessing.Array("Q", SLOTS_PER_SEGMENT * SLOT, lock=False))
+            self.segments.append(multiprocessing.Array("Q", SLOTS_PER_SEGMENT * SLOT, lock=False))
         return SlotWriter(self.segments[slot // SLOTS_PER_SEGMENT], slot)
 
     def read(self) -> list[array]:
@@ -97,7 +97,7 @@ class Counters:
         slots = []
         for segment in self.segments:
             data = array("Q", bytes(memoryview(segment)))
-            slots.extend(data[i * SLOT:(i + 1) * SLOT] for i in range(SLOTS_PER_SEGMENT))
+            slots.extend(data[i * SLOT : (i + 1) * SLOT] for i in range(SLOTS_PER_SEGMENT))
         return slots
 
 
@@ -121,7 +121,7 @@ def running(slot: array) -> list[Running]:
 
 def queue_block(slot: array, queue: int) -> array:
     start = QUEUES + queue * QUEUE_BLOCK
-    return slot[start:start + QUEUE_BLOCK]
+    return slot[start : start + QUEUE_BLOCK]
 
 
 def percentile(hist: list[int], q: float) -> float | None:
@@ -157,9 +157,15 @@ class Rates:
         return {k: round(v, 2) for k, v in self.rates.items()}
 
 
-def snapshot(*, slots: list[array], queue_index: Mapping[str, int],
-             workers: Iterable[tuple[int, int, list[str]]], depths: Mapping[str, dict[str, int]],
-             rates: Rates, info: dict[str, Any]) -> dict[str, Any]:
+def snapshot(
+    *,
+    slots: list[array],
+    queue_index: Mapping[str, int],
+    workers: Iterable[tuple[int, int, list[str]]],
+    depths: Mapping[str, dict[str, int]],
+    rates: Rates,
+    info: dict[str, Any],
+) -> dict[str, Any]:
     """The whole picture as one JSON-able dict: what the stats file, the log and msgctl show.
 
     `workers` is (slot, pid, names in progress) for each live worker; `info` carries the
@@ -193,12 +199,22 @@ def snapshot(*, slots: list[array], queue_index: Mapping[str, int],
             block = queue_block(slot, index)
             done = [a + b for a, b in zip(done, block[: len(OUTCOMES)], strict=True)]
         runs = running(slot)
-        per_worker.append({
-            "slot": slot_no, "pid": pid, "state": "busy" if runs else "idle",
-            **dict(zip(OUTCOMES, done, strict=True)),
-            "current": [{"queue": by_index.get(r.queue, "?"), "id": _match(current, r.crc),
-                         "seconds": round((now_ns - r.started_ns) / 1e9, 3)} for r in runs],
-        })
+        per_worker.append(
+            {
+                "slot": slot_no,
+                "pid": pid,
+                "state": "busy" if runs else "idle",
+                **dict(zip(OUTCOMES, done, strict=True)),
+                "current": [
+                    {
+                        "queue": by_index.get(r.queue, "?"),
+                        "id": _match(current, r.crc),
+                        "seconds": round((now_ns - r.started_ns) / 1e9, 3),
+                    }
+                    for r in runs
+                ],
+            }
+        )
     processed = totals["succeeded"] + totals["retried"] + totals["failed"]
     return {
         **info,
@@ -235,15 +251,17 @@ def _match(names: list[str], crc: int) -> str:
 def summary(snap: Mapping[str, Any]) -> str:
     """The one line for the process title and systemd's STATUS."""
     t = snap["totals"]
-    return (f"{len(snap['workers'])} workers, {t['succeeded']} done, {t['failed']} failed, "
-            f"{snap['pending']} pending")
+    return (
+        f"{len(snap['workers'])} workers, {t['succeeded']} done, {t['failed']} failed, "
+        f"{snap['pending']} pending"
+    )
 
 
 def table(snap: Mapping[str, Any]) -> str:
     """What `msgctl stats` prints: readable at a glance."""
     t, r, lat = snap["totals"], snap["rates"], snap["latency_ms"]
     lines = [
-        f"msgd pid {snap.get('pid')}  up {_duration(snap.get('uptime', 0))}  "
+        f"msgd pid {snap.get('pid')}  up {duration(snap.get('uptime', 0))}  "
         f"workers {len(snap['workers'])}  reloads {snap.get('reloads', 0)}  "
         f"stats generation {snap.get('generation', 0)}",
         f"totals   succeeded {t['succeeded']}  retried {t['retried']}  failed {t['failed']}  "
@@ -259,12 +277,15 @@ def table(snap: Mapping[str, Any]) -> str:
         lines.append(
             f"{name:<20} {d['new']:>7} {d['cur']:>5} {d['defer']:>6} {d['failed']:>7} "
             f"{q['succeeded']:>9} {q['retried']:>8} {q['failed']:>7} "
-            f"{_ms(q['latency_ms']['p50']):>9} {_ms(q['latency_ms']['p99']):>9}")
+            f"{_ms(q['latency_ms']['p50']):>9} {_ms(q['latency_ms']['p99']):>9}"
+        )
     lines += ["", f"{'SLOT':>4} {'PID':>8} {'STATE':<5} {'DONE':>9} {'FAILED':>7}  CURRENT"]
     for w in snap["workers"]:
         current = ", ".join(f"{c['queue']} {c['id']} {c['seconds']:.1f}s" for c in w["current"])
-        lines.append(f"{w['slot']:>4} {w['pid']:>8} {w['state']:<5} {w['succeeded']:>9} "
-                     f"{w['failed']:>7}  {current}")
+        lines.append(
+            f"{w['slot']:>4} {w['pid']:>8} {w['state']:<5} {w['succeeded']:>9} "
+            f"{w['failed']:>7}  {current}"
+        )
     return "\n".join(lines)
 
 
@@ -284,19 +305,27 @@ def prometheus(snap: Mapping[str, Any]) -> str:
     for name, q in queues.items():
         for outcome in ("succeeded", "retried", "failed"):
             out.append(f'msgd_messages_total{{queue="{name}",outcome="{outcome}"}} {q[outcome]}')
-    out += ["# HELP msgd_rejected_total Messages rejected by their handler.",
-            "# TYPE msgd_rejected_total counter"]
+    out += [
+        "# HELP msgd_rejected_total Messages rejected by their handler.",
+        "# TYPE msgd_rejected_total counter",
+    ]
     out += [f'msgd_rejected_total{{queue="{n}"}} {q["rejected"]}' for n, q in queues.items()]
-    out += ["# HELP msgd_timed_out_total Handler runs killed for exceeding the timeout.",
-            "# TYPE msgd_timed_out_total counter"]
+    out += [
+        "# HELP msgd_timed_out_total Handler runs killed for exceeding the timeout.",
+        "# TYPE msgd_timed_out_total counter",
+    ]
     out += [f'msgd_timed_out_total{{queue="{n}"}} {q["timed_out"]}' for n, q in queues.items()]
-    out += ["# HELP msgd_queue_depth Messages in each spool state.",
-            "# TYPE msgd_queue_depth gauge"]
+    out += [
+        "# HELP msgd_queue_depth Messages in each spool state.",
+        "# TYPE msgd_queue_depth gauge",
+    ]
     for name, q in queues.items():
         for state, n in q["depth"].items():
             out.append(f'msgd_queue_depth{{queue="{name}",state="{state}"}} {n}')
-    out += ["# HELP msgd_handler_seconds Handler run time.",
-            "# TYPE msgd_handler_seconds histogram"]
+    out += [
+        "# HELP msgd_handler_seconds Handler run time.",
+        "# TYPE msgd_handler_seconds histogram",
+    ]
     for name, q in queues.items():
         cumulative = 0
         for bound, n in zip([*BUCKET_BOUNDS, math.inf], q["histogram"], strict=True):
@@ -312,7 +341,10 @@ def _ms(v: float | None) -> str:
     return "-" if v is None else f"{v:g}ms"
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
     s = int(seconds)
-    return f"{s // 86400}d{s % 86400 // 3600:02}h" if s >= 86400 else (
-        f"{s // 3600}h{s % 3600 // 60:02}m" if s >= 3600 else f"{s // 60}m{s % 60:02}s")
+    return (
+        f"{s // 86400}d{s % 86400 // 3600:02}h"
+        if s >= 86400
+        else (f"{s // 3600}h{s % 3600 // 60:02}m" if s >= 3600 else f"{s // 60}m{s % 60:02}s")
+    )

@@ -42,8 +42,10 @@ class Acker:
         for i in range(AckLog.RECORDS):
             self.free.put(i)
         self.todo: queue_mod.SimpleQueue[tuple[str, int] | None] = queue_mod.SimpleQueue()
-        self.threads = [threading.Thread(target=self._run, name=f"ack-{i}", daemon=True)
-                        for i in range(ACK_THREADS)]
+        self.threads = [
+            threading.Thread(target=self._run, name=f"ack-{i}", daemon=True)
+            for i in range(ACK_THREADS)
+        ]
         for t in self.threads:
             t.start()
 
@@ -73,8 +75,16 @@ class Acker:
 
 
 class Worker:
-    def __init__(self, *, slot: int, config: Config, queue_index: dict[str, int],
-                 counters: SlotWriter, conn: Any, burst_generation: Any) -> None:
+    def __init__(
+        self,
+        *,
+        slot: int,
+        config: Config,
+        queue_index: dict[str, int],
+        counters: SlotWriter,
+        conn: Any,
+        burst_generation: Any,
+    ) -> None:
         self.slot = slot
         self.config = config
         self.queue_index = queue_index
@@ -110,8 +120,11 @@ class Worker:
                 continue
             inbox = SpoolInbox(self.spool, name, self.slot, self.stop_r)
             for _ in range(q.threads):
-                runners.append(threading.Thread(
-                    target=self.serve, args=(inbox, runner_no), name=f"{name}-{runner_no}"))
+                runners.append(
+                    threading.Thread(
+                        target=self.serve, args=(inbox, runner_no), name=f"{name}-{runner_no}"
+                    )
+                )
                 runner_no += 1
         for t in runners:
             t.start()
@@ -152,10 +165,7 @@ class Worker:
         seen_burst = self.burst_generation.value
         while not self.stopping.is_set():
             if bursty and self.burst_generation.value == seen_burst:
-                with self.burst:
-                    self.burst.wait_for(
-                        lambda: self.stopping.is_set()
-                        or self.burst_generation.value != seen_burst)
+                self.await_burst(seen_burst)
                 continue
             name = inbox.claim()
             if name is not None:
@@ -164,6 +174,12 @@ class Worker:
                 seen_burst = self.burst_generation.value  # drained: wait for the next burst
             else:
                 inbox.wait()
+
+    def await_burst(self, seen: int) -> None:
+        with self.burst:
+            self.burst.wait_for(
+                lambda: self.stopping.is_set() or self.burst_generation.value != seen
+            )
 
     def work(self, inbox: SpoolInbox, name: str, runner: int) -> None:
         queue = inbox.queue
@@ -187,12 +203,23 @@ class Worker:
             self.counters.finish(runner, index, SUCCEEDED, started)
         self.title("idle")
         if self.max_rss_kb and resource.getrusage(resource.RUSAGE_SELF).ru_maxrss > self.max_rss_kb:
-            self.log.warning("worker recycled", reason="max_rss_mb exceeded",
-                             max_rss_mb=self.config.daemon.max_rss_mb)
+            self.log.warning(
+                "worker recycled",
+                reason="max_rss_mb exceeded",
+                max_rss_mb=self.config.daemon.max_rss_mb,
+            )
             self.stop()
 
-    def settle(self, queue: str, path: str, name: str, runner: int, started: int,
-               error: BaseException, permanent: bool) -> None:
+    def settle(
+        self,
+        queue: str,
+        path: str,
+        name: str,
+        runner: int,
+        started: int,
+        error: BaseException,
+        permanent: bool,
+    ) -> None:
         mid, done = split_name(name)
         record: dict[str, Any] = {
             "error_type": type(error).__name__,
@@ -203,11 +230,20 @@ class Worker:
             record["exit_status"] = str(error).split(":")[0]
         policy = self.config.queues[queue]
         outcome = settle_failure(self.spool, queue, path, mid, done + 1, policy, record, permanent)
-        self.counters.finish(runner, self.queue_index[queue],
-                             FAILED if outcome == "failed" else RETRIED, started,
-                             rejected=isinstance(error, Reject))
-        self.log.warning("message " + outcome, queue=queue, id=mid, attempt=done + 1,
-                         error=f"{record['error_type']}: {record['error']}")
+        self.counters.finish(
+            runner,
+            self.queue_index[queue],
+            FAILED if outcome == "failed" else RETRIED,
+            started,
+            rejected=isinstance(error, Reject),
+        )
+        self.log.warning(
+            "message " + outcome,
+            queue=queue,
+            id=mid,
+            attempt=done + 1,
+            error=f"{record['error_type']}: {record['error']}",
+        )
 
     def title(self, state: str) -> None:
         setproctitle.setproctitle(f"msgd: worker {self.slot} {state}")

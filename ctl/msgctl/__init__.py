@@ -1,0 +1,1 @@
+"""msgctl: the control tool for msgd (see `msgctl --help`)."""

@@ -1,0 +1,5 @@
+import sys
+
+from msgctl.cli import main
+
+sys.exit(main())

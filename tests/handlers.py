@@ -1,0 +1,83 @@
+"""Handlers the tests configure. They report through files under $MSGD_TEST_OUT.
+
+Each line is written with one O_APPEND write, so lines from several workers never interleave.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import time
+
+import msgd
+
+OUT = os.environ.get("MSGD_TEST_OUT", "/tmp")
+
+
+def _append(name: str, line: str) -> None:
+    fd = os.open(os.path.join(OUT, name), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        os.write(fd, (line + "\n").encode())
+    finally:
+        os.close(fd)
+
+
+def record(message: msgd.Message) -> None:
+    """Succeed, and say so: one line with the id per success."""
+    _append("succeeded", message.id)
+
+
+def noop(message: msgd.Message) -> None:
+    pass
+
+
+def by_body(message: msgd.Message) -> None:
+    """The body says what to do: b"ok", b"fail", b"fail-once", b"reject", b"sleep:<s>",
+    b"abort", b"exit:<n>", b"hang", b"leak:<mb>", b"segv"."""
+    body = message.body
+    _append("started", f"{message.id} {message.attempt}")
+    if body == b"fail" or (body == b"fail-once" and message.attempt == 1):
+        raise RuntimeError(f"failing attempt {message.attempt}")
+    if body == b"reject":
+        raise msgd.Reject("not acceptable")
+    if body.startswith(b"sleep:"):
+        time.sleep(float(body[6:]))
+    if body == b"abort":
+        os.abort()
+    if body == b"segv":
+        ctypes.string_at(0)
+    if body.startswith(b"exit:"):
+        os._exit(int(body[5:]))
+    if body == b"hang":
+        while True:
+            time.sleep(1)
+    if body.startswith(b"leak:"):
+        _LEAK.append(bytearray(int(body[5:]) * 1024 * 1024))
+    _append("succeeded", message.id)
+
+
+_LEAK: list[bytearray] = []
+
+
+def attempts(message: msgd.Message) -> None:
+    """Record every attempt, then fail: for retry/backoff tests."""
+    _append("attempts", f"{message.id} {message.attempt} {time.time()}")
+    raise RuntimeError(f"attempt {message.attempt} failed")
+
+
+def version(message: msgd.Message) -> None:
+    """Record the handler code's version: reload tests rewrite this module's sibling."""
+    import handler_version
+
+    _append("succeeded", message.id)
+    _append("versions", f"{message.id} {handler_version.VERSION}")
+
+
+def record_body(message: msgd.Message) -> None:
+    """Record the body's length and a checksum: for binary, empty and large bodies."""
+    import hashlib
+
+    _append(
+        "bodies", f"{message.id} {len(message.body)} {hashlib.sha256(message.body).hexdigest()}"
+    )
+    _append("succeeded", message.id)

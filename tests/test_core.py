@@ -1,0 +1,385 @@
+"""The daemon core: config checking, life cycle, pidfile, the signal table, msgctl's verbs."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import BIN, Msgd, alive, wait_for
+
+
+def run_msgd(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN / "msgd"), *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+# -- config ---------------------------------------------------------------------------------------
+
+
+def test_check_accepts_a_valid_config(daemon: Msgd) -> None:
+    done = run_msgd("-c", str(daemon.config_path), "--check")
+    assert done.returncode == 0
+    assert done.stdout.strip() == f"config OK: {daemon.config_path}"
+
+
+def test_example_config_is_valid() -> None:
+    example = Path(__file__).parent.parent / "examples" / "msgd.toml"
+    done = run_msgd("-c", str(example), "--check")
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"daemon": {"workers": "two"}}, "daemon.workers: Expected `int`, got `str`"),
+        ({"daemon": {"wokers": 2}}, "daemon: Object contains unknown field `wokers`"),
+        ({"daemon": {"log_format": "xml"}}, "daemon.log_format: Invalid enum value 'xml'"),
+        ({"daemon": {"grace_period": -1}}, "daemon.grace_period: Expected `float` >= 0"),
+        ({"queues": {"default": {"threads": 0}}}, "queues.default.threads: Expected `int` >= 1"),
+        (
+            {"queues": {"default": {"handler": "nomodule_here:f"}}},
+            "queues.default.handler: cannot import nomodule_here:f",
+        ),
+        (
+            {"queues": {"default": {"handler": "handlers:absent"}}},
+            "queues.default.handler: cannot import handlers:absent",
+        ),
+        (
+            {"queues": {"default": {"handler": "not a spec"}}},
+            "queues.default.handler: expected 'package.module:function'",
+        ),
+        ({"queues": {"../evil": {"handler": "handlers:record"}}}, "queues.../evil: bad queue name"),
+        (
+            {"queues": {"default": {"command": ["/no/such/program"], "handler": ""}}},
+            "queues.default.command: /no/such/program: no such program",
+        ),
+    ],
+)
+def test_check_names_the_bad_key(daemon: Msgd, change: dict, expected: str) -> None:
+    for table, values in change.items():
+        target = daemon.daemon if table == "daemon" else daemon.queues
+        for key, value in values.items():
+            if isinstance(value, dict) and key in target:
+                target[key] = {**target[key], **value}
+            else:
+                target[key] = value
+    daemon.write_config()
+    done = run_msgd("-c", str(daemon.config_path), "--check")
+    assert done.returncode == 1
+    assert expected in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_check_reports_syntax_errors_and_missing_files(daemon: Msgd, tmp_path: Path) -> None:
+    daemon.write_config("[daemon\nworkers = 2\n")
+    done = run_msgd("-c", str(daemon.config_path), "--check")
+    assert done.returncode == 1 and "TOML syntax error" in done.stderr
+    done = run_msgd("-c", str(tmp_path / "absent.toml"), "--check")
+    assert done.returncode == 1 and "no such file" in done.stderr
+
+
+def test_config_path_from_environment(daemon: Msgd) -> None:
+    done = subprocess.run(
+        [str(BIN / "msgd"), "--check"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "MSGD_CONFIG": str(daemon.config_path)},
+    )
+    assert done.returncode == 0 and str(daemon.config_path) in done.stdout
+
+
+def test_relative_paths_resolve_against_the_config_file(daemon: Msgd) -> None:
+    daemon.start()
+    assert daemon.pidfile.exists()
+    assert (daemon.root / "spool" / "default" / "new").is_dir()
+    assert (daemon.root / "run" / "stats.json").exists()
+
+
+# -- life cycle -----------------------------------------------------------------------------------
+
+
+def test_start_and_graceful_stop(daemon: Msgd) -> None:
+    daemon.start()
+    pid = daemon.pid
+    assert pid == daemon.proc.pid
+    assert daemon.state()["pid"] == pid
+    assert [e["event"] for e in daemon.events()][:1] == ["started"]
+    assert daemon.stop() == 0
+    names = [e["event"] for e in daemon.events()]
+    assert names[-1] == "stopped" and "stopping" in names
+    assert not daemon.pidfile.exists() and not daemon.state_file.exists()
+    assert daemon.msgctl("status").returncode == 3
+
+
+def test_interrupt_stops_gracefully(daemon: Msgd) -> None:
+    daemon.start()
+    daemon.kill(signal.SIGINT)
+    assert daemon.wait_exit() == 0
+
+
+def test_quit_stops_at_once(daemon: Msgd) -> None:
+    daemon.start()
+    daemon.kill(signal.SIGQUIT)
+    assert daemon.wait_exit() == 0
+    assert [e for e in daemon.events("stopping") if e["mode"] == "now"]
+
+
+def test_second_instance_is_refused(daemon: Msgd) -> None:
+    daemon.start()
+    done = run_msgd("-c", str(daemon.config_path))
+    assert done.returncode == 1
+    assert f"already running (pid {daemon.pid})" in done.stderr
+
+
+def test_stale_pidfile_is_taken_over(daemon: Msgd) -> None:
+    daemon.pidfile.parent.mkdir(parents=True, exist_ok=True)
+    daemon.pidfile.write_text("999999\n")
+    daemon.start()
+    assert daemon.pid == daemon.proc.pid
+    warnings = daemon.events("stale pidfile taken over")
+    assert warnings and warnings[0]["stale_pid"] == 999999
+
+
+def test_symlink_at_pidfile_is_refused(daemon: Msgd, tmp_path: Path) -> None:
+    target = tmp_path / "victim"
+    target.write_text("keep me\n")
+    daemon.pidfile.parent.mkdir(parents=True, exist_ok=True)
+    daemon.pidfile.symlink_to(target)
+    daemon.start(wait=False)
+    assert daemon.wait_exit() == 1
+    assert "msgd: " in daemon.stderr() and "Traceback" not in daemon.stderr()
+    assert target.read_text() == "keep me\n"
+
+
+def test_process_titles(daemon: Msgd) -> None:
+    daemon.start()
+    cmdline = Path(f"/proc/{daemon.pid}/cmdline").read_bytes().decode()
+    assert cmdline.startswith(f"msgd: master -c {daemon.config_path}")
+    workers = wait_for(daemon.workers, what="workers")
+    titles = [Path(f"/proc/{w}/cmdline").read_bytes().decode() for w in workers]
+    wait_for(
+        lambda: all(
+            Path(f"/proc/{w}/cmdline").read_bytes().decode().startswith("msgd: worker ")
+            for w in workers
+        ),
+        what=f"worker titles, got {titles}",
+    )
+
+
+def test_daemon_mode_detaches_and_msgctl_stops_it(daemon: Msgd) -> None:
+    done = subprocess.run(
+        [str(BIN / "msgd"), "-c", str(daemon.config_path), "--daemon"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=daemon.env(),
+        stdin=subprocess.DEVNULL,
+    )
+    assert done.returncode == 0, done.stderr
+    pid = daemon.pid  # ready means the pidfile and state file are there already
+    assert daemon.state()["pid"] == pid
+    assert os.getsid(pid) != os.getsid(0)  # a session of its own: detached from ours
+    daemon.send(b"hello")
+    wait_for(lambda: len(daemon.succeeded()) == 1, what="message worked by the detached daemon")
+    again = subprocess.run(
+        [str(BIN / "msgd"), "-c", str(daemon.config_path), "-D"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        stdin=subprocess.DEVNULL,
+    )
+    assert again.returncode == 1 and f"already running (pid {pid})" in again.stderr
+    stop = daemon.msgctl("stop")
+    assert stop.returncode == 0, stop.stderr
+    assert not alive(pid)
+
+
+# -- signals and acknowledgements -----------------------------------------------------------------
+
+
+def test_usr1_dumps_stats_once(daemon: Msgd) -> None:
+    daemon.start()
+    daemon.kill(signal.SIGUSR1)
+    wait_for(lambda: daemon.generation("stats") == 1, what="stats ack")
+    events = daemon.events("stats")
+    assert len(events) == 1 and events[0]["generation"] == 1
+    assert daemon.stats()["generation"] == 1
+
+
+def test_hup_reloads_and_a_bad_config_keeps_the_old_one(daemon: Msgd) -> None:
+    daemon.start()
+    daemon.kill(signal.SIGHUP)
+    wait_for(lambda: daemon.generation("reload") == 1, what="reload ack")
+    assert daemon.state()["last"]["reload"]["ok"] is True
+    daemon.write_config("[daemon]\nworkers = 'many'\n")
+    daemon.kill(signal.SIGHUP)
+    wait_for(lambda: daemon.generation("reload") == 2, what="second reload ack")
+    last = daemon.state()["last"]["reload"]
+    assert last["ok"] is False and "Expected `int`" in last["error"]
+    rejected = [e for e in daemon.events("reload") if e.get("outcome") == "rejected"]
+    assert len(rejected) == 1
+    daemon.spool.send("default", b"still serving")  # the file is broken: write the spool
+    wait_for(lambda: len(daemon.succeeded()) == 1, what="the old config to keep working")
+
+
+def test_msgctl_reload_refuses_a_bad_config_and_reports_rejections(daemon: Msgd) -> None:
+    daemon.start()
+    ok = daemon.msgctl("reload")
+    assert ok.returncode == 0 and "reloaded" in ok.stdout
+    daemon.queues["default"]["threads"] = 0
+    daemon.write_config()
+    bad = daemon.msgctl("reload")
+    assert bad.returncode == 1
+    assert "queues.default.threads" in bad.stderr
+    assert daemon.generation("reload") == 1  # msgctl did not signal
+    # A config that is valid for msgctl but not for the daemon: pidfile may not change live.
+    daemon.queues["default"]["threads"] = 1
+    daemon.daemon["pidfile"] = "run/other.pid"
+    daemon.write_config()
+    rejected = daemon.msgctl("--pidfile", str(daemon.pidfile), "reload")
+    assert rejected.returncode == 1
+    assert "reload rejected: daemon.pidfile: cannot change on reload" in rejected.stderr
+
+
+def test_ttin_ttou_scale_the_pool(daemon: Msgd) -> None:
+    daemon.start()
+    wait_for(lambda: len(daemon.workers()) == 2, what="2 workers")
+    daemon.kill(signal.SIGTTIN)
+    wait_for(lambda: len(daemon.workers()) == 3, what="3 workers")
+    assert daemon.msgctl("scale", "down").stdout.strip() == "workers: 2"
+    wait_for(lambda: len(daemon.workers()) == 2, what="back to 2 workers")
+    assert [e["workers"] for e in daemon.events("scale")] == [3, 2]
+
+
+def test_signal_storm_never_loses_the_hup(daemon: Msgd) -> None:
+    """10,000 USR1 with one HUP in the middle: the reload happens."""
+    daemon.start()
+    pid = daemon.pid
+    for i in range(10_000):
+        os.kill(pid, signal.SIGHUP if i == 5_000 else signal.SIGUSR1)
+    wait_for(lambda: daemon.generation("reload") == 1, what="the HUP sent mid-storm")
+    gen = daemon.generation("stats")
+    assert gen >= 1
+    daemon.kill(signal.SIGUSR1)  # every action runs at least once after its last signal
+    wait_for(lambda: daemon.generation("stats") > gen, what="stats after the storm")
+    assert daemon.proc.poll() is None
+
+
+def test_hundred_hups_leave_a_coherent_daemon(daemon: Msgd) -> None:
+    daemon.start()
+    for _ in range(100):
+        daemon.kill(signal.SIGHUP)
+    wait_for(lambda: daemon.generation("reload") >= 1, what="reloads")
+    ok = daemon.msgctl("reload")  # the daemon still acknowledges, and serves
+    assert ok.returncode == 0, ok.stderr
+    wait_for(lambda: len(daemon.workers()) == 2, what="the pool settled at 2 workers")
+    ids = daemon.send_many([b"a"] * 20)
+    wait_for(lambda: sorted(daemon.succeeded()) == sorted(ids), what="messages after the HUPs")
+
+
+def test_log_file_is_reopened_on_hup(daemon: Msgd) -> None:
+    daemon.start()
+    log = daemon.root / "msgd.log"
+    log.rename(daemon.root / "msgd.log.1")
+    daemon.kill(signal.SIGHUP)
+    wait_for(lambda: log.exists() and daemon.events("reload"), what="a fresh log with the reload")
+
+
+# -- msgctl ---------------------------------------------------------------------------------------
+
+
+def test_msgctl_status_pid_and_exit_codes(daemon: Msgd) -> None:
+    assert daemon.msgctl("status").returncode == 3
+    assert daemon.msgctl("pid").returncode == 3
+    daemon.start()
+    status = daemon.msgctl("status")
+    assert status.returncode == 0 and f"pid {daemon.pid}" in status.stdout
+    assert daemon.msgctl("pid").stdout.strip() == str(daemon.pid)
+    usage = daemon.msgctl("frobnicate")
+    assert usage.returncode == 2
+
+
+def test_msgctl_finds_the_daemon_while_the_config_is_broken(daemon: Msgd) -> None:
+    daemon.start()
+    daemon.write_config(daemon.config_path.read_text() + "\nnonsense = [\n")
+    assert daemon.msgctl("status").returncode == 0
+    stats = daemon.msgctl("stats")
+    assert stats.returncode == 0, stats.stderr
+    assert daemon.msgctl("reload").returncode == 1
+    assert daemon.msgctl("check").returncode == 1
+    assert daemon.msgctl("stop").returncode == 0
+
+
+def test_msgctl_never_signals_a_process_that_is_not_msgd(daemon: Msgd) -> None:
+    victim = subprocess.Popen(["sleep", "60"])
+    try:
+        daemon.pidfile.parent.mkdir(parents=True, exist_ok=True)
+        daemon.pidfile.write_text(f"{victim.pid}\n")
+        stale = daemon.msgctl("stop")  # unlocked pidfile naming a live, unrelated process
+        assert stale.returncode == 1 and "stale pidfile" in stale.stderr
+        # Now the pidfile is locked, but by a process that is not msgd.
+        holder = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "import fcntl,sys,time\n"
+                f"f=open({str(daemon.pidfile)!r});fcntl.flock(f,fcntl.LOCK_EX);print('x',flush=True)\n"
+                "time.sleep(60)",
+            ],
+            stdout=subprocess.PIPE,
+        )
+        assert holder.stdout.readline() == b"x\n"
+        daemon.pidfile.write_text(f"{holder.pid}\n")
+        refused = daemon.msgctl("stop")
+        assert refused.returncode == 1 and "not msgd" in refused.stderr
+        daemon.pidfile.write_text(f"{victim.pid}\n")
+        refused = daemon.msgctl("stop")
+        assert refused.returncode == 1 and "holds its lock" in refused.stderr
+        assert victim.poll() is None and holder.poll() is None
+        holder.kill()
+    finally:
+        victim.kill()
+
+
+def test_msgctl_stop_waits_for_exit(daemon: Msgd) -> None:
+    daemon.start()
+    pid = daemon.pid
+    done = daemon.msgctl("stop")
+    assert done.returncode == 0 and f"stopped (pid {pid})" in done.stdout
+    assert daemon.proc.poll() == 0
+
+
+def test_root_without_user_is_refused(daemon: Msgd) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    daemon.daemon["allow_root"] = False
+    daemon.write_config()
+    daemon.start(wait=False)
+    assert daemon.wait_exit() == 1
+    assert "refusing to run as root" in daemon.stderr()
+
+
+def test_state_file_is_valid_json_throughout(daemon: Msgd) -> None:
+    daemon.start()
+    for _ in range(20):
+        daemon.kill(signal.SIGUSR1)
+        json.loads(daemon.state_file.read_text())  # atomic rewrites: never a partial file
+    wait_for(lambda: daemon.generation("stats") >= 1, what="stats ack")
+
+
+def test_pidfile_lock_is_held(daemon: Msgd) -> None:
+    daemon.start()
+    with open(daemon.pidfile) as f, pytest.raises(BlockingIOError):
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
