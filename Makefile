@@ -18,12 +18,16 @@ test: $(STAMP) system-deps
 	$(PY) -m ruff check daemon ctl tests bench
 	$(PY) -m pytest -q
 
-# redis-server for the Redis backend's tests and the peers' benchmarks (installed when root).
+# Programs the tests drive: redis-server (Redis backend, peers' benchmarks), logrotate (the
+# packaged logrotate snippet). Installed when root; otherwise those tests skip and say why.
+SYSTEM_PROGRAMS := redis-server:redis-server logrotate:logrotate
 system-deps:
-	@command -v redis-server >/dev/null || { \
+	@missing=""; for p in $(SYSTEM_PROGRAMS); do \
+	  command -v $${p%%:*} >/dev/null || missing="$$missing $${p#*:}"; done; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
-	  else echo "note: redis-server missing and not root; Redis tests will be skipped"; fi; }
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "note: missing$$missing and not root; their tests will be skipped"; fi; fi
 
 lint: $(STAMP)
 	$(PY) -m ruff check daemon ctl tests bench

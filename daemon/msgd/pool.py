@@ -80,7 +80,7 @@ class Pool:
         self.retired: set[WorkerHandle] = set()  # retiring workers whose slots are being freed
         self.fast_deaths: dict[int, int] = {}
         self.stopping = False
-        self.exited = asyncio.Event()
+        self.exited = asyncio.Event()  # set while no worker process is alive
         self.log = structlog.get_logger()
         self.loop = asyncio.get_running_loop()
 
@@ -106,6 +106,7 @@ class Pool:
         writer.set_pid(process.pid)
         handle = WorkerHandle(slot, process, ours, os.pidfd_open(process.pid), self.config)
         self.workers[slot] = handle
+        self.exited.clear()
         self.loop.add_reader(process.sentinel, self._on_exit, handle)
         return handle
 

@@ -1,0 +1,397 @@
+"""Messages end to end: producing, handlers, retries, dead letters, the pool, burst and drain.
+
+Every test that can lose a message counts: sent = succeeded + dead-lettered, nothing in cur/.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+from pathlib import Path
+
+import pytest
+from conftest import Msgd, wait_for
+
+
+def use(daemon: Msgd, handler: str, **queue: object) -> None:
+    daemon.queues["default"] = {"handler": handler, **queue}
+    daemon.write_config()
+
+
+def assert_settled(daemon: Msgd, sent: list[str], failed: int = 0, queue: str = "default") -> None:
+    """Everything sent is accounted for: each success once, the rest dead letters, cur/ empty.
+
+    Finished files are unlinked in the background, so cur/ empties a moment after the handler.
+    """
+    wait_for(
+        lambda: daemon.files(queue, "cur") == [] and daemon.files(queue, "new") == [],
+        what="cur/ and new/ to empty",
+    )
+    done = daemon.succeeded()
+    dead = [n for n in daemon.files(queue, "failed") if not n.endswith(".error.json")]
+    assert len(dead) == failed
+    assert sorted(done + dead) == sorted(sent), "lost or duplicated messages"
+
+
+# -- producing ------------------------------------------------------------------------------------
+
+
+def test_send_from_python_and_msgctl(daemon: Msgd, tmp_path: Path) -> None:
+    daemon.start()
+    one = daemon.send(b"from python")
+    batch = daemon.send_many([b"a", b"b", b"c"])
+    files = []
+    for i in range(3):
+        f = tmp_path / f"body{i}"
+        f.write_bytes(b"file %d" % i)
+        files.append(str(f))
+    sent = daemon.msgctl("send", *files)
+    assert sent.returncode == 0, sent.stderr
+    from_files = sent.stdout.split()
+    piped = daemon.msgctl("send", "-", input=b"from stdin")
+    ids = [one, *batch, *from_files, *piped.stdout.split()]
+    assert len(ids) == 8 and len(set(ids)) == 8
+    assert ids == sorted(ids)  # ids sort by enqueue time
+    wait_for(lambda: len(daemon.succeeded()) == 8, what="8 messages worked")
+    assert_settled(daemon, ids)
+
+
+def test_sending_works_without_the_daemon_and_is_durable_on_disk(daemon: Msgd) -> None:
+    ids = daemon.send_many([b"x"] * 5)
+    new = daemon.files("default", "new")
+    assert new == sorted(ids)
+    path = daemon.root / "spool" / "default" / "new" / ids[0]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    assert daemon.files("default", "tmp") == []
+    queues = daemon.msgctl("queues")
+    assert queues.returncode == 0
+    assert queues.stdout.splitlines()[1].split() == ["default", "5", "0", "0", "0"]
+    daemon.start()
+    wait_for(lambda: len(daemon.succeeded()) == 5, what="backlog worked at start")
+    assert_settled(daemon, ids)
+
+
+def test_bad_queue_names_are_refused(daemon: Msgd) -> None:
+    for name in ["../escape", "/abs", ".hidden", "a/b", "x" * 65, ""]:
+        done = daemon.msgctl("send", "-q", name, "-", input=b"x")
+        assert done.returncode == 1, name
+        assert "Traceback" not in done.stderr
+    with pytest.raises(Exception, match=r"no such queue|bad queue name"):
+        daemon.send(b"x", queue="../escape")
+    assert not (daemon.root / "escape").exists()
+
+
+@pytest.mark.parametrize(
+    "body", [b"", bytes(range(256)) * 4, os.urandom(1 << 20)], ids=["empty", "binary", "1MB"]
+)
+def test_bodies_arrive_intact(daemon: Msgd, body: bytes) -> None:
+    import hashlib
+
+    use(daemon, "handlers:record_body")
+    daemon.start()
+    mid = daemon.send(body)
+    wait_for(lambda: (daemon.out / "bodies").exists(), what="the body recorded")
+    line = (daemon.out / "bodies").read_text().split()
+    assert line == [mid, str(len(body)), hashlib.sha256(body).hexdigest()]
+
+
+def test_message_over_max_size_is_dead_lettered_unread(daemon: Msgd) -> None:
+    daemon.daemon["max_message_size"] = 1000
+    daemon.write_config()
+    daemon.start()
+    big, small = daemon.send(b"x" * 1001), daemon.send(b"x" * 1000)
+    wait_for(lambda: daemon.succeeded() == [small], what="the small message")
+    wait_for(lambda: big in daemon.files("default", "failed"), what="the big one dead-lettered")
+    error = json.loads((daemon.root / "spool/default/failed" / f"{big}.error.json").read_text())
+    assert "exceeds max_message_size" in error["error"]
+
+
+# -- handlers, retries and dead letters -----------------------------------------------------------
+
+
+def test_failure_is_retried_with_backoff_then_dead_lettered(daemon: Msgd) -> None:
+    use(daemon, "handlers:attempts", max_attempts=3, backoff=[0.2, 0.4])
+    daemon.start()
+    mid = daemon.send(b"doomed")
+    wait_for(lambda: mid in daemon.files("default", "failed"), what="dead letter")
+    lines = [line.split() for line in (daemon.out / "attempts").read_text().splitlines()]
+    assert [(i, int(a)) for i, a, _ in lines] == [(mid, 1), (mid, 2), (mid, 3)]
+    times = [float(t) for _, _, t in lines]
+    assert times[1] - times[0] >= 0.2 and times[2] - times[1] >= 0.4  # backoff honoured
+    error = json.loads((daemon.root / "spool/default/failed" / f"{mid}.error.json").read_text())
+    assert error["id"] == mid and error["attempts"] == 3
+    assert error["error_type"] == "RuntimeError" and error["error"] == "attempt 3 failed"
+    assert "Traceback" in error["traceback"] and "attempts" in error["traceback"]
+    totals = wait_for(
+        lambda: daemon.stats()["totals"] if daemon.stats()["totals"]["failed"] else None,
+        what="stats",
+    )
+    assert (totals["retried"], totals["failed"], totals["succeeded"]) == (2, 1, 0)
+
+
+def test_deferred_messages_survive_a_restart(daemon: Msgd) -> None:
+    use(daemon, "handlers:by_body", max_attempts=2, backoff=[3600])
+    daemon.start()
+    mid = daemon.send(b"fail-once")
+    wait_for(lambda: daemon.files("default", "defer"), what="a deferred retry")
+    assert daemon.stop() == 0
+    (deferred,) = daemon.files("default", "defer")
+    assert deferred.startswith(f"{mid}@1@")  # attempt count and not-before, kept on disk
+    daemon.start()
+    daemon.kill(signal.SIGUSR2)  # a burst makes deferred messages due at once
+    wait_for(lambda: daemon.succeeded() == [mid], what="the retry after restart")
+    started = (daemon.out / "started").read_text().split("\n")
+    assert started[:2] == [f"{mid} 1", f"{mid} 2"]
+
+
+def test_reject_dead_letters_at_once(daemon: Msgd) -> None:
+    use(daemon, "handlers:by_body", max_attempts=5)
+    daemon.start()
+    mid = daemon.send(b"reject")
+    wait_for(lambda: mid in daemon.files("default", "failed"), what="dead letter")
+    error = json.loads((daemon.root / "spool/default/failed" / f"{mid}.error.json").read_text())
+    assert error["attempts"] == 1 and error["error_type"] == "Reject"
+    wait_for(lambda: daemon.stats()["totals"]["rejected"] == 1, what="rejected counted")
+    assert daemon.stats()["totals"]["failed"] == 1
+
+
+def test_retry_failed_gives_dead_letters_a_fresh_start(daemon: Msgd) -> None:
+    use(daemon, "handlers:by_body", max_attempts=1)
+    daemon.start()
+    mid = daemon.send(b"fail")
+    wait_for(lambda: mid in daemon.files("default", "failed"), what="dead letter")
+    done = daemon.msgctl("retry-failed", "default", mid)
+    assert done.returncode == 0, done.stderr
+    started = daemon.out / "started"
+    wait_for(
+        lambda: started.read_text().split("\n")[:2] == [f"{mid} 1", f"{mid} 1"],
+        what="the retried message, attempt counted from 1 again",
+    )
+    wait_for(lambda: mid in daemon.files("default", "failed"), what="dead-lettered again")
+    assert daemon.msgctl("retry-failed", "default", "../../etc").returncode == 1
+
+
+@pytest.mark.parametrize(("code", "outcome"), [(0, "succeeded"), (65, "failed"), (3, "retried")])
+def test_command_handler_exit_codes(daemon: Msgd, code: int, outcome: str) -> None:
+    script = (
+        'cat > "$MSGD_TEST_OUT/$MSGD_MESSAGE_ID.$MSGD_ATTEMPT.$MSGD_QUEUE"; '
+        f'echo "exiting {code}" >&2; exit {code}'
+    )
+    daemon.queues["default"] = {
+        "command": ["/bin/sh", "-c", script],
+        "max_attempts": 2,
+        "backoff": [30],
+    }
+    daemon.write_config()
+    daemon.start()
+    mid = daemon.send(b"body for the command")
+    wait_for(lambda: daemon.stats()["totals"][outcome] == 1, what=outcome)
+    assert (daemon.out / f"{mid}.1.default").read_bytes() == b"body for the command"
+    if outcome == "failed":
+        error = json.loads((daemon.root / "spool/default/failed" / f"{mid}.error.json").read_text())
+        assert error["exit_status"] == "exit status 65" and "exiting 65" in error["error"]
+    if outcome == "retried":
+        assert daemon.files("default", "defer")[0].startswith(f"{mid}@1@")
+
+
+def test_timeout_kills_the_worker_dumps_the_stack_and_retries(daemon: Msgd) -> None:
+    use(daemon, "handlers:by_body", timeout=0.5, max_attempts=2, backoff=[0])
+    daemon.start()
+    mid = daemon.send(b"hang")
+    wait_for(lambda: mid in daemon.files("default", "failed"), timeout=20, what="dead letter")
+    error = json.loads((daemon.root / "spool/default/failed" / f"{mid}.error.json").read_text())
+    assert error["error_type"] == "Timeout" and error["attempts"] == 2
+    assert "by_body" in error["traceback"]  # the handler's stack, dumped before the kill
+    exits = daemon.events("worker exited")
+    assert len([e for e in exits if "ran past" in e["how"]]) == 2
+    wait_for(lambda: daemon.stats()["totals"]["timed_out"] == 2, what="2 timeouts counted")
+    other = daemon.send(b"ok")
+    wait_for(lambda: other in daemon.succeeded(), what="the pool still serving")
+
+
+def test_kill_9_of_a_worker_retries_its_message_and_replaces_it(daemon: Msgd) -> None:
+    use(daemon, "handlers:by_body", backoff=[0])
+    daemon.daemon["workers"] = 1
+    daemon.write_config()
+    daemon.start()
+    mid = daemon.send(b"sleep:30")
+    wait_for(lambda: (daemon.out / "started").exists(), what="the message started")
+    (worker,) = daemon.workers()
+    os.kill(worker, signal.SIGKILL)
+    wait_for(lambda: daemon.workers() and daemon.workers() != [worker], what="a new worker")
+    died = wait_for(lambda: daemon.events("worker exited"), what="the death logged")
+    assert died[0]["how"] == "killed by signal SIGKILL"
+    wait_for(lambda: f"{mid} 2" in (daemon.out / "started").read_text(), what="attempt 2")
+    daemon.kill(signal.SIGQUIT)
+    assert daemon.wait_exit() == 0
+    assert daemon.files("default", "new")[0].startswith(f"{mid}@1")  # returned, attempt kept
+
+
+def test_a_message_that_kills_workers_ends_in_failed(daemon: Msgd) -> None:
+    use(daemon, "handlers:by_body", max_attempts=2, backoff=[0])
+    daemon.start()
+    mid = daemon.send(b"abort")
+    wait_for(lambda: mid in daemon.files("default", "failed"), what="dead letter")
+    error = json.loads((daemon.root / "spool/default/failed" / f"{mid}.error.json").read_text())
+    assert error["error_type"] == "WorkerDied" and "SIGABRT" in error["error"]
+    ok = daemon.send(b"ok")
+    wait_for(lambda: ok in daemon.succeeded(), what="other messages keep flowing")
+
+
+def test_kill_9_of_the_master_then_restart_recovers_everything(daemon: Msgd) -> None:
+    use(daemon, "handlers:by_body")
+    daemon.start()
+    ids = daemon.send_many([b"sleep:30", b"sleep:30"])
+    wait_for(lambda: len(daemon.files("default", "cur")) == 2, what="both in flight")
+    workers = daemon.workers()
+    daemon.proc.kill()
+    daemon.proc.wait()
+    wait_for(
+        lambda: not any(Path(f"/proc/{w}").exists() for w in workers),
+        what="workers to die with the master",
+    )
+    assert sorted(daemon.files("default", "cur")) == sorted(ids)
+    use(daemon, "handlers:record")
+    daemon.start()
+    wait_for(lambda: sorted(daemon.succeeded()) == sorted(ids), what="recovered and worked")
+    assert_settled(daemon, ids)
+
+
+def test_graceful_stop_finishes_in_flight_work(daemon: Msgd) -> None:
+    use(daemon, "handlers:by_body")
+    daemon.start()
+    mid = daemon.send(b"sleep:1")
+    wait_for(lambda: (daemon.out / "started").exists(), what="the message started")
+    daemon.kill(signal.SIGTERM)
+    assert daemon.wait_exit() == 0
+    assert daemon.succeeded() == [mid]
+    assert_settled(daemon, [mid])
+
+
+def test_grace_period_ends_with_messages_returned_untouched(daemon: Msgd) -> None:
+    use(daemon, "handlers:by_body")
+    daemon.daemon["grace_period"] = 0.3
+    daemon.write_config()
+    daemon.start()
+    mid = daemon.send(b"sleep:30")
+    wait_for(lambda: (daemon.out / "started").exists(), what="the message started")
+    assert daemon.stop() == 0
+    assert daemon.files("default", "new") == [mid]  # attempt not counted
+
+
+def test_quit_returns_in_flight_messages_to_new(daemon: Msgd) -> None:
+    use(daemon, "handlers:by_body")
+    daemon.start()
+    mid = daemon.send(b"sleep:30")
+    wait_for(lambda: (daemon.out / "started").exists(), what="the message started")
+    daemon.kill(signal.SIGQUIT)
+    assert daemon.wait_exit() == 0
+    assert daemon.files("default", "new") == [mid]
+
+
+def test_second_term_while_draining_means_quit(daemon: Msgd) -> None:
+    use(daemon, "handlers:by_body")
+    daemon.start()
+    mid = daemon.send(b"sleep:30")
+    wait_for(lambda: (daemon.out / "started").exists(), what="the message started")
+    daemon.kill(signal.SIGTERM)
+    wait_for(lambda: daemon.events("stopping"), what="draining")
+    daemon.kill(signal.SIGTERM)
+    assert daemon.wait_exit() == 0
+    assert daemon.files("default", "new") == [mid]
+
+
+# -- burst and scale ------------------------------------------------------------------------------
+
+
+def test_burst_mode_queue_waits_for_usr2_then_drains(daemon: Msgd) -> None:
+    daemon.queues["nightly"] = {"handler": "handlers:record", "mode": "burst"}
+    daemon.write_config()
+    daemon.start()
+    night = daemon.send_many([b"n"] * 20, queue="nightly")
+    day = daemon.send(b"d")
+    wait_for(lambda: daemon.succeeded() == [day], what="the continuous queue")
+    assert sorted(daemon.files("nightly", "new")) == sorted(night)  # untouched until the burst
+    done = daemon.msgctl("burst", "--wait")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "burst done: 20 succeeded, 0 retried, 0 failed"
+    assert sorted(daemon.succeeded()) == sorted([day, *night])
+    later = daemon.send(b"n", queue="nightly")
+    assert daemon.msgctl("burst", "--wait").stdout.strip().startswith("burst done: 1 succeeded")
+    assert later in daemon.succeeded()
+
+
+def test_burst_reports_failures(daemon: Msgd) -> None:
+    daemon.queues["nightly"] = {"handler": "handlers:by_body", "mode": "burst", "max_attempts": 1}
+    daemon.write_config()
+    daemon.start()
+    daemon.send_many([b"ok", b"reject", b"ok"], queue="nightly")
+    done = daemon.msgctl("burst", "--wait")
+    assert done.stdout.strip() == "burst done: 2 succeeded, 0 retried, 1 failed"
+
+
+def test_threads_run_handlers_concurrently(daemon: Msgd) -> None:
+    use(daemon, "handlers:by_body", threads=4)
+    daemon.daemon["workers"] = 1
+    daemon.write_config()
+    daemon.start()
+    ids = daemon.send_many([b"sleep:1"] * 4)
+    # All four start before any of them can have finished: one process, four threads.
+    wait_for(
+        lambda: (
+            len((daemon.out / "started").read_text().split("\n")) > 4
+            if (daemon.out / "started").exists()
+            else False
+        ),
+        what="4 concurrent starts",
+    )
+    assert daemon.succeeded() == []
+    wait_for(lambda: sorted(daemon.succeeded()) == sorted(ids), what="all 4 done")
+
+
+def test_reload_changes_workers_and_handler_code_under_load(daemon: Msgd, tmp_path: Path) -> None:
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "handler_version.py").write_text("VERSION = 1\n")
+    daemon.daemon["pythonpath"].append(str(code))
+    use(daemon, "handlers:version")
+    daemon.start()
+    first = daemon.send_many([b"v"] * 300)
+    (code / "handler_version.py").write_text("VERSION = 2\n")
+    daemon.daemon["workers"] = 3
+    daemon.write_config()
+    reload = daemon.msgctl("reload")
+    assert reload.returncode == 0, reload.stderr
+    wait_for(lambda: len(daemon.workers()) == 3, what="3 workers after the reload")
+    second = daemon.send_many([b"v"] * 300)
+    wait_for(lambda: len(daemon.succeeded()) >= 600, what="600 messages")
+    assert_settled(daemon, first + second)
+    versions = dict(line.split() for line in (daemon.out / "versions").read_text().splitlines())
+    assert {versions[i] for i in second} == {"2"}  # new code, without a restart
+
+
+def test_scale_up_and_down_under_load_loses_nothing(daemon: Msgd) -> None:
+    daemon.start()
+    ids = daemon.send_many([b"s"] * 500)
+    for direction in ("up", "up", "down", "down", "down"):
+        assert daemon.msgctl("scale", direction).returncode == 0
+    ids += daemon.send_many([b"s"] * 500)
+    wait_for(lambda: len(daemon.succeeded()) >= 1000, what="1000 messages")
+    assert_settled(daemon, ids)
+    assert len(daemon.workers()) == 1
+
+
+def test_foreign_producer_files_and_corrupt_entries(daemon: Msgd) -> None:
+    """A program that writes tmp/ then renames into new/ is a producer; junk is quarantined."""
+    daemon.start()
+    spool = daemon.root / "spool" / "default"
+    (spool / "tmp" / "job-42").write_bytes(b"from a shell script")
+    os.rename(spool / "tmp" / "job-42", spool / "new" / "job-42")
+    (spool / "new" / "a-directory").mkdir()
+    wait_for(lambda: daemon.succeeded() == ["job-42"], what="the foreign message")
+    wait_for(lambda: "a-directory" in daemon.files("default", "failed"), what="quarantine")
+    ok = daemon.send(b"after the junk")
+    wait_for(lambda: ok in daemon.succeeded(), what="still serving")
