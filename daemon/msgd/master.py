@@ -58,8 +58,8 @@ class Master:
         self.reloads = 0
         self.stats_generation = 0
         self.draining = False
-        self.burst_pending: dict[str, set[str]] = {}  # names still in new/ or cur/
-        self.burst_ids: dict[str, set[str]] = {}  # every id of the burst, for its report
+        self.burst_names: dict[str, set[str]] = {}  # every file name the burst must see worked
+        self.burst_waiting: dict[str, list[str]] = {}  # those maybe still in new/, oldest last
         self.burst_upto = 0
         self.burst_task: asyncio.Task[None] | None = None
 
@@ -281,10 +281,10 @@ class Master:
             names = set(self.spool.names(name, "new"))
             for slot in self.spool.cur_slots(name):
                 names.update(self.spool.names(name, f"cur/{slot}"))
-            self.burst_pending.setdefault(name, set()).update(names)
-            self.burst_ids.setdefault(name, set()).update(split_name(n)[0] for n in names)
+            self.burst_names.setdefault(name, set()).update(names)
+            self.burst_waiting[name] = sorted(self.burst_names[name], reverse=True)
         self.pool.burst()
-        size = sum(len(ids) for ids in self.burst_ids.values())
+        size = sum(len(names) for names in self.burst_names.values())
         self.burst_upto = self.state.record("burst", pending=size)
         self.log.info("burst", outcome="started", pending=size)
         if self.burst_task is None or self.burst_task.done():
@@ -296,26 +296,36 @@ class Master:
         A message counts as worked once it has left new/ and cur/: unlinked (succeeded), in
         defer/ (retried) or in failed/. Bursts that overlap are reported together.
         """
-        while any(self.still_pending(q, names) for q, names in self.burst_pending.items()):
+        while any(self.burst_unfinished(q) for q in self.burst_names):
             await asyncio.sleep(BURST_POLL)
+        ids = {q: {split_name(n)[0] for n in names} for q, names in self.burst_names.items()}
         failed = retried = 0
-        for queue, ids in self.burst_ids.items():
-            failed += len(ids & set(self.spool.names(queue, "failed")))
-            retried += len(ids & {split_name(n)[0] for n in self.spool.names(queue, "defer")})
-        total = sum(len(ids) for ids in self.burst_ids.values())
+        for queue, queue_ids in ids.items():
+            failed += len(queue_ids & set(self.spool.names(queue, "failed")))
+            retried += len(queue_ids & {split_name(n)[0] for n in self.spool.names(queue, "defer")})
+        total = sum(len(i) for i in ids.values())
         outcome = {"succeeded": total - failed - retried, "retried": retried, "failed": failed}
-        self.burst_pending.clear()
-        self.burst_ids.clear()
+        self.burst_names.clear()
+        self.burst_waiting.clear()
         self.log.info("burst", outcome="done", **outcome)
         self.state.record("burst_done", generation=self.burst_upto, **outcome)
 
-    def still_pending(self, queue: str, names: set[str]) -> bool:
-        """Drop from `names` those no longer in new/ or cur/; True while any remain."""
-        present = set(self.spool.names(queue, "new"))
-        for slot in self.spool.cur_slots(queue):
-            present.update(self.spool.names(queue, f"cur/{slot}"))
-        names &= present
-        return bool(names)
+    def burst_unfinished(self, queue: str) -> bool:
+        """Whether any of the burst's messages of `queue` is still in new/ or cur/.
+
+        Workers claim oldest first, so it is enough to look at the oldest name still waiting (one
+        stat per poll, not a listing of a directory that may hold thousands) until new/ has none
+        of them left; then at the few files in cur/.
+        """
+        waiting = self.burst_waiting[queue]
+        new = self.spool.dir(queue, "new")
+        while waiting and not os.path.exists(os.path.join(new, waiting[-1])):
+            waiting.pop()
+        if waiting:
+            return True
+        names = self.burst_names[queue]
+        return any(n in names for slot in self.spool.cur_slots(queue)
+                   for n in self.spool.names(queue, f"cur/{slot}"))
 
     def scale(self, delta: int) -> None:
         size = self.pool.scale(delta)
