@@ -205,6 +205,8 @@ def test_timeout_kills_the_worker_dumps_the_stack_and_retries(daemon: Msgd) -> N
     error = json.loads((daemon.root / "spool/default/failed" / f"{mid}.error.json").read_text())
     assert error["error_type"] == "Timeout" and error["attempts"] == 2
     assert "by_body" in error["traceback"]  # the handler's stack, dumped before the kill
+    stacks = daemon.events("timed-out handler's stack")
+    assert len(stacks) == 2 and "by_body" in stacks[0]["traceback"]  # and in the log
     exits = daemon.events("worker exited")
     assert len([e for e in exits if "ran past" in e["how"]]) == 2
     wait_for(lambda: daemon.stats()["totals"]["timed_out"] == 2, what="2 timeouts counted")

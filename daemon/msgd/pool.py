@@ -141,7 +141,11 @@ class Pool:
         how = handle.kill_reason or (
             f"killed by signal {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
         )
-        settled = self.settle(handle, how)
+        try:
+            settled = self.settle(handle, how)
+        except Exception:  # a spool the master cannot write: log, keep the pool going; what is
+            self.log.exception("settling a dead worker failed", worker=handle.slot)  # left in
+            settled = {}  # cur/ is settled by the next death in this slot or the next start
         expected = handle.retiring or self.stopping
         log = self.log.info if expected else self.log.warning
         log(
@@ -170,6 +174,8 @@ class Pool:
                 "traceback": self._read_dump(handle.slot),
             }
             queue, name = handle.timed_out.split("/", 1)
+            self.log.error("timed-out handler's stack", worker=handle.slot, queue=queue,
+                           id=split_name(name)[0], traceback=error["traceback"])
             self.counters.writer(handle.slot).count(self.queue_index[queue], TIMED_OUT)
             counts = lambda q, n: (q, n) == (queue, name)  # noqa: E731
         else:
