@@ -81,3 +81,24 @@ def record_body(message: msgd.Message) -> None:
         "bodies", f"{message.id} {len(message.body)} {hashlib.sha256(message.body).hexdigest()}"
     )
     _append("succeeded", message.id)
+
+
+def poison(message: msgd.Message) -> None:
+    """Like `by_body`, and b"touch:<mb>" grows the worker's RSS by that much (pages written)."""
+    if message.body.startswith(b"touch:"):
+        _append("started", f"{message.id} {message.attempt}")
+        _LEAK.append(bytearray(b"\1" * (int(message.body[6:]) * 1024 * 1024)))
+        _append("succeeded", message.id)
+        return
+    by_body(message)
+
+
+def format_bait(message: msgd.Message) -> None:
+    """Fail with the body as the exception text: it must be recorded, never interpreted."""
+    raise RuntimeError(message.body.decode(errors="replace"))
+
+
+def record_slowly(message: msgd.Message) -> None:
+    """Succeed after a few ms, so that a stream always has messages in flight to interrupt."""
+    time.sleep(0.003)
+    _append("succeeded", message.id)

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from msgd import handlers, stats
-from msgd.config import Config, ConfigError, DaemonConfig, default_path
+from msgd.config import Config, ConfigError, DaemonConfig, QueueConfig, default_path
 from msgd.config import load as load_config
 from msgd.pidfile import state_path
 from msgd.signals import SIGNAL_OF, Action
@@ -245,9 +245,30 @@ def cmd_queues(ctx: Context) -> int:
     names = sorted(set(ctx.config.queues) | set(spool.queues()))
     print(f"{'QUEUE':<24} {'NEW':>8} {'CUR':>6} {'DEFER':>7} {'FAILED':>7}")
     for name in names:
+        policy = ctx.config.queues.get(name)
+        if policy is not None and policy.backend == "redis":
+            print(_redis_depths(name, policy))
+            continue
         d = spool.depths(name)
         print(f"{name:<24} {d['new']:>8} {d['cur']:>6} {d['defer']:>7} {d['failed']:>7}")
     return 0
+
+
+def _redis_depths(name: str, policy: QueueConfig) -> str:
+    """A Redis queue's line: NEW is not yet delivered, CUR pending in the group; then the stream's
+    own figures. An unreachable Redis is reported on the line, not as a failure of the command."""
+    from msgd import redisq
+
+    stream = redisq.stream_name(name, policy)
+    try:
+        d = redisq.depths_now(name, policy)
+    except redisq.RedisQueueError as e:
+        return f"{name:<24} redis unavailable: {e}"
+    return (
+        f"{name:<24} {d['new']:>8} {d['cur']:>6} {d['defer']:>7} {d['failed']:>7}  "
+        f"redis stream {stream}: length {d['length']}, pending {d['pending']}, "
+        f"consumers {d['consumers']}"
+    )
 
 
 def cmd_retry_failed(ctx: Context) -> int:

@@ -66,7 +66,7 @@ class QueueConfig(_Table):
     url: str = "redis://127.0.0.1:6379/0"
     stream: str = ""  # default: msgd:<queue>
     group: str = "msgd"
-    consumer: str = ""  # default: <host>:<pid>
+    consumer: str = ""  # default: <host>:<master pid>; ":<worker slot>" is appended
     claim_idle: Positive = 60.0
 
     def delay(self, attempt: int) -> float:

@@ -10,14 +10,19 @@ settle messages themselves; the master watches them, keeps time (retries, timeou
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import grp
 import json
 import multiprocessing
+import multiprocessing.connection  # these three multiprocessing would load on first use, and
+import multiprocessing.popen_fork  # the interpreter's files may be unreadable for daemon.user
+import multiprocessing.sharedctypes  # once privileges are dropped: load them now
 import os
 import pwd
+import resource  # noqa: F401 - the same, for the workers
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import setproctitle
@@ -30,7 +35,7 @@ from msgd.notify import Notifier
 from msgd.pidfile import Pidfile, StateFile, state_path
 from msgd.pool import Pool
 from msgd.signals import Action, SignalWatcher
-from msgd.spool import Spool, split_name
+from msgd.spool import Spool, split_deferred, split_name
 from msgd.stats import Counters, Rates, snapshot, summary
 from msgd.sysutil import atomic_write, make_dirs
 
@@ -62,6 +67,8 @@ class Master:
         self.burst_waiting: dict[str, list[str]] = {}  # those maybe still in new/, oldest last
         self.burst_upto = 0
         self.burst_task: asyncio.Task[None] | None = None
+        self.duty_errors: dict[str, str] = {}  # keep_time's failing duties, logged once each
+        self.depth_watcher: Any = None  # redisq.DepthWatcher, once a Redis queue is configured
 
     # -- life cycle ------------------------------------------------------------------------------
 
@@ -159,7 +166,9 @@ class Master:
             gid = grp.getgrnam(d.group).gr_gid if d.group else user.pw_gid
         except KeyError as e:
             raise StartError(f"daemon.user/group: no such user or group: {e}") from None
-        os.fchown(self.pidfile.fd, user.pw_uid, gid)
+        for fd in (self.pidfile.fd, *logs.log_fds()):  # ours to rewrite, remove and reopen
+            if fd > 2:
+                os.fchown(fd, user.pw_uid, gid)
         os.setgroups([])
         os.setgid(gid)
         os.setuid(user.pw_uid)
@@ -225,18 +234,32 @@ class Master:
     def reload(self) -> None:
         """HUP: reopen the log, then load and check the whole config before touching anything."""
         self.notify.reloading()
-        logs.reopen(self.config.daemon.log_file)
+        try:  # systemd waits in "reloading" until READY=1: it must come whatever happens
+            self.apply_reload()
+        except Exception as e:
+            self.notify.ready(f"reload failed: {e}")
+            self.state.record("reload", ok=False, error=f"{type(e).__name__}: {e}")
+            raise
+
+    def apply_reload(self) -> None:
         try:
+            try:
+                logs.reopen(self.config.daemon.log_file)
+            except OSError as e:
+                raise ConfigError(f"daemon.log_file: cannot reopen: {e}") from None
             new = load_config(self.config.path)
             self.check_reloadable(new)
             handlers.check(new)
+            d = new.daemon
+            try:
+                logs.setup(d.log_file, d.log_format, d.log_level)
+            except OSError as e:
+                raise ConfigError(f"daemon.log_file: {e}") from None
         except ConfigError as e:
             self.log.error("reload", outcome="rejected", error=str(e))
             self.state.record("reload", ok=False, error=str(e))
             self.notify.ready(f"reload rejected: {e}")
             return
-        d = new.daemon
-        logs.setup(d.log_file, d.log_format, d.log_level)
         self.index_queues(new)
         self.config = new
         self.pool.replace_all(new)
@@ -302,7 +325,8 @@ class Master:
         failed = retried = 0
         for queue, queue_ids in ids.items():
             failed += len(queue_ids & set(self.spool.names(queue, "failed")))
-            retried += len(queue_ids & {split_name(n)[0] for n in self.spool.names(queue, "defer")})
+            deferred = {split_deferred(n)[0] for n in self.spool.names(queue, "defer")}
+            retried += len(queue_ids & deferred)
         total = sum(len(i) for i in ids.values())
         outcome = {"succeeded": total - failed - retried, "retried": retried, "failed": failed}
         self.burst_names.clear()
@@ -342,24 +366,42 @@ class Master:
             await asyncio.sleep(TICK)
             if self.draining:
                 continue
-            self.pool.check_timeouts()
-            for name in self.spool_queues():
-                self.spool.release_due(name)
+            with self.duty("timeouts and retries"):
+                self.pool.check_timeouts()
+                for name in self.spool_queues():
+                    self.spool.release_due(name)
             now = time.monotonic()
             if now >= next_second:
                 next_second = now + 1.0
-                snap = self.publish()
-                setproctitle.setproctitle(f"msgd: master -c {self.config.path} {summary(snap)}")
-                interval = self.config.daemon.stats_log_interval
-                if interval and now >= next_log:
-                    next_log = now + interval
-                    self.log.info("stats", **snap)
+                with self.duty("stats file"):
+                    snap = self.publish()
+                    title = f"msgd: master -c {self.config.path} {summary(snap)}"
+                    setproctitle.setproctitle(title)
+                    interval = self.config.daemon.stats_log_interval
+                    if interval and now >= next_log:
+                        next_log = now + interval
+                        self.log.info("stats", **snap)
             if now >= next_status:
                 next_status = now + STATUS_EVERY
-                self.notify.status(self.summary())
+                with self.duty("status"):
+                    self.notify.status(self.summary())
             if self.notify.watchdog_interval and now >= next_watchdog and self.healthy():
                 next_watchdog = now + self.notify.watchdog_interval
                 self.notify.watchdog()
+
+    @contextlib.contextmanager
+    def duty(self, what: str) -> Iterator[None]:
+        """One of keep_time's duties: an error (a full /run, a spool gone read-only) is logged
+        once, while it lasts, and never ends the task; timeouts and retries must keep running."""
+        try:
+            yield
+        except Exception as e:
+            if self.duty_errors.get(what) != str(e):
+                self.duty_errors[what] = str(e)
+                self.log.exception("periodic duty failed", duty=what)
+        else:
+            if self.duty_errors.pop(what, None) is not None:
+                self.log.info("periodic duty recovered", duty=what)
 
     def healthy(self) -> bool:
         """Watchdog pings only while the pool has the workers it should (or is getting them)."""
@@ -373,7 +415,7 @@ class Master:
             slots=self.counters.read(),
             queue_index=self.queue_index,
             workers=[(h.slot, h.pid, self.in_flight(h.slot)) for h in self.pool.live()],
-            depths={q: self.spool.depths(q) for q in spool_queues},
+            depths={**{q: self.spool.depths(q) for q in spool_queues}, **self.redis_depths()},
             rates=self.rates,
             info={
                 "generation": self.stats_generation,
@@ -404,6 +446,17 @@ class Master:
         for queue in self.spool_queues():
             names += self.spool.names(queue, f"cur/{slot}")
         return names
+
+    def redis_depths(self) -> dict[str, dict[str, int]]:
+        """Read from a cache a thread refreshes: a Redis that is down never stalls this loop."""
+        queues = {n: q for n, q in self.config.queues.items() if q.backend == "redis"}
+        if not queues:
+            return {}
+        if self.depth_watcher is None:
+            from msgd.redisq import DepthWatcher  # redis-py only in a master that needs it
+
+            self.depth_watcher = DepthWatcher()
+        return self.depth_watcher.depths(queues)
 
     def spool_queues(self) -> list[str]:
         return [n for n, q in self.config.queues.items() if q.backend == "spool"]

@@ -26,9 +26,11 @@ class Notifier:
     def send(self, **fields: object) -> None:
         if self.sock is None:
             return
-        message = "\n".join(f"{k.upper()}={v}" for k, v in fields.items())
-        try:
-            self.sock.sendto(message.encode(), self.address)
+        # One line per field: a newline inside a value (an error message) would end it early.
+        lines = (f"{k.upper()}={v}".replace("\n", " ") for k, v in fields.items())
+        message = "\n".join(lines)
+        try:  # never block the event loop on a busy service manager: a full queue drops this one
+            self.sock.sendto(message.encode(), socket.MSG_DONTWAIT, self.address)
         except OSError:
             pass  # systemd gone or socket full: nothing useful to do about it
 

@@ -23,7 +23,7 @@ from typing import Any
 import structlog
 
 from msgd.config import Config
-from msgd.spool import Spool, split_name
+from msgd.spool import AckLog, Spool, split_name
 from msgd.stats import FAILED, RETRIED, TIMED_OUT, Counters, running
 from msgd.worker import DUMP_SIGNAL, Worker
 
@@ -182,16 +182,35 @@ class Pool:
             error = {"error_type": "WorkerDied", "error": f"worker {how}", "traceback": ""}
             dying = not (handle.retiring or self.stopping)
             counts = lambda q, n: dying  # noqa: E731
+        uncounted = self._uncounted(handle.slot)  # before recover() empties cur/ and the ack log
         outcome = self.spool.recover(
             handle.slot, self.config.queues, counts, self.config.queues, error
         )
         writer = self.counters.writer(handle.slot)
+        for index, done in uncounted:
+            writer.count(index, done)
         summary: dict[str, int] = {}
         for (queue, state), n in outcome.items():
             summary[state] = summary.get(state, 0) + n
             if state in ("retried", "failed"):
                 writer.count(self.queue_index[queue], RETRIED if state == "retried" else FAILED, n)
         return summary
+
+    def _uncounted(self, slot: int) -> list[tuple[int, int]]:
+        """Outcomes a dead worker made durable but did not count: it was killed between
+        SlotWriter.intend() and finish(). Its message has left cur/, or is in the ack log."""
+        by_index = {i: n for n, i in self.queue_index.items()}
+        acked = AckLog(self.spool.root, slot).entries()
+        out = []
+        for run in running(self.counters.read()[slot]):
+            queue = by_index.get(run.queue)
+            if run.intended is None or queue is None:
+                continue
+            names = self.spool.names(queue, f"cur/{slot}")
+            held = [n for n in names if zlib.crc32(n.encode()) == run.crc]
+            if not held or f"{queue}/{held[0]}" in acked:
+                out.append((run.queue, run.intended))
+        return out
 
     def _read_dump(self, slot: int) -> str:
         try:
@@ -213,11 +232,15 @@ class Pool:
             if (dead.slot in self.fast_deaths)
             else 0.0
         )
-        self.loop.call_later(delay, self._refill)
+        self.loop.call_later(delay, self._refill, dead.slot)
 
-    def _refill(self) -> None:
+    def _refill(self, slot: int | None = None) -> None:
+        """Spawn up to the pool's size; a dead worker's replacement takes its slot if it is free
+        (its counts and its fast-death record stay with it, not with the lowest free slot)."""
         while not self.stopping and len(self.workers) < self.size:
-            self.spawn(self.free_slot())
+            taken = slot is None or slot in self.workers or slot in {h.slot for h in self.retired}
+            self.spawn(self.free_slot() if taken else slot)
+            slot = None
 
     # -- steering --------------------------------------------------------------------------------
 

@@ -31,4 +31,9 @@ def _cached(path: str, mtime_ns: int, queue: str) -> Producer:
     config = load_config(path)
     if queue not in config.queues:
         raise ConfigError(f"queues.{queue}: no such queue in {path}")
+    policy = config.queues[queue]
+    if policy.backend == "redis":
+        from msgd.redisq import RedisProducer  # redis-py only for programs that need it
+
+        return RedisProducer(policy, queue)
     return Spool.from_config(config)

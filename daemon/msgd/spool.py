@@ -56,9 +56,28 @@ def check_name(name: str, what: str = "message id") -> str:
 
 
 def split_name(name: str) -> tuple[str, int]:
-    """`<id>@<attempts>` -> (id, attempts done); a bare id has none done."""
-    mid, _, attempts = name.partition("@")
-    return mid, int(attempts) if attempts else 0
+    """`<id>@<attempts>` -> (id, attempts done); a bare id has none done.
+
+    Parsed from the right, and a name that does not end in `@<digits>` is all id: a foreign
+    producer's `a@b` is message `a@b` with no attempts done, never an error that stalls a runner.
+    """
+    mid, at, attempts = name.rpartition("@")
+    if at and _is_count(attempts):
+        return mid, int(attempts)
+    return name, 0
+
+
+def split_deferred(name: str) -> tuple[str, int, int | None]:
+    """A defer/ name `<id>@<attempts>@<not before, ms>` -> its parts (None: no valid time)."""
+    parts = name.rsplit("@", 2)
+    if len(parts) == 3 and _is_count(parts[1]) and _is_count(parts[2]):
+        return parts[0], int(parts[1]), int(parts[2])
+    mid, attempts = split_name(name)
+    return mid, attempts, None
+
+
+def _is_count(text: str) -> bool:
+    return text.isascii() and text.isdigit()
 
 
 def enqueued_at(mid: str, fd: int) -> float:
@@ -184,9 +203,8 @@ class Spool:
         now_ms = time.time() * 1000
         moved = 0
         for name in _listdir(defer):
-            mid, _, rest = name.partition("@")
-            attempts, _, not_before = rest.partition("@")
-            if force or not not_before.isdigit() or int(not_before) <= now_ms:
+            mid, attempts, not_before = split_deferred(name)
+            if force or not_before is None or not_before <= now_ms:
                 with contextlib.suppress(FileNotFoundError):
                     os.rename(os.path.join(defer, name), os.path.join(new, f"{mid}@{attempts}"))
                     moved += 1

@@ -39,7 +39,8 @@ SLOTS_PER_SEGMENT = 16
 
 
 def bucket(duration_ns: int) -> int:
-    return min((duration_ns // HIST_BASE_NS).bit_length(), BUCKETS - 1)
+    """The first bucket whose bound is >= the duration (Prometheus' `le` includes the bound)."""
+    return min((max(duration_ns - 1, 0) // HIST_BASE_NS).bit_length(), BUCKETS - 1)
 
 
 class SlotWriter:
@@ -57,6 +58,12 @@ class SlotWriter:
         self.a[r + 2] = zlib.crc32(name.encode())
         self.a[r] = queue + 1
         return now
+
+    def intend(self, runner: int, queue: int, outcome: int) -> None:
+        """Say, in the same word that marks the run busy (one store), which outcome `runner` is
+        about to make durable: a worker killed between that and finish() is counted by the
+        master's settlement, which sees the effect happened (pool.settle)."""
+        self.a[self.base + RUNNERS + runner * RUNNER_BLOCK] = queue + 1 + ((outcome + 1) << 16)
 
     def finish(
         self, runner: int, queue: int, outcome: int, started: int, rejected: bool = False
@@ -108,14 +115,16 @@ class Running:
     queue: int
     started_ns: int
     crc: int
+    intended: int | None = None  # the outcome being made durable (SlotWriter.intend), if any
 
 
 def running(slot: array) -> list[Running]:
     out = []
     for r in range(MAX_RUNNERS):
         base = RUNNERS + r * RUNNER_BLOCK
-        if slot[base]:
-            out.append(Running(slot[base] - 1, slot[base + 1], slot[base + 2]))
+        if word := slot[base]:
+            intended = (word >> 16) - 1 if word >> 16 else None
+            out.append(Running((word & 0xFFFF) - 1, slot[base + 1], slot[base + 2], intended))
     return out
 
 

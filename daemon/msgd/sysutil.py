@@ -22,7 +22,12 @@ def atomic_write(path: str, data: bytes, mode: int = 0o600) -> None:
     cannot redirect the write.
     """
     tmp = f"{path}.tmp.{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(tmp, flags, mode)
+    except FileExistsError:  # left by a process killed mid-write that had our pid (a container
+        os.unlink(tmp)  # restarted, pid 1 again): never followed, only removed
+        fd = os.open(tmp, flags, mode)
     try:
         os.write(fd, data)
     finally:
@@ -35,8 +40,19 @@ def atomic_write(path: str, data: bytes, mode: int = 0o600) -> None:
 
 
 def make_dirs(path: str, mode: int = 0o700) -> None:
-    """Create `path` and missing parents with `mode`, refusing a symlink in its place."""
-    os.makedirs(path, mode=mode, exist_ok=True)
+    """Create `path` and missing parents with `mode`, refusing a symlink in its place.
+
+    Every directory created gets `mode` (os.makedirs gives intermediate ones the umask's default,
+    so spool/<queue>/ would have been 0755 under a 0700 spool setting).
+    """
+    parent = os.path.dirname(os.path.normpath(path))
+    if parent and parent != path and not os.path.isdir(parent):
+        make_dirs(parent, mode)
+    try:
+        os.mkdir(path, mode)
+    except FileExistsError:
+        if not os.path.isdir(path):
+            raise
     if os.path.islink(path):
         raise OSError(f"{path}: is a symbolic link")
 

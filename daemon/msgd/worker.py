@@ -3,13 +3,16 @@
 The master is not on this path. Each queue gets `threads` runner threads per worker; a runner
 claims the oldest message by renaming it into the worker's cur/<slot>/, runs the handler, and
 on success hands the file to the Acker (background unlink); on failure moves it to defer/ or
-failed/ itself. The main thread only listens to the master: "stop" (or EOF, or SIGTERM) means
-stop claiming, finish what is in hand, and exit 0; "burst" wakes the burst-mode queues.
+failed/ itself. A Redis queue (redisq.RedisInbox) is served by the same loop: its inbox claims
+stream entries instead of files and settles them with XACK. The main thread only listens to the
+master: "stop" (or EOF, or SIGTERM) means stop claiming, finish what is in hand, and exit 0;
+"burst" wakes the burst-mode queues.
 """
 
 from __future__ import annotations
 
 import faulthandler
+import multiprocessing
 import os
 import queue as queue_mod
 import resource
@@ -17,14 +20,14 @@ import select
 import signal
 import threading
 import traceback
-from typing import Any
+from typing import Any, Protocol
 
 import setproctitle
 import structlog
 
 from msgd import handlers
-from msgd.config import Config
-from msgd.handlers import CommandFailed, Handler, Reject
+from msgd.config import Config, QueueConfig
+from msgd.handlers import CommandFailed, Handler, Message, Reject
 from msgd.spool import AckLog, Spool, SpoolError, SpoolInbox, settle_failure, split_name
 from msgd.stats import FAILED, RETRIED, SUCCEEDED, SlotWriter
 from msgd.sysutil import set_parent_death_signal
@@ -74,6 +77,46 @@ class Acker:
             t.join()
 
 
+class Inbox(Protocol):
+    """What a runner needs from a queue, whatever keeps it (the spool, or redisq.RedisInbox)."""
+
+    queue: str
+
+    def claim(self) -> str | None: ...
+    def wait(self) -> None: ...
+    def read(self, name: str, max_size: int) -> Message: ...
+    def label(self, name: str) -> tuple[str, int]: ...
+    def done(self, name: str) -> None: ...
+    def fail(self, name: str, error: dict[str, Any], permanent: bool) -> str: ...
+    def burst(self) -> None: ...
+
+
+class SpoolQueue(SpoolInbox):
+    """A spool inbox that also settles: successes through the Acker, failures by rename."""
+
+    def __init__(
+        self, spool: Spool, queue: str, slot: int, stop_fd: int, acker: Acker, policy: QueueConfig
+    ) -> None:
+        super().__init__(spool, queue, slot, stop_fd)
+        self.acker, self.policy = acker, policy
+
+    def label(self, name: str) -> tuple[str, int]:
+        mid, done = split_name(name)
+        return mid, done + 1
+
+    def done(self, name: str) -> None:
+        self.acker.done(self.queue, name, self.cur + name)
+
+    def fail(self, name: str, error: dict[str, Any], permanent: bool) -> str:
+        mid, attempt = self.label(name)
+        return settle_failure(
+            self.spool, self.queue, self.cur + name, mid, attempt, self.policy, error, permanent
+        )
+
+    def burst(self) -> None:
+        """Nothing to do: the master releases deferred spool messages itself."""
+
+
 class Worker:
     def __init__(
         self,
@@ -97,12 +140,14 @@ class Worker:
         self.stop_r, self.stop_w = os.pipe()
         self.burst = threading.Condition()
         self.handlers: dict[str, Handler] = {}
+        self.inboxes: list[Inbox] = []
         self.max_rss_kb = config.daemon.max_rss_mb * 1024
 
     def run(self) -> None:
         """The process body; returns when the worker has stopped cleanly."""
         set_parent_death_signal()
-        if os.getppid() == 1:  # the master died before we could ask to follow it
+        if os.getppid() != multiprocessing.parent_process().pid:  # the master died first: it
+            # was reaped by init or by a subreaper, so not "ppid 1" (containers, systemd --user)
             return
         signal.signal(signal.SIGTERM, lambda *_: self.stop())
         self.title("starting")
@@ -111,14 +156,16 @@ class Worker:
         acklog = AckLog(self.spool.root, self.slot)
         acklog.open()
         self.acker = Acker(acklog)
-        dump = open(os.path.join(self.spool.root, ".msgd", f"dump.{self.slot}"), "w")  # noqa: SIM115
+        dump_path = os.path.join(self.spool.root, ".msgd", f"dump.{self.slot}")
+        dump = os.fdopen(  # tracebacks may show message data: private like the spool
+            os.open(dump_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600), "w"
+        )
         faulthandler.register(DUMP_SIGNAL, file=dump, all_threads=True)
         runners = []
         runner_no = 0
         for name, q in self.config.queues.items():
-            if q.backend != "spool":
-                continue
-            inbox = SpoolInbox(self.spool, name, self.slot, self.stop_r)
+            inbox = self.inbox(name, q)
+            self.inboxes.append(inbox)
             for _ in range(q.threads):
                 runners.append(
                     threading.Thread(
@@ -134,6 +181,15 @@ class Worker:
             t.join()
         self.acker.close()
 
+    def inbox(self, name: str, q: QueueConfig) -> Inbox:
+        """redis-py is imported only by workers that have a Redis queue."""
+        if q.backend == "redis":
+            from msgd.redisq import RedisInbox, consumer_name
+
+            consumer = consumer_name(q, self.slot, os.getppid())
+            return RedisInbox(name, q, consumer, self.stop_r, self.log)
+        return SpoolQueue(self.spool, name, self.slot, self.stop_r, self.acker, q)
+
     def listen(self) -> None:
         """Main thread: wait for the master's word, EOF (master gone) or our own SIGTERM."""
         conn_fd = self.conn.fileno()
@@ -148,6 +204,8 @@ class Worker:
             if word == "stop":
                 self.stop()
             elif word == "burst":
+                for inbox in self.inboxes:
+                    inbox.burst()
                 with self.burst:
                     self.burst.notify_all()
 
@@ -158,7 +216,18 @@ class Worker:
             with self.burst:
                 self.burst.notify_all()
 
-    def serve(self, inbox: SpoolInbox, runner: int) -> None:
+    def serve(self, inbox: Inbox, runner: int) -> None:
+        """A runner thread's body. An error it cannot settle (a name it cannot parse, a spool it
+        cannot write) ends the whole worker, loudly: the master then settles what it held and
+        replaces it. A runner that died alone would leave its message in cur/ and the queue
+        stalled while the worker looked healthy."""
+        try:
+            self.serve_queue(inbox, runner)
+        except BaseException:
+            self.log.exception("runner crashed", queue=inbox.queue, runner=runner)
+            os._exit(70)  # EX_SOFTWARE; the ack log covers the unlinks still queued
+
+    def serve_queue(self, inbox: Inbox, runner: int) -> None:
         """One runner: work the queue until told to stop. Burst-mode queues work only in bursts."""
         policy = self.config.queues[inbox.queue]
         bursty = policy.mode == "burst"
@@ -181,25 +250,25 @@ class Worker:
                 lambda: self.stopping.is_set() or self.burst_generation.value != seen
             )
 
-    def work(self, inbox: SpoolInbox, name: str, runner: int) -> None:
+    def work(self, inbox: Inbox, name: str, runner: int) -> None:
         queue = inbox.queue
         index = self.queue_index[queue]
-        path = inbox.cur + name
         started = self.counters.start(runner, index, name)
-        self.title(f"{queue} busy {split_name(name)[0]}")
+        self.title(f"{queue} busy {inbox.label(name)[0]}")
         try:
             message = inbox.read(name, self.config.daemon.max_message_size)
         except (OSError, SpoolError) as e:  # unreadable, not a file, too large: quarantine
-            self.settle(queue, path, name, runner, started, e, permanent=True)
+            self.settle(inbox, name, runner, started, e, permanent=True)
             return
         try:
             self.handlers[queue](message)
         except Reject as e:
-            self.settle(queue, path, name, runner, started, e, permanent=True)
+            self.settle(inbox, name, runner, started, e, permanent=True)
         except Exception as e:
-            self.settle(queue, path, name, runner, started, e, permanent=False)
+            self.settle(inbox, name, runner, started, e, permanent=False)
         else:
-            self.acker.done(queue, name, path)
+            self.counters.intend(runner, index, SUCCEEDED)  # counted even if killed right here
+            inbox.done(name)
             self.counters.finish(runner, index, SUCCEEDED, started)
         self.title("idle")
         if self.max_rss_kb and resource.getrusage(resource.RUSAGE_SELF).ru_maxrss > self.max_rss_kb:
@@ -212,15 +281,15 @@ class Worker:
 
     def settle(
         self,
-        queue: str,
-        path: str,
+        inbox: Inbox,
         name: str,
         runner: int,
         started: int,
         error: BaseException,
         permanent: bool,
     ) -> None:
-        mid, done = split_name(name)
+        queue = inbox.queue
+        mid, attempt = inbox.label(name)
         record: dict[str, Any] = {
             "error_type": type(error).__name__,
             "error": str(error),
@@ -228,8 +297,7 @@ class Worker:
         }
         if isinstance(error, CommandFailed | Reject) and str(error).startswith(("exit", "killed")):
             record["exit_status"] = str(error).split(":")[0]
-        policy = self.config.queues[queue]
-        outcome = settle_failure(self.spool, queue, path, mid, done + 1, policy, record, permanent)
+        outcome = inbox.fail(name, record, permanent)
         self.counters.finish(
             runner,
             self.queue_index[queue],
@@ -241,7 +309,7 @@ class Worker:
             "message " + outcome,
             queue=queue,
             id=mid,
-            attempt=done + 1,
+            attempt=attempt,
             error=f"{record['error_type']}: {record['error']}",
         )
 

@@ -1,0 +1,556 @@
+"""Queues kept in Redis Streams, so that several msgd daemons (on several hosts) share them.
+
+    <stream>          entries {id, body[, attempts]}: waiting, or pending in the consumer group
+    <stream>:defer    sorted set of retries, scored by their not-before time (ms)
+    <stream>:failed   dead letters: the entry's fields and the reason (error, traceback...)
+
+Only workers and producers of a Redis queue import this module (and redis-py with it): a daemon
+that only has spool queues stays small.
+
+Each worker slot is one consumer of the group, `<host>:<master pid>:<slot>` (or `<consumer>:<slot>`
+when configured). A worker replacing a dead one in the same slot reads that consumer's pending
+entries first, so a daemon recovers its own crashed worker's messages at once; a consumer whose
+whole daemon (or host) died is recovered by the other daemons with XAUTOCLAIM after `claim_idle`.
+Both are redeliveries that Redis counts: a message's attempt number is the attempts done before
+it was (re)added plus its delivery count, so a message that kills every worker it meets ends in
+the dead letters after `max_attempts` deliveries, as on the spool. Reclaimed entries are taken
+one at a time, so such a message takes no innocent neighbours with it.
+
+An entry is acknowledged (XACK, and deleted, so the stream length is the backlog) only after its
+handler returned; a failure moves it to `:defer` or `:failed` in one Lua script that acknowledges
+it in the same step, so nothing is acknowledged before its next home holds it. Due retries move
+back to the stream in another script, run by any worker that is reading the queue. The stream
+belongs to msgd's group alone (entries are deleted once acknowledged).
+
+`claim_idle` must be longer than the queue's `timeout`: an entry whose handler still runs after
+`claim_idle` seconds may be claimed by another daemon and run twice.
+"""
+
+from __future__ import annotations
+
+import collections
+import select
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from msgd.config import QueueConfig
+from msgd.handlers import Message
+from msgd.spool import SpoolError, new_id
+
+T = TypeVar("T")
+BLOCK = 0.5  # seconds a blocking read waits, so that a stop is noticed promptly
+MAX_BATCH = 100  # entries per XREADGROUP at most
+BATCH_SECONDS = 0.5  # a fetched batch should be worked within this (and within claim_idle / 4)
+RELEASE_EVERY = 0.1  # seconds between moves of due retries back to the stream
+RELEASE_LIMIT = 100  # due retries moved per script run
+CLEAN_EVERY = 60.0  # seconds between removals of consumers with nothing pending
+BACKOFF = (0.1, 5.0)  # first and longest wait between attempts to reach Redis
+EMPTY_DEPTH = {"new": 0, "cur": 0, "defer": 0, "failed": 0, "length": 0, "pending": 0}
+
+# KEYS: stream, defer. ARGV: group, entry id, not before (ms), defer member.
+_RETRY = """
+if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 1 then
+  redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
+  redis.call('XDEL', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+# KEYS: stream, failed. ARGV: group, entry id, the dead letter's fields and values.
+_DEAD = """
+if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 1 then
+  redis.call('XADD', KEYS[2], '*', unpack(ARGV, 3))
+  redis.call('XDEL', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+# KEYS: stream, defer. ARGV: up to this score (ms, or +inf), how many. Members are
+# "<attempts>:<length of id>:<id><body>" (see _defer_member).
+_RELEASE = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+for _, m in ipairs(due) do
+  local a = string.find(m, ':', 1, true)
+  local b = string.find(m, ':', a + 1, true)
+  local n = tonumber(string.sub(m, a + 1, b - 1))
+  redis.call('XADD', KEYS[1], '*', 'id', string.sub(m, b + 1, b + n),
+             'attempts', string.sub(m, 1, a - 1), 'body', string.sub(m, b + n + 1))
+  redis.call('ZREM', KEYS[2], m)
+end
+return #due
+"""
+# KEYS: stream. ARGV: group, consumer. Removes the consumer only if nothing is pending for it
+# (a consumer removed with pending entries would orphan them).
+_FORGET = """
+if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) == 0 then
+  return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+end
+return -1
+"""
+
+
+class RedisQueueError(SpoolError):
+    """A Redis queue that cannot be used right now, or an entry that cannot be worked."""
+
+
+def stream_name(queue: str, policy: QueueConfig) -> str:
+    return policy.stream or f"msgd:{queue}"
+
+
+def consumer_name(policy: QueueConfig, slot: int, master_pid: int) -> str:
+    return f"{policy.consumer or f'{socket.gethostname()}:{master_pid}'}:{slot}"
+
+
+def connect(url: str, timeout: float) -> redis.Redis:
+    """A client that fails fast: msgd does its own retrying, with logging and backoff."""
+    return redis.Redis.from_url(
+        url, socket_connect_timeout=timeout, socket_timeout=timeout, retry=Retry(NoBackoff(), 0)
+    )
+
+
+def safe_url(url: str) -> str:
+    """The URL without a password, for logs."""
+    scheme, sep, rest = url.partition("://")
+    return f"{scheme}{sep}{rest.rpartition('@')[2]}"
+
+
+def _defer_member(mid: bytes, attempts: int, body: bytes) -> bytes:
+    return b"%d:%d:%s%s" % (attempts, len(mid), mid, body)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _enqueued_at(mid: str, entry_id: str) -> float:
+    """msgd's ids carry the enqueue time in ns; a foreign producer's entry has its stream time."""
+    if len(mid) == 24:
+        try:
+            return int(mid[:16], 16) / 1e9
+        except ValueError:
+            pass
+    return int(entry_id.partition("-")[0]) / 1e3
+
+
+# -- producing and inspecting ---------------------------------------------------------------------
+
+
+class RedisProducer:
+    """`msgd.send` and `msgctl send` for a Redis queue: one pipelined round trip per batch."""
+
+    def __init__(self, policy: QueueConfig, queue: str) -> None:
+        self.url = policy.url
+        self.stream = stream_name(queue, policy)
+        self._client: redis.Redis | None = None
+
+    def send_many(self, queue: str, bodies: Iterable[bytes]) -> list[str]:
+        if self._client is None:
+            self._client = connect(self.url, 10.0)
+        pipe = self._client.pipeline(transaction=False)
+        ids = []
+        for body in bodies:
+            mid = new_id()
+            pipe.xadd(self.stream, {"id": mid, "body": body})
+            ids.append(mid)
+        if ids:
+            try:
+                pipe.execute()
+            except redis.RedisError as e:
+                raise RedisQueueError(f"{queue}: {safe_url(self.url)}: {e}") from None
+        return ids
+
+
+def depths(client: redis.Redis, stream: str, group: str) -> dict[str, int]:
+    """The spool's depth keys (new = not yet delivered, cur = pending) and the stream's own."""
+    pipe = client.pipeline(transaction=False)
+    pipe.xlen(stream)
+    pipe.zcard(f"{stream}:defer")
+    pipe.xlen(f"{stream}:failed")
+    pipe.xinfo_groups(stream)
+    length, deferred, failed, groups = pipe.execute(raise_on_error=False)
+    for result in (length, deferred, failed):
+        if isinstance(result, Exception):
+            raise result
+    if isinstance(groups, Exception):  # no stream yet: nothing sent, no daemon started
+        groups = []
+    ours = next((g for g in groups if _text(g["name"]) == group), {})
+    pending = int(ours.get("pending", 0))
+    return {
+        "new": max(0, length - pending),
+        "cur": pending,
+        "defer": deferred,
+        "failed": failed,
+        "length": length,
+        "pending": pending,
+        "consumers": int(ours.get("consumers", 0)),
+    }
+
+
+def depths_now(queue: str, policy: QueueConfig, timeout: float = 1.0) -> dict[str, int]:
+    """For msgctl: one look, raising RedisQueueError when Redis cannot be reached."""
+    try:
+        return depths(connect(policy.url, timeout), stream_name(queue, policy), policy.group)
+    except redis.RedisError as e:
+        raise RedisQueueError(f"{queue}: {safe_url(policy.url)}: {e}") from None
+
+
+class DepthWatcher:
+    """The master's view of Redis queue depths, refreshed by a thread every second.
+
+    The master's event loop only reads the cache, so a Redis that is down or slow never stalls
+    it; a queue whose Redis cannot be reached keeps its last known depths.
+    """
+
+    INTERVAL = 1.0
+
+    def __init__(self) -> None:
+        self._queues: dict[str, QueueConfig] = {}
+        self._cache: dict[str, dict[str, int]] = {}
+        self._wake = threading.Event()
+        threading.Thread(target=self._run, name="redis-depths", daemon=True).start()
+
+    def depths(self, queues: Mapping[str, QueueConfig]) -> dict[str, dict[str, int]]:
+        if queues != self._queues:
+            self._queues = dict(queues)
+            self._wake.set()
+        return {name: self._cache.get(name, EMPTY_DEPTH) for name in queues}
+
+    def _run(self) -> None:
+        clients: dict[str, redis.Redis] = {}
+        while True:
+            for name, policy in list(self._queues.items()):
+                if policy.url not in clients:
+                    clients[policy.url] = connect(policy.url, 0.5)
+                client = clients[policy.url]
+                try:
+                    self._cache[name] = depths(client, stream_name(name, policy), policy.group)
+                except redis.RedisError:
+                    pass
+            self._wake.wait(self.INTERVAL)
+            self._wake.clear()
+
+
+# -- working --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Held:
+    """An entry delivered to this worker and not yet settled."""
+
+    fields: dict[bytes, bytes]
+    attempt: int
+    taken: float = 0.0  # monotonic time the handler started
+
+
+class RedisInbox:
+    """A worker's view of one Redis queue, shaped like spool.SpoolInbox for Worker.serve.
+
+    `claim` returns an entry id without blocking (from the local batch, this slot's own pending
+    entries, an XAUTOCLAIM scan, or a non-blocking read); `wait` blocks in XREADGROUP for at most
+    BLOCK seconds. Shared by the queue's runner threads in one worker. A fetched batch is sized so
+    that it is worked within BATCH_SECONDS at the measured handler speed: entries waiting in it
+    count as delivered, and must not sit long enough to look abandoned to other daemons.
+    """
+
+    def __init__(
+        self, queue: str, policy: QueueConfig, consumer: str, stop_fd: int, log: Any
+    ) -> None:
+        self.queue, self.policy, self.consumer = queue, policy, consumer
+        self.stream = stream_name(queue, policy)
+        self.group = policy.group
+        self.log = log.bind(queue=queue, consumer=consumer)
+        self.redis = connect(policy.url, BLOCK + 5.0)
+        self._retry = self.redis.register_script(_RETRY)
+        self._dead = self.redis.register_script(_DEAD)
+        self._release = self.redis.register_script(_RELEASE)
+        self._forget = self.redis.register_script(_FORGET)
+        self._stop_fd = stop_fd
+        self._lock = threading.Lock()
+        self._fetching = threading.Lock()
+        self._fetched = threading.Condition(self._lock)
+        self._batch: collections.deque[tuple[str, dict[bytes, bytes]]] = collections.deque()
+        self._held: dict[str, Held] = {}
+        self._history: str | None = "0"  # where the scan of our own pending entries is
+        self._cursor = "0-0"
+        self._next_claim = self._next_release = self._next_clean = 0.0
+        self._force_release = False
+        self._group_ready = False
+        self._down = False
+        self._backoff = BACKOFF[0]
+        self._budget = min(BATCH_SECONDS, policy.claim_idle / 4) * policy.threads
+        self._cost = self._budget  # seconds per message, a moving average: first batches of 1
+        if policy.timeout >= policy.claim_idle:
+            self.log.warning(
+                "claim_idle should exceed timeout",
+                timeout=policy.timeout,
+                claim_idle=policy.claim_idle,
+            )
+
+    # -- the runner's side ---------------------------------------------------------------------
+
+    def claim(self) -> str | None:
+        """An entry to work now, or None when there is none (or Redis cannot be reached)."""
+        local = self._claim_local()
+        if local is not None:
+            return local
+        if not self._group_ready and not self._attempt(self._ensure_group, pause=True):
+            return None
+        now = time.monotonic()
+        if self._force_release or now >= self._next_release:
+            self._next_release = now + RELEASE_EVERY
+            force, self._force_release = self._force_release, False
+            self._attempt(lambda: self._release_due(force), pause=True)
+        reclaimed = self._attempt(self._reclaim, pause=True)
+        if reclaimed:
+            return reclaimed
+        if now >= self._next_clean:
+            self._next_clean = now + CLEAN_EVERY
+            self._attempt(self._clean, pause=True)
+        return self._fetch(block=False)
+
+    def wait(self) -> None:
+        """Block until entries arrive (at most BLOCK s); one thread reads, the others wait."""
+        if self._fetching.acquire(blocking=False):
+            try:
+                self._fetch(block=True)
+            finally:
+                self._fetching.release()
+        else:
+            with self._fetched:
+                self._fetched.wait(BLOCK)
+
+    def read(self, name: str, max_size: int) -> Message:
+        held = self._held[name]
+        held.taken = time.monotonic()
+        fields = held.fields
+        mid = self.label(name)[0]
+        if b"body" not in fields:
+            raise RedisQueueError("stream entry without a body field")
+        if held.attempt > self.policy.max_attempts:
+            raise RedisQueueError(
+                f"delivered {held.attempt} times without being settled (its workers died)"
+            )
+        body = fields[b"body"]
+        if max_size and len(body) > max_size:
+            raise RedisQueueError(f"message of {len(body)} bytes exceeds max_message_size")
+        return Message(
+            id=mid,
+            queue=self.queue,
+            body=body,
+            attempt=held.attempt,
+            enqueued_at=_enqueued_at(mid, name),
+        )
+
+    def label(self, name: str) -> tuple[str, int]:
+        held = self._held[name]
+        return _text(held.fields.get(b"id", name)), held.attempt
+
+    def done(self, name: str) -> None:
+        """Acknowledge after success; retried through an outage (a give-up would mean a rerun).
+
+        The entry stays held until Redis has the acknowledgement, so that a rescan of this
+        consumer's pending entries (after an outage) does not hand it out again meanwhile.
+        """
+
+        def ack() -> bool:
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.xack(self.stream, self.group, name)
+            pipe.xdel(self.stream, name)
+            pipe.execute()
+            return True
+
+        self._until_done(ack)
+        self._settled(name)
+
+    def fail(self, name: str, error: dict[str, Any], permanent: bool) -> str:
+        """Defer for a retry or dead-letter, acknowledging in the same script step."""
+        mid, attempt = self.label(name)
+        body = self._held[name].fields.get(b"body", b"")
+        if permanent or attempt >= self.policy.max_attempts:
+            record = {
+                "id": mid,
+                "queue": self.queue,
+                "attempts": attempt,
+                "failed_at": time.time(),
+                **error,
+                "body": body,
+            }
+            args: list[Any] = [self.group, name]
+            for key, value in record.items():
+                args += [key, value if isinstance(value, bytes) else str(value)]
+            self._until_done(lambda: self._dead(keys=self._keys("failed"), args=args) is not None)
+            outcome = "failed"
+        else:
+            not_before = int((time.time() + self.policy.delay(attempt)) * 1000)
+            args = [self.group, name, not_before, _defer_member(mid.encode(), attempt, body)]
+            self._until_done(lambda: self._retry(keys=self._keys("defer"), args=args) is not None)
+            outcome = "retried"
+        self._settled(name)
+        return outcome
+
+    def burst(self) -> None:
+        """USR2: deferred retries are due now (on the next claim, in a runner thread)."""
+        self._force_release = True
+
+    # -- Redis operations ----------------------------------------------------------------------
+
+    def _keys(self, companion: str) -> list[str]:
+        return [self.stream, f"{self.stream}:{companion}"]
+
+    def _ensure_group(self) -> bool:
+        try:
+            self.redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
+        except redis.ResponseError as e:
+            if "BUSYGROUP" not in str(e):
+                raise
+        self._group_ready = True
+        return True
+
+    def _release_due(self, force: bool) -> int:
+        """Due retries back into the stream (all of them after USR2)."""
+        limit = "+inf" if force else str(int(time.time() * 1000))
+        moved = 0
+        while True:
+            n = int(self._release(keys=self._keys("defer"), args=[limit, RELEASE_LIMIT]))
+            moved += n
+            if n < RELEASE_LIMIT:
+                return moved
+
+    def _fetch(self, block: bool) -> str | None:
+        """Read new entries into the local batch; return one of them when not blocking."""
+        count = max(1, min(MAX_BATCH, int(self._budget / max(self._cost, 1e-5))))
+        read = self._attempt(
+            lambda: self.redis.xreadgroup(
+                self.group,
+                self.consumer,
+                {self.stream: ">"},
+                count=count,
+                block=int(BLOCK * 1000) if block else None,
+            ),
+            pause=True,
+        )
+        if not read:
+            return None
+        entries = [(_text(eid), fields) for eid, fields in read[0][1]]
+        with self._lock:
+            self._batch.extend(entries)
+            self._fetched.notify_all()
+        return None if block else self._claim_local()
+
+    def _claim_local(self) -> str | None:
+        with self._lock:
+            if not self._batch:
+                return None
+            entry_id, fields = self._batch.popleft()
+            self._held[entry_id] = Held(fields, int(fields.get(b"attempts", 0)) + 1)
+            return entry_id
+
+    def _reclaim(self) -> str:
+        """One entry delivered before and never settled: ours first, then anyone's idle ones.
+
+        Returns "" when there is none right now (None means Redis could not be asked).
+        """
+        while self._history is not None:
+            read = self.redis.xreadgroup(
+                self.group, self.consumer, {self.stream: self._history}, count=1
+            )
+            entries = read[0][1] if read else []
+            if not entries:
+                self._history = None
+                break
+            eid, fields = entries[0]
+            self._history = entry_id = _text(eid)
+            if not fields:  # deleted from the stream while pending: nothing left to work
+                self.redis.xack(self.stream, self.group, entry_id)
+            elif (taken := self._take_reclaimed(entry_id, fields)) is not None:
+                return taken
+        now = time.monotonic()
+        while now >= self._next_claim:
+            cursor, entries = self.redis.xautoclaim(
+                self.stream,
+                self.group,
+                self.consumer,
+                int(self.policy.claim_idle * 1000),
+                start_id=self._cursor,
+                count=1,
+            )[:2]
+            self._cursor = _text(cursor)
+            if self._cursor == "0-0":
+                self._next_claim = now + min(max(self.policy.claim_idle / 2, 0.2), 5.0)
+            for eid, fields in entries:
+                entry_id = _text(eid)
+                taken = self._take_reclaimed(entry_id, fields)
+                if taken is not None:
+                    self.log.info("reclaimed", id=_text(fields.get(b"id", eid)))
+                    return taken
+        return ""
+
+    def _take_reclaimed(self, entry_id: str, fields: dict[bytes, bytes]) -> str | None:
+        """Hold a redelivered entry with its delivery count; None if this worker has it already."""
+        info = self.redis.xpending_range(
+            self.stream, self.group, min=entry_id, max=entry_id, count=1
+        )
+        delivered = int(info[0]["times_delivered"]) if info else 1
+        with self._lock:
+            if entry_id in self._held or any(e == entry_id for e, _ in self._batch):
+                return None
+            self._held[entry_id] = Held(fields, int(fields.get(b"attempts", 0)) + delivered)
+        return entry_id
+
+    def _clean(self) -> bool:
+        """Forget consumers long idle with nothing pending (those of daemons gone for good)."""
+        idle_ms = max(3 * self.policy.claim_idle, CLEAN_EVERY) * 1000
+        for c in self.redis.xinfo_consumers(self.stream, self.group):
+            if int(c.get("pending", 0)) == 0 and int(c.get("idle", 0)) > idle_ms:
+                self._forget(keys=[self.stream], args=[self.group, c["name"]])
+        return True
+
+    def _settled(self, name: str) -> Held:
+        held = self._held.pop(name)
+        if held.taken:
+            self._cost = 0.9 * self._cost + 0.1 * (time.monotonic() - held.taken)
+        return held
+
+    # -- outages -------------------------------------------------------------------------------
+
+    def _attempt(self, operation: Callable[[], T], pause: bool) -> T | None:
+        """Run one Redis operation; on failure log the outage once, back off, return None."""
+        try:
+            result = operation()
+        except redis.RedisError as e:
+            if "NOGROUP" in str(e):  # Redis lost its data (restarted without persistence)
+                self._group_ready = False
+            self._outage(e, pause)
+            return None
+        if self._down:
+            self._down = False
+            self._backoff = BACKOFF[0]
+            self._history = "0"  # replies lost in the outage may have left entries pending
+            self.log.info("redis back", url=safe_url(self.policy.url))
+        return result
+
+    def _until_done(self, operation: Callable[[], bool]) -> None:
+        while not self._attempt(operation, pause=False):
+            pass
+
+    def _outage(self, error: Exception, pause: bool) -> None:
+        if not self._down:
+            self._down = True
+            self.log.warning(
+                "redis unavailable",
+                url=safe_url(self.policy.url),
+                error=f"{type(error).__name__}: {error}",
+            )
+        delay, self._backoff = self._backoff, min(self._backoff * 2, BACKOFF[1])
+        if pause:  # a runner between messages: a stop cuts the wait short
+            select.select([self._stop_fd], [], [], delay)
+        else:  # settling a message: keep trying until Redis is back (or the master kills us)
+            time.sleep(delay)

@@ -1,0 +1,275 @@
+"""Security: nothing escapes the spool, files are private, privileges drop, nothing is interpreted.
+
+test_core.py already covers: a symlink at the pidfile, msgctl refusing an unlocked pidfile that
+names a live process and a lock held by a non-msgd process, root without a user refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import msgd
+import pytest
+from conftest import Msgd, alive, wait_for
+from faultkit import Tally, tmpfs, uid_of, world_dir
+from msgd.config import ConfigError
+from msgd.spool import Spool, SpoolError, check_name
+
+EVIL = [
+    "../x",
+    "../../etc/passwd",
+    "/etc/passwd",
+    "a/b",
+    ".",
+    "..",
+    ".hidden",
+    "a\0b",
+    "x" * 300,
+    "",
+]
+
+
+def mode(p: Path) -> int:
+    return stat.S_IMODE(os.lstat(p).st_mode)
+
+
+# -- names never escape the spool -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", EVIL, ids=range(len(EVIL)))
+def test_queue_names_and_ids_cannot_escape(tmp_path: Path, name: str) -> None:
+    spool = Spool(str(tmp_path / "spool"))
+    with pytest.raises(SpoolError):
+        spool.send(name, b"x")
+    with pytest.raises(SpoolError):
+        spool.retry_failed("q", [name])
+    if name not in (".hidden",):  # a dot name is refused as an id, allowed nowhere as a queue
+        with pytest.raises(SpoolError):
+            check_name(name)
+    outside = {p.name for p in tmp_path.iterdir()}
+    assert outside <= {"spool"}, outside
+    assert not Path("/etc/passwd.new").exists()
+
+
+def test_msgctl_and_the_library_refuse_escaping_names(daemon: Msgd) -> None:
+    daemon.start()
+    for name in ("../x", "/etc", "a/b"):
+        sent = daemon.msgctl("send", "-q", name, input=b"x")
+        assert sent.returncode == 1 and "no queue" in sent.stderr, sent.stderr
+        with pytest.raises(ConfigError):
+            msgd.send(b"x", queue=name, config=str(daemon.config_path))
+        retry = daemon.msgctl("retry-failed", "default", name)
+        assert retry.returncode == 1 and "bad message id" in retry.stderr, retry.stderr
+    assert sorted(p.name for p in (daemon.root / "spool").iterdir()) == [".msgd", "default"]
+
+
+# -- private files -----------------------------------------------------------------------------
+
+
+def test_files_are_0600_and_directories_0700_by_default(daemon: Msgd) -> None:
+    old = os.umask(0o022)  # the usual umask: msgd's own modes must not depend on it
+    try:
+        daemon.queues["default"] = {"handler": "handlers:by_body"}
+        daemon.write_config()
+        daemon.start()
+        ids = daemon.send_many([b"reject", b"ok"])
+        wait_for(lambda: daemon.files("default", "failed"), what="the dead letter")
+        wait_for(lambda: ids[1] in daemon.succeeded(), what="the success")
+        for _ in range(2):  # msgctl waits for each: two raw TTOUs may coalesce into one
+            assert daemon.msgctl("scale", "down").returncode == 0
+        wait_for(lambda: not daemon.workers(), what="no workers")
+        waiting = daemon.send(b"ok")
+    finally:
+        os.umask(old)
+    spool = daemon.root / "spool"
+    dirs = [spool, *(p for p in spool.rglob("*") if p.is_dir())]
+    assert {str(d.relative_to(daemon.root)): oct(mode(d)) for d in dirs if mode(d) != 0o700} == {}
+    files = [p for p in spool.rglob("*") if p.is_file()]
+    assert (spool / "default" / "new" / waiting) in files
+    assert (spool / "default" / "failed" / f"{ids[0]}.error.json") in files
+    assert any(p.name.startswith("dump.") for p in files)  # the workers' traceback files
+    assert {str(p.relative_to(spool)): oct(mode(p)) for p in files if mode(p) != 0o600} == {}
+
+
+def test_privileges_drop_to_the_configured_user(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to drop privileges")
+    try:
+        probe = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import multiprocessing.connection, multiprocessing.sharedctypes",
+            ],
+            preexec_fn=lambda: (os.setgroups([]), os.setgid(65534), os.setuid(65534)),
+            capture_output=True,
+            check=False,
+        ).returncode
+    except OSError:
+        probe = -1
+    if probe != 0:
+        pytest.skip(f"nobody cannot run this interpreter ({sys.executable}): its stdlib is private")
+    root = world_dir()
+    try:
+        d = Msgd(root)
+        d.daemon.update(user="nobody", group="nogroup", allow_root=False)
+        d.queues["default"] = {"handler": "handlers:by_body"}
+        d.write_config()
+        (root / "out").chmod(0o777)  # the test handlers report here, as nobody
+        for sub in ("run", "spool"):  # what tmpfiles.d would make: the daemon user's directories
+            (root / sub).mkdir(mode=0o700)
+            os.chown(root / sub, 65534, 65534)
+        d.start()
+        nobody = (65534, 65534, "")
+        assert uid_of(d.proc.pid) == nobody
+        workers = wait_for(lambda: len(d.workers()) == 2 and d.workers(), what="workers")
+        assert all(uid_of(w) == nobody for w in workers)
+        # Opened as root before the drop: the pidfile (handed over) and the log (root's).
+        assert os.stat(d.pidfile).st_uid == 65534 and d.pid == d.proc.pid
+        assert os.stat(root / "msgd.log").st_uid == 0 and d.events("started")
+        spool = root / "spool"
+        assert os.stat(spool).st_uid == 65534 and mode(spool) == 0o700
+        # A message file nobody may read (a root-owned 0600 file): quarantined, not a crash.
+        secret = spool / "default" / "new" / "secret00000000000000001"
+        secret.write_bytes(b"root only")
+        secret.chmod(0o600)
+        tally = Tally(d)
+        tally.add([secret.name], fail=True)
+        tally.add(d.send_many([b"ok"] * 10))
+        wait_for(tally.settled, 15, "messages worked as nobody")
+        record = json.loads(
+            (spool / "default" / "failed" / f"{secret.name}.error.json").read_text()
+        )
+        assert record["error_type"] == "PermissionError"
+        stats = d.msgctl("stats")
+        assert stats.returncode == 0, stats.stderr
+        reload = d.msgctl("reload")
+        assert reload.returncode == 0, reload.stderr
+        assert d.stop() == 0
+        assert not d.pidfile.exists()
+        tally.check("privileges dropped to nobody (unreadable file)", 1)
+    finally:
+        if "d" in locals():
+            d.cleanup()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+# -- nothing is interpreted ----------------------------------------------------------------------
+
+
+BAIT = [
+    b"$(touch PWNED1)",
+    b"`touch PWNED2`",
+    b"; touch PWNED3 #",
+    b"' \" && touch PWNED4",
+    b"%s%s%n %(x)s {0} {__class__}",
+    b"\x00\xff\n-rf /",
+]
+
+
+def test_command_handlers_get_the_body_on_stdin_never_a_shell(daemon: Msgd) -> None:
+    bodies = daemon.out / "bodies"
+    daemon.queues["default"] = {"command": ["tee", "-a", str(bodies)], "handler": ""}
+    daemon.write_config()
+    os.chdir(daemon.root)
+    daemon.start()
+    ids = daemon.send_many(BAIT)
+    wait_for(
+        lambda: bodies.exists() and len(bodies.read_bytes()) == sum(map(len, BAIT)),
+        what="every body through the command",
+    )
+    wait_for(lambda: not daemon.files("default", "cur"), what="settled")
+    assert sorted(bodies.read_bytes()) == sorted(b"".join(BAIT))  # bytes intact, none lost
+    for place in (daemon.root, daemon.out, Path("/"), Path.cwd()):
+        assert not list(place.glob("PWNED*")), place
+    assert len(ids) == len(BAIT) and not daemon.files("default", "failed")
+
+
+def test_exception_text_is_recorded_verbatim_never_formatted(daemon: Msgd) -> None:
+    daemon.queues["default"] = {"handler": "handlers:format_bait", "max_attempts": 1}
+    daemon.write_config()
+    daemon.start()
+    ids = daemon.send_many(BAIT[:5])
+    wait_for(lambda: len(daemon.files("default", "failed")) == 10, what="dead letters")
+    for mid, body in zip(ids, BAIT[:5], strict=True):
+        record = json.loads(
+            (daemon.root / "spool/default/failed" / f"{mid}.error.json").read_text()
+        )
+        assert record["error"] == body.decode()
+        logged = [e for e in daemon.events("message failed") if e["id"] == mid]
+        assert logged and logged[0]["error"] == f"RuntimeError: {body.decode()}"
+    assert daemon.proc.poll() is None
+
+
+# -- pidfile and msgctl --------------------------------------------------------------------------
+
+
+def test_msgctl_refuses_a_process_called_msgd_that_does_not_hold_the_lock(
+    daemon: Msgd, tmp_path: Path
+) -> None:
+    fake = tmp_path / "msgd"
+    shutil.copy("/bin/sleep", fake)
+    impostor = subprocess.Popen([str(fake), "60"])
+    try:
+        daemon.start()
+        worker = wait_for(daemon.workers, what="a worker")[0]
+        real = daemon.pid
+        for pid in (impostor.pid, worker):  # a look-alike, and msgd's own worker
+            daemon.pidfile.write_text(f"{pid}\n")  # the lock stays with the real master
+            refused = daemon.msgctl("stop")
+            assert refused.returncode == 1 and "holds its lock" in refused.stderr, refused.stderr
+        assert impostor.poll() is None and alive(worker) and alive(real)
+        daemon.pidfile.write_text(f"{real}\n")
+        assert daemon.msgctl("stop").returncode == 0
+    finally:
+        impostor.kill()
+
+
+def test_pidfile_naming_a_reused_pid_is_taken_over_without_touching_it(daemon: Msgd) -> None:
+    victim = subprocess.Popen(["sleep", "60"])
+    try:
+        daemon.pidfile.parent.mkdir(parents=True, exist_ok=True)
+        daemon.pidfile.write_text(f"{victim.pid}\n")  # unlocked: its msgd died, the pid moved on
+        daemon.start()
+        assert daemon.pid == daemon.proc.pid
+        assert daemon.events("stale pidfile taken over")[0]["stale_pid"] == victim.pid
+        assert daemon.stop() == 0
+        assert victim.poll() is None, "the program that reused the pid was not signalled"
+    finally:
+        victim.kill()
+
+
+def test_unwritable_pidfile_directory_is_a_clean_error(daemon: Msgd) -> None:
+    run = daemon.root / "run"
+    with tmpfs(run, "ro,size=64k") as mounted:
+        if not mounted:
+            if os.geteuid() == 0:
+                pytest.skip("mount not permitted, and root writes any directory")
+            run.chmod(0o500)
+        daemon.start(wait=False)
+        assert daemon.wait_exit() == 1
+        err = daemon.stderr()
+        assert "msgd: " in err and "Traceback" not in err, err
+        assert "msgd.pid" in err or "Read-only" in err or "Permission" in err, err
+
+
+def test_no_stray_file_is_followed_into_place(daemon: Msgd, tmp_path: Path) -> None:
+    """A symlink planted at the stats or state file's temporary name is removed, not followed."""
+    victim = tmp_path / "victim"
+    victim.write_text("keep me\n")
+    daemon.start()
+    for name in (f"stats.json.tmp.{daemon.pid}", f"msgd.state.tmp.{daemon.pid}"):
+        (daemon.root / "run" / name).symlink_to(victim)
+    gen = daemon.generation("stats")
+    daemon.kill(signal.SIGUSR1)
+    wait_for(lambda: daemon.generation("stats") > gen, what="stats written despite the plant")
+    assert victim.read_text() == "keep me\n"
+    assert not (daemon.root / "run" / f"stats.json.tmp.{daemon.pid}").exists()
+    assert daemon.proc.poll() is None
