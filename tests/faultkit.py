@@ -18,7 +18,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from conftest import Msgd
+from conftest import Msgd, wait_for
 
 FAST_DEATH = 1.0  # msgd.pool.FAST_DEATH: kill only workers older than this (no respawn backoff)
 
@@ -145,7 +145,11 @@ class Tally:
         )
         assert not (set(ok) & failed), "a message both succeeded and failed"
         assert set(ok) <= sent, "successes of ids never sent"
-        for state in ("cur", "new", "defer"):
+        # Finished files are unlinked by background threads: give cur/ its moment to empty.
+        states = ("cur", "new", "defer")
+        with contextlib.suppress(AssertionError):
+            wait_for(lambda: not any(self.daemon.files(self.queue, s) for s in states), 10)
+        for state in states:
             left = self.daemon.files(self.queue, state)
             assert not left, f"left in {state}/: {left[:5]}"
         dups = sum(n - 1 for n in ok.values())

@@ -23,7 +23,7 @@ from msgd.config import load as load_config
 from msgd.pidfile import state_path
 from msgd.signals import SIGNAL_OF, Action
 from msgd.spool import Spool, SpoolError
-from msgd.sysutil import atomic_write
+from msgd.sysutil import atomic_write, read_json
 
 from msgctl.daemon import CtlError, Daemon, NotRunning
 
@@ -101,7 +101,7 @@ def cmd_status(ctx: Context) -> int:
         print(e)
         return 1
     state = d.state()
-    snap = _read_json(ctx.stats_file) or {}
+    snap = read_json(ctx.stats_file) or {}
     uptime = stats.duration(snap.get("uptime", 0))
     print(
         f"msgd running: pid {d.pid}, up {uptime}, {len(snap.get('workers', []))} workers, "
@@ -133,7 +133,7 @@ def cmd_reload(ctx: Context) -> int:
 def cmd_stats(ctx: Context) -> int:
     d = ctx.daemon()
     d.ask(SIGNAL_OF[Action.STATS], "stats", ctx.args.timeout)
-    snap = _read_json(ctx.stats_file)
+    snap = read_json(ctx.stats_file)
     if snap is None:
         raise CtlError(f"cannot read the stats file {ctx.stats_file}")
     if ctx.args.prometheus:
@@ -159,7 +159,7 @@ def cmd_burst(ctx: Context) -> int:
     if sys.stdout.isatty():
         done = _with_progress(
             lambda: d.await_generation("burst_done", started["generation"], 0.5),
-            lambda: (_read_json(ctx.stats_file) or {}).get("pending", 0),
+            lambda: (read_json(ctx.stats_file) or {}).get("pending", 0),
             timeout,
         )
     else:
@@ -282,14 +282,6 @@ def cmd_top(ctx: Context) -> int:
     from msgctl.top import top
 
     return top(ctx.stats_file, ctx.args.frames)
-
-
-def _read_json(path: str) -> dict[str, Any] | None:
-    try:
-        with open(path, "rb") as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
 
 
 # -- the command line -------------------------------------------------------------------------

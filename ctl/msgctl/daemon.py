@@ -14,7 +14,8 @@ import signal
 import time
 from typing import Any
 
-from msgd.pidfile import is_locked, read_pid, read_state
+from msgd.pidfile import is_locked, read_pid
+from msgd.sysutil import read_json
 
 POLL = 0.005  # seconds between looks at the state file while waiting for an acknowledgement
 
@@ -60,7 +61,7 @@ class Daemon:
         self.pid = pid
 
     def state(self) -> dict[str, Any]:
-        return read_state(self.state_file) or {"generations": {}, "last": {}}
+        return read_json(self.state_file) or {"generations": {}, "last": {}}
 
     def generation(self, action: str) -> int:
         return self.state()["generations"].get(action, 0)

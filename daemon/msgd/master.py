@@ -232,33 +232,18 @@ class Master:
     # -- actions ---------------------------------------------------------------------------------
 
     def reload(self) -> None:
-        """HUP: reopen the log, then load and check the whole config before touching anything."""
-        self.notify.reloading()
-        try:  # systemd waits in "reloading" until READY=1: it must come whatever happens
-            self.apply_reload()
-        except Exception as e:
-            self.notify.ready(f"reload failed: {e}")
-            self.state.record("reload", ok=False, error=f"{type(e).__name__}: {e}")
-            raise
+        """HUP: reopen the log, load and check the whole config, and only then apply it.
 
-    def apply_reload(self) -> None:
+        Whatever happens, systemd (waiting in "reloading") gets READY=1 and msgctl an answer.
+        """
+        self.notify.reloading()
         try:
-            try:
-                logs.reopen(self.config.daemon.log_file)
-            except OSError as e:
-                raise ConfigError(f"daemon.log_file: cannot reopen: {e}") from None
-            new = load_config(self.config.path)
-            self.check_reloadable(new)
-            handlers.check(new)
-            d = new.daemon
-            try:
-                logs.setup(d.log_file, d.log_format, d.log_level)
-            except OSError as e:
-                raise ConfigError(f"daemon.log_file: {e}") from None
-        except ConfigError as e:
-            self.log.error("reload", outcome="rejected", error=str(e))
-            self.state.record("reload", ok=False, error=str(e))
-            self.notify.ready(f"reload rejected: {e}")
+            new = self.checked_config()
+        except Exception as e:
+            reason = str(e) if isinstance(e, ConfigError) else f"{type(e).__name__}: {e}"
+            self.log.error("reload", outcome="rejected", error=reason)
+            self.state.record("reload", ok=False, error=reason)
+            self.notify.ready(f"reload rejected: {reason}")
             return
         self.index_queues(new)
         self.config = new
@@ -268,11 +253,27 @@ class Master:
             "reload",
             outcome="ok",
             generation=self.reloads,
-            workers=d.workers,
+            workers=new.daemon.workers,
             queues=sorted(new.queues),
         )
         self.state.record("reload", ok=True, config_generation=self.reloads)
         self.notify.ready(self.summary())
+
+    def checked_config(self) -> Config:
+        """The config file as it is now, fully validated, with logging set up its way."""
+        try:
+            logs.reopen(self.config.daemon.log_file)
+        except OSError as e:
+            raise ConfigError(f"daemon.log_file: cannot reopen: {e}") from None
+        new = load_config(self.config.path)
+        self.check_reloadable(new)
+        handlers.check(new)
+        d = new.daemon
+        try:
+            logs.setup(d.log_file, d.log_format, d.log_level)
+        except OSError as e:
+            raise ConfigError(f"daemon.log_file: {e}") from None
+        return new
 
     def check_reloadable(self, new: Config) -> None:
         """What cannot change under a running daemon, and a spool we cannot write."""
@@ -293,9 +294,11 @@ class Master:
     def dump_stats(self) -> None:
         """USR1: one `stats` log event and a fresh stats file, both with the same generation."""
         self.stats_generation += 1
-        snap = self.publish()
-        self.log.info("stats", **{k: v for k, v in snap.items() if k != "histogram_bounds_s"})
+        self.log_stats(self.publish())
         self.state.record("stats", generation=self.stats_generation)
+
+    def log_stats(self, snap: dict[str, Any]) -> None:
+        self.log.info("stats", **{k: v for k, v in snap.items() if k != "histogram_bounds_s"})
 
     def burst(self) -> None:
         """USR2: deferred retries become due now and burst-mode queues run until drained."""
@@ -348,8 +351,11 @@ class Master:
         if waiting:
             return True
         names = self.burst_names[queue]
-        return any(n in names for slot in self.spool.cur_slots(queue)
-                   for n in self.spool.names(queue, f"cur/{slot}"))
+        return any(
+            n in names
+            for slot in self.spool.cur_slots(queue)
+            for n in self.spool.names(queue, f"cur/{slot}")
+        )
 
     def scale(self, delta: int) -> None:
         size = self.pool.scale(delta)
@@ -361,7 +367,6 @@ class Master:
     async def keep_time(self) -> None:
         """Timeouts and due retries every tick; stats file every second; systemd's clocks."""
         next_second = next_status = next_watchdog = next_log = time.monotonic()
-        interval = self.config.daemon.stats_log_interval
         while True:
             await asyncio.sleep(TICK)
             if self.draining:
@@ -380,7 +385,7 @@ class Master:
                     interval = self.config.daemon.stats_log_interval
                     if interval and now >= next_log:
                         next_log = now + interval
-                        self.log.info("stats", **snap)
+                        self.log_stats(snap)
             if now >= next_status:
                 next_status = now + STATUS_EVERY
                 with self.duty("status"):

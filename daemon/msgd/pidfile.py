@@ -138,11 +138,3 @@ class StateFile:
     def remove(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
-
-
-def read_state(path: str) -> dict[str, Any] | None:
-    try:
-        with open(path, "rb") as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None

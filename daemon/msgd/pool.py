@@ -174,8 +174,13 @@ class Pool:
                 "traceback": self._read_dump(handle.slot),
             }
             queue, name = handle.timed_out.split("/", 1)
-            self.log.error("timed-out handler's stack", worker=handle.slot, queue=queue,
-                           id=split_name(name)[0], traceback=error["traceback"])
+            self.log.error(
+                "timed-out handler's stack",
+                worker=handle.slot,
+                queue=queue,
+                id=split_name(name)[0],
+                traceback=error["traceback"],
+            )
             self.counters.writer(handle.slot).count(self.queue_index[queue], TIMED_OUT)
             counts = lambda q, n: (q, n) == (queue, name)  # noqa: E731
         else:

@@ -405,6 +405,8 @@ class SpoolInbox:
         self._stop_fd = stop_fd
         self._batch: list[str] = []
         self._lock = threading.Lock()
+        self._wake = threading.Condition()
+        self._watching = False
         try:
             self._inotify: INotify | None = INotify(nonblocking=True)
             self._inotify.add_watch(self.new, inotify_flags.MOVED_TO | inotify_flags.CLOSE_WRITE)
@@ -428,17 +430,29 @@ class SpoolInbox:
                 continue  # another worker took it
             return name
 
-    def wait(self, timeout: float | None = None) -> None:
-        """Sleep until something arrives in new/ (or the worker is told to stop)."""
-        fds = [self._stop_fd]
-        if self._inotify is not None:
-            fds.append(self._inotify.fileno())
-            timeout_s = timeout
-        else:
-            timeout_s = POLL_INTERVAL if timeout is None else min(timeout, POLL_INTERVAL)
-        ready, _, _ = select.select(fds, [], [], timeout_s)
-        if self._inotify is not None and self._inotify.fileno() in ready:
-            self._inotify.read(timeout=0)
+    def wait(self) -> None:
+        """Sleep until something arrives in new/ (or the worker is told to stop).
+
+        The runner threads of one queue share the inotify descriptor: one of them watches it and,
+        once woken, wakes the others. Were they all to select on it, the first to drain it would
+        leave the rest asleep with messages waiting.
+        """
+        with self._wake:
+            if self._watching:
+                self._wake.wait()
+                return
+            self._watching = True
+        try:
+            if self._inotify is None:
+                select.select([self._stop_fd], [], [], POLL_INTERVAL)
+                return
+            watched = self._inotify.fileno()
+            if watched in select.select([self._stop_fd, watched], [], [])[0]:
+                self._inotify.read(timeout=0)
+        finally:
+            with self._wake:
+                self._watching = False
+                self._wake.notify_all()
 
     def read(self, name: str, max_size: int) -> Message:
         """Open a claimed file; OSError or SpoolError (too large) mean it cannot be worked."""

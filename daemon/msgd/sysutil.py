@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import signal
+from typing import Any
 
 _PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -37,6 +39,15 @@ def atomic_write(path: str, data: bytes, mode: int = 0o600) -> None:
     except OSError:
         os.unlink(tmp)
         raise
+
+
+def read_json(path: str) -> Any:
+    """A JSON file's content, or None if it is missing or not (yet) valid JSON."""
+    try:
+        with open(path, "rb") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
 
 
 def make_dirs(path: str, mode: int = 0o700) -> None:
