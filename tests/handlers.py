@@ -102,3 +102,10 @@ def record_slowly(message: msgd.Message) -> None:
     """Succeed after a few ms, so that a stream always has messages in flight to interrupt."""
     time.sleep(0.003)
     _append("succeeded", message.id)
+
+
+def pid_after_a_while(message: msgd.Message) -> None:
+    """Take 0.2 s and say which worker process did it."""
+    time.sleep(0.2)
+    _append("pids", f"{message.id} {os.getpid()}")
+    _append("succeeded", message.id)

@@ -326,6 +326,20 @@ def test_burst_mode_queue_waits_for_usr2_then_drains(daemon: Msgd) -> None:
     assert later in daemon.succeeded()
 
 
+def test_a_worker_started_during_a_burst_joins_it(daemon: Msgd) -> None:
+    daemon.daemon["workers"] = 1
+    daemon.queues["nightly"] = {"handler": "handlers:pid_after_a_while", "mode": "burst"}
+    daemon.write_config()
+    daemon.start()
+    ids = daemon.send_many([b"n"] * 12, queue="nightly")
+    daemon.kill(signal.SIGUSR2)
+    wait_for(lambda: daemon.generation("burst") == 1, what="the burst under way")
+    assert daemon.msgctl("scale", "up").returncode == 0
+    wait_for(lambda: sorted(daemon.succeeded()) == sorted(ids), what="the burst drained")
+    pids = {line.split()[1] for line in (daemon.out / "pids").read_text().splitlines()}
+    assert len(pids) == 2  # the worker added mid-burst worked burst messages too
+
+
 def test_burst_reports_failures(daemon: Msgd) -> None:
     daemon.queues["nightly"] = {"handler": "handlers:by_body", "mode": "burst", "max_attempts": 1}
     daemon.write_config()

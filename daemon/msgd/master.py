@@ -16,7 +16,7 @@ import json
 import multiprocessing
 import multiprocessing.connection  # these three multiprocessing would load on first use, and
 import multiprocessing.popen_fork  # the interpreter's files may be unreadable for daemon.user
-import multiprocessing.sharedctypes  # once privileges are dropped: load them now
+import multiprocessing.sharedctypes  # noqa: F401 - once privileges are dropped: load them now
 import os
 import pwd
 import resource  # noqa: F401 - the same, for the workers
@@ -38,6 +38,7 @@ from msgd.signals import Action, SignalWatcher
 from msgd.spool import Spool, split_deferred, split_name
 from msgd.stats import Counters, Rates, snapshot, summary
 from msgd.sysutil import atomic_write, make_dirs
+from msgd.worker import Bursts
 
 TICK = 0.05  # seconds between checks of timeouts and due retries
 BURST_POLL = 0.01  # how often a burst looks whether its messages are all worked
@@ -132,13 +133,13 @@ class Master:
                     **{f"{q}_{s}": n for (q, s), n in returned.items()},
                 )
         self.index_queues(self.config)
-        self.burst_generation = multiprocessing.Value("Q", 0, lock=False)
+        self.bursts = Bursts()
         self.pool = Pool(
             config=self.config,
             spool=self.spool,
             counters=self.counters,
             queue_index=self.queue_index,
-            burst_generation=self.burst_generation,
+            bursts=self.bursts,
             close_in_child=[self.pidfile.fd],
         )
         self.pool.start()
@@ -334,6 +335,7 @@ class Master:
         outcome = {"succeeded": total - failed - retried, "retried": retried, "failed": failed}
         self.burst_names.clear()
         self.burst_waiting.clear()
+        self.bursts.finished.value = self.burst_upto
         self.log.info("burst", outcome="done", **outcome)
         self.state.record("burst_done", generation=self.burst_upto, **outcome)
 

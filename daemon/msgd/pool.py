@@ -25,7 +25,7 @@ import structlog
 from msgd.config import Config
 from msgd.spool import AckLog, Spool, split_name
 from msgd.stats import FAILED, RETRIED, TIMED_OUT, Counters, running
-from msgd.worker import DUMP_SIGNAL, Worker
+from msgd.worker import DUMP_SIGNAL, Bursts, Worker
 
 FAST_DEATH = 1.0  # a worker dying sooner than this after its start is respawned with backoff
 DUMP_WAIT = 0.2  # seconds between asking a hung worker for its tracebacks and killing it
@@ -66,14 +66,14 @@ class Pool:
         spool: Spool,
         counters: Counters,
         queue_index: dict[str, int],
-        burst_generation: Any,
+        bursts: Bursts,
         close_in_child: list[int],
     ) -> None:
         self.config = config
         self.spool = spool
         self.counters = counters
         self.queue_index = queue_index
-        self.burst_generation = burst_generation
+        self.bursts = bursts
         self.close_in_child = close_in_child
         self.size = config.daemon.workers
         self.workers: dict[int, WorkerHandle] = {}  # slot -> live worker
@@ -124,7 +124,7 @@ class Pool:
             queue_index=self.queue_index,
             counters=self.counters.writer(slot),
             conn=conn,
-            burst_generation=self.burst_generation,
+            bursts=self.bursts,
         ).run()
 
     # -- death -----------------------------------------------------------------------------------
@@ -273,7 +273,7 @@ class Pool:
         self._refill()
 
     def burst(self) -> None:
-        self.burst_generation.value += 1
+        self.bursts.started.value += 1
         for handle in self.workers.values():
             handle.send("burst")
 

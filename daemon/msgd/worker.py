@@ -20,6 +20,7 @@ import select
 import signal
 import threading
 import traceback
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import setproctitle
@@ -34,6 +35,16 @@ from msgd.sysutil import set_parent_death_signal
 
 DUMP_SIGNAL = signal.SIGRTMIN + 1  # master -> worker: write all threads' tracebacks (timeouts)
 ACK_THREADS = 4  # concurrent unlinks: the filesystem overlaps their waits
+
+
+@dataclass
+class Bursts:
+    """Burst generations shared by master and workers: USR2 bumps `started`; `finished` catches
+    up once everything pending at the signal is worked. A burst-mode queue runs while they
+    differ, so a worker (re)started in the middle of a burst joins it."""
+
+    started: Any = field(default_factory=lambda: multiprocessing.Value("Q", 0, lock=False))
+    finished: Any = field(default_factory=lambda: multiprocessing.Value("Q", 0, lock=False))
 
 
 class Acker:
@@ -126,14 +137,14 @@ class Worker:
         queue_index: dict[str, int],
         counters: SlotWriter,
         conn: Any,
-        burst_generation: Any,
+        bursts: Bursts,
     ) -> None:
         self.slot = slot
         self.config = config
         self.queue_index = queue_index
         self.counters = counters
         self.conn = conn
-        self.burst_generation = burst_generation  # shared Value: bumped by the master on USR2
+        self.bursts = bursts
         self.spool = Spool.from_config(config)
         self.log = structlog.get_logger().bind(worker=slot)
         self.stopping = threading.Event()
@@ -231,24 +242,22 @@ class Worker:
         """One runner: work the queue until told to stop. Burst-mode queues work only in bursts."""
         policy = self.config.queues[inbox.queue]
         bursty = policy.mode == "burst"
-        seen_burst = self.burst_generation.value
+        seen_burst = self.bursts.finished.value  # a burst under way when we start: join it
         while not self.stopping.is_set():
-            if bursty and self.burst_generation.value == seen_burst:
+            if bursty and self.bursts.started.value == seen_burst:
                 self.await_burst(seen_burst)
                 continue
             name = inbox.claim()
             if name is not None:
                 self.work(inbox, name, runner)
             elif bursty:
-                seen_burst = self.burst_generation.value  # drained: wait for the next burst
+                seen_burst = self.bursts.started.value  # drained: wait for the next burst
             else:
                 inbox.wait()
 
     def await_burst(self, seen: int) -> None:
         with self.burst:
-            self.burst.wait_for(
-                lambda: self.stopping.is_set() or self.burst_generation.value != seen
-            )
+            self.burst.wait_for(lambda: self.stopping.is_set() or self.bursts.started.value != seen)
 
     def work(self, inbox: Inbox, name: str, runner: int) -> None:
         queue = inbox.queue
