@@ -19,9 +19,7 @@ REPO_DIR = os.path.dirname(BENCH_DIR)
 T = TypeVar("T")
 
 
-def wait_for(
-    condition: Callable[[], T], timeout: float, what: str, interval: float = 0.005
-) -> T:
+def wait_for(condition: Callable[[], T], timeout: float, what: str, interval: float = 0.005) -> T:
     """Poll `condition` until it returns something truthy; raise TimeoutError at the deadline."""
     deadline = time.monotonic() + timeout
     while True:

@@ -108,7 +108,9 @@ def summary(directory: str, with_values: bool = False) -> Summary:
             firsts.append(first)
         if with_values:
             n = min(count, (len(data) - HEADER.size) // VALUE.size)
-            out.values.extend(v for (v,) in VALUE.iter_unpack(data[HEADER.size :][: n * VALUE.size]))
+            out.values.extend(
+                v for (v,) in VALUE.iter_unpack(data[HEADER.size :][: n * VALUE.size])
+            )
     out.first_start = min(firsts) if firsts else 0.0
     return out
 

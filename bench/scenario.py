@@ -29,7 +29,10 @@ def parse(scenarios: list[str]) -> argparse.Namespace:
     p.add_argument("--backend", default="")
     p.add_argument("--samples", type=int, default=20)
     p.add_argument("--timeout", type=float, default=300.0)
-    return p.parse_args()
+    args = p.parse_args()
+    args.workdir = os.path.abspath(args.workdir)
+    os.makedirs(args.workdir, exist_ok=True)
+    return args
 
 
 def fresh_probe(workdir: str, capacity: int, name: str = "probe") -> str:
@@ -41,21 +44,40 @@ def fresh_probe(workdir: str, capacity: int, name: str = "probe") -> str:
     return directory
 
 
-def wait_count(directory: str, n: int, timeout: float, with_values: bool = False) -> probe.Summary:
-    """Wait until handlers have recorded `n` messages; return the final summary."""
-    wait_for(
-        lambda: probe.summary(directory).count >= n, timeout, f"{n} messages handled", 0.01
-    )
+def _check(proc) -> None:
+    if proc is not None and proc.poll() is not None:
+        raise RuntimeError(f"the system under test exited early (status {proc.returncode})")
+
+
+def wait_count(
+    directory: str, n: int, timeout: float, with_values: bool = False, proc=None
+) -> probe.Summary:
+    """Wait until handlers have recorded `n` messages; return the final summary.
+
+    `proc`, if given, is the system's process: its early exit ends the wait with an error.
+    """
+
+    def done() -> bool:
+        _check(proc)
+        return probe.summary(directory).count >= n
+
+    wait_for(done, timeout, f"{n} messages handled", 0.01)
     return probe.summary(directory, with_values)
 
 
-def wait_ready(directory: str, timeout: float = 60.0) -> None:
-    wait_for(lambda: probe.summary(directory).ready >= 1, timeout, "a ready worker", 0.01)
+def wait_ready(directory: str, timeout: float = 60.0, proc=None) -> None:
+    def ready() -> bool:
+        _check(proc)
+        return probe.summary(directory).ready >= 1
+
+    wait_for(ready, timeout, "a ready worker", 0.01)
 
 
-def drain_result(s: probe.Summary, n: int, unit: float = 0.0, workers: int = 2) -> dict:
-    """Throughput from the first handler start to the last handler end (all systems alike)."""
-    seconds = s.last_done - s.first_start
+def drain_result(
+    s: probe.Summary, n: int, unit: float = 0.0, workers: int = 2, end: float = 0.0
+) -> dict:
+    """Throughput from the first handler start to the last handler end (or to `end`)."""
+    seconds = (end or s.last_done) - s.first_start
     result = {"n": n, "handled": s.count, "seconds": seconds, "msgs_per_s": n / seconds}
     if unit:
         ideal = n * unit / workers

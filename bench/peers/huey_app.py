@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import os
 
-from huey import RedisHuey, SqliteHuey
-
 import tasks
+from huey import RedisHuey, SqliteHuey
 
 if os.environ.get("BENCH_HUEY_BACKEND", "sqlite") == "redis":
     huey = RedisHuey("bench", url=os.environ["BENCH_REDIS_URL"], results=False)

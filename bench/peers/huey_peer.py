@@ -13,9 +13,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import launch  # noqa: E402
-import scenario  # noqa: E402
-from common import tree_memory, write_result  # noqa: E402
+import launch
+import scenario
+from common import tree_memory, write_result
 
 WORKERS = 2
 
@@ -59,18 +59,20 @@ def main() -> None:
     proc = consumer(args, extra)
     try:
         if args.scenario in ("drain", "cpu"):
-            s = scenario.wait_count(args.probe, args.n, args.timeout)
+            s = scenario.wait_count(args.probe, args.n, args.timeout, proc=proc)
             result = scenario.drain_result(s, args.n, args.unit)
         else:
             for _ in range(scenario.WARMUP):
                 job(-1, 0.0, 0)
-            scenario.wait_ready(args.probe)
+            scenario.wait_ready(args.probe, proc=proc)
             if args.scenario == "memory":
                 time.sleep(1.0)  # measured idle: 1 s after the last warm-up message, not a sync
                 result = tree_memory(proc.pid)
             else:
                 first, last = scenario.produce(lambda i, ts: job(i, ts, 0), args.n)
-                s = scenario.wait_count(args.probe, args.n, args.timeout, with_values=True)
+                s = scenario.wait_count(
+                    args.probe, args.n, args.timeout, with_values=True, proc=proc
+                )
                 result = scenario.stream_result(s, args.n, first, last)
     finally:
         launch.stop(proc)

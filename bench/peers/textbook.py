@@ -13,9 +13,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import scenario  # noqa: E402
-import tasks  # noqa: E402
-from common import write_result  # noqa: E402
+import scenario
+import tasks
+from common import write_result
 
 WORKERS = 2
 

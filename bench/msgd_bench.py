@@ -1,0 +1,551 @@
+"""msgd's scenarios, and the bare rename-claim-read-unlink loop on the same spool and disk.
+
+Run with the interpreter that has msgd installed (.venv):
+    python bench/msgd_bench.py SCENARIO --n N --workdir D --out F [--iterations I --unit U]
+Each scenario starts its own daemon with a fresh spool under D, and stops it (SIGTERM) at the end.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import timeit
+
+BENCH = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, BENCH)
+
+import msgd  # noqa: E402
+import probe  # noqa: E402
+import scenario  # noqa: E402
+import tasks  # noqa: E402
+from common import latency_figures, tree_memory, wait_for, write_result  # noqa: E402
+
+WORKERS = 2
+QUEUE = "default"
+LAUNCH_NO_COUNTERS = os.path.join(BENCH, "launch_nocounters.py")
+EXIT_SKIPPED = 3  # a scenario that cannot run here (reported as skipped, not failed)
+
+CONFIG = """\
+[daemon]
+pidfile = "var/msgd.pid"
+spool = "var/spool"
+workers = {workers}
+stats_file = "var/stats.json"
+log_file = "var/msgd.log"
+log_format = "json"
+fsync = true
+allow_root = true
+pythonpath = [{bench!r}]
+
+[queues.{queue}]
+handler = "handlers:job"
+mode = "{mode}"
+timeout = 300.0
+"""
+
+
+class Daemon:
+    """One msgd instance with its own directory: config, spool, pidfile, state and stats files."""
+
+    def __init__(self, workdir: str, mode: str = "continuous", workers: int = WORKERS) -> None:
+        self.dir = workdir
+        shutil.rmtree(workdir, ignore_errors=True)
+        os.makedirs(os.path.join(workdir, "var"))
+        self.config = os.path.join(workdir, "msgd.toml")
+        with open(self.config, "w") as f:
+            # The bench directory is computed at run time; the file lives under bench/out/.
+            f.write(CONFIG.format(workers=workers, bench=BENCH, queue=QUEUE, mode=mode))
+        self.state_file = os.path.join(workdir, "var", "msgd.state")
+        self.stats_file = os.path.join(workdir, "var", "stats.json")
+        self.spool = os.path.join(workdir, "var", "spool", QUEUE)
+        self.proc: subprocess.Popen | None = None
+
+    def command(self, no_counters: bool = False) -> list[str]:
+        if no_counters:
+            return [sys.executable, LAUNCH_NO_COUNTERS, "-c", self.config]
+        script = os.path.join(os.path.dirname(sys.executable), "msgd")
+        if os.path.exists(script):
+            return [script, "-c", self.config]
+        return [sys.executable, "-m", "msgd", "-c", self.config]
+
+    def start(self, no_counters: bool = False, env: dict[str, str] | None = None) -> None:
+        with open(os.path.join(self.dir, "stderr.log"), "ab") as err:
+            self.proc = subprocess.Popen(
+                self.command(no_counters),
+                env=dict(os.environ, **(env or {})),
+                stdin=subprocess.DEVNULL,
+                stdout=err,
+                stderr=err,
+                start_new_session=True,
+            )
+
+    def wait_ready(self, timeout: float = 30.0) -> dict:
+        """The state file appears once the daemon is ready."""
+
+        def ready():
+            self.check_alive()
+            return read_json(self.state_file)
+
+        return wait_for(ready, timeout, "msgd's state file")
+
+    def check_alive(self) -> None:
+        if self.proc is not None and self.proc.poll() is not None:
+            with open(os.path.join(self.dir, "stderr.log"), errors="replace") as f:
+                tail = f.read()[-2000:]
+            raise RuntimeError(f"msgd exited early (status {self.proc.returncode}): {tail}")
+
+    def generation(self, action: str) -> int:
+        return (read_json(self.state_file) or {}).get("generations", {}).get(action, 0)
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, sig)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM, a graceful stop; returns the exit status (killed at the deadline)."""
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        try:  # anything of the group still there (should be nothing) goes too
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        return self.proc.returncode
+
+    def spool_clean(self) -> bool:
+        """No message file left in new/ or cur/ (claimed files live in cur/<slot>/)."""
+        for top in ("new", "cur"):
+            for _, _, files in os.walk(os.path.join(self.spool, top)):
+                if files:
+                    return False
+        return True
+
+    def send_many(self, bodies: list[bytes]) -> list[str]:
+        return msgd.send_many(bodies, queue=QUEUE, config=self.config)
+
+    def warm_up(self, probe_dir: str) -> None:
+        """Warm-up messages until a worker has imported the handler and run one."""
+        self.send_many([tasks.encode(-1)] * scenario.WARMUP)
+        scenario.wait_ready(probe_dir, proc=self.proc)
+
+
+def read_json(path: str) -> dict | None:
+    import json
+
+    try:
+        with open(path, "rb") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+class Watch:
+    """Wake up when a file in a directory is replaced (atomic rename) or rewritten."""
+
+    def __init__(self, path: str) -> None:
+        from inotify_simple import INotify, flags
+
+        self.name = os.path.basename(path)
+        self.path = path
+        self.inotify = INotify()
+        self.inotify.add_watch(os.path.dirname(path), flags.MOVED_TO | flags.CLOSE_WRITE)
+
+    def until(self, condition, timeout: float, what: str) -> None:
+        """Block until `condition(json of the file)` holds; checked after each change."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
+            events = self.inotify.read(timeout=max(1, int(left * 1000)))
+            if any(e.name == self.name for e in events):
+                data = read_json(self.path)
+                if data is not None and condition(data):
+                    return
+
+    def close(self) -> None:
+        self.inotify.close()
+
+
+def spaced() -> None:
+    """A short random pause between latency samples, so they do not fall into a rhythm."""
+    time.sleep(random.uniform(0.01, 0.03))
+
+
+# --- throughput ---------------------------------------------------------------------------------
+
+
+def presend_run(args, iterations: int, no_counters: bool = False) -> dict:
+    """Send N durably, then start msgd on the full spool and wait until every message is handled.
+
+    Timed like every peer: first handler start to last handler end (probe), so start-up is not
+    counted. A continuous queue is used: a burst queue signalled with USR2 right after the state
+    file appears is not worked (the workers' runners read the burst generation after the bump).
+    """
+    d = Daemon(os.path.join(args.workdir, "msgd"))
+    probe_dir = scenario.fresh_probe(args.workdir, args.n)
+    d.send_many([tasks.encode(i, 0.0, iterations) for i in range(args.n)])
+    started = time.time()
+    d.start(no_counters)
+    try:
+        s = scenario.wait_count(probe_dir, args.n, args.timeout, proc=d.proc)
+        wait_for(d.spool_clean, 60, "new/ and cur/ to be empty", 0.002)
+        clean = time.time()
+    finally:
+        status = d.stop()
+    handled = scenario.drain_result(s, args.n, args.unit)
+    # msgd unlinks finished files on background threads: the headline figure runs until the spool
+    # holds no message file, as the bare loop's does; the handler-only span is kept beside it.
+    result = scenario.drain_result(s, args.n, args.unit, end=clean)
+    result.update(
+        handlers_seconds=handled["seconds"],
+        handlers_msgs_per_s=handled["msgs_per_s"],
+        start_to_clean_s=clean - started,
+        exit_status=status,
+    )
+    return result
+
+
+def drain(args) -> dict:
+    return presend_run(args, 0)
+
+
+def cpu(args) -> dict:
+    return presend_run(args, args.iterations)
+
+
+def no_counters(args) -> dict:
+    """The drain again, with the daemon started by a launcher that makes counter updates no-ops."""
+    check = subprocess.run(
+        [sys.executable, LAUNCH_NO_COUNTERS, "--check-names"], capture_output=True, text=True
+    )
+    if check.returncode != 0:
+        print(check.stdout + check.stderr, file=sys.stderr)
+        sys.exit(EXIT_SKIPPED)
+    return presend_run(args, 0, no_counters=True)
+
+
+def bare(args) -> dict:
+    """The raw limit: one process, rename new/ -> cur/, open+read, unlink, on durable files."""
+    d = Daemon(os.path.join(args.workdir, "bare"))  # never started: only its spool and config
+    probe_dir = scenario.fresh_probe(args.workdir, args.n)
+    d.send_many([tasks.encode(i) for i in range(args.n)])  # durable, exactly like msgd's sends
+    new, cur = os.path.join(d.spool, "new"), os.path.join(d.spool, "cur")
+    os.makedirs(cur, exist_ok=True)
+    rename, read, unlink, run_body = os.rename, os.read, os.unlink, tasks.run_body
+    t0 = time.time()
+    while True:
+        names = os.listdir(new)
+        if not names:
+            break
+        for name in names:
+            path = os.path.join(cur, name)
+            rename(os.path.join(new, name), path)
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                body = chunk = read(fd, 65536)
+                while len(chunk) == 65536:
+                    chunk = read(fd, 65536)
+                    body += chunk
+            finally:
+                os.close(fd)
+            run_body(body)
+            unlink(path)
+    loop_seconds = time.time() - t0
+    result = scenario.drain_result(probe.summary(probe_dir), args.n)
+    result["loop_seconds"] = loop_seconds
+    return result
+
+
+def cpu_bare(args) -> dict:
+    """The machine's ceiling for CPU-bound work: 2 forked processes, n/2 units each, no queue."""
+    probe_dir = scenario.fresh_probe(args.workdir, args.n)
+    pids = []
+    for w in range(WORKERS):
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                for i in range(w, args.n, WORKERS):
+                    tasks.run(i, 0.0, args.iterations)
+            except BaseException:
+                code = 1
+            os._exit(code)
+        pids.append(pid)
+    for pid in pids:
+        os.waitpid(pid, 0)
+    return scenario.drain_result(probe.summary(probe_dir), args.n, args.unit)
+
+
+def stream(args) -> dict:
+    """A producer sending one durable message at a time, as fast as it can, while 2 workers run."""
+    d = Daemon(os.path.join(args.workdir, "msgd"))
+    probe_dir = scenario.fresh_probe(args.workdir, args.n)
+    d.start()
+    try:
+        d.wait_ready()
+        d.warm_up(probe_dir)
+        first, last = scenario.produce(
+            lambda i, ts: msgd.send(tasks.encode(i, ts), queue=QUEUE, config=d.config), args.n
+        )
+        s = scenario.wait_count(probe_dir, args.n, args.timeout, with_values=True, proc=d.proc)
+    finally:
+        d.stop()
+    return scenario.stream_result(s, args.n, first, last)
+
+
+# --- signals ------------------------------------------------------------------------------------
+
+
+def usr1_samples(d: Daemon, samples: int) -> list[float]:
+    watch = Watch(d.stats_file)
+    out = []
+    try:
+        for _ in range(samples):
+            before = (read_json(d.stats_file) or {}).get("generation", 0)
+            t0 = time.perf_counter()
+            d.signal(signal.SIGUSR1)
+            watch.until(lambda s, b=before: s.get("generation", 0) > b, 5, "stats generation")
+            out.append(time.perf_counter() - t0)
+            spaced()
+    finally:
+        watch.close()
+    return out
+
+
+def usr1(args) -> dict:
+    """USR1 -> stats file rewritten with a new generation: idle, then with both workers busy."""
+    d = Daemon(os.path.join(args.workdir, "msgd"))
+    probe_dir = scenario.fresh_probe(args.workdir, 0)
+    d.start()
+    try:
+        d.wait_ready()
+        wait_for(lambda: read_json(d.stats_file), 10, "the first stats file")
+        idle = usr1_samples(d, args.samples)
+        # Saturate: CPU-bound messages worth about twice the expected sampling time.
+        sampling = args.samples * 0.03
+        n = max(100, int(2 * sampling * WORKERS / args.unit))
+        d.send_many([tasks.encode(i, 0.0, args.iterations) for i in range(n)])
+        wait_for(lambda: probe.summary(probe_dir).count >= 1, 30, "the pool to start working")
+        busy = usr1_samples(d, args.samples)
+        saturated = probe.summary(probe_dir).count < n  # work was still queued at the end
+    finally:
+        d.stop()
+    return {
+        "idle": latency_figures(idle),
+        "saturated": latency_figures(busy),
+        "saturated_throughout": saturated,
+    }
+
+
+PRODUCER = """
+import signal, sys
+sys.path.insert(0, {bench!r})
+import msgd, tasks
+stop = []
+signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
+print("started", flush=True)
+i = 0
+while not stop:
+    msgd.send(tasks.encode(i), queue={queue!r}, config={config!r})
+    i += 1
+print(i, flush=True)
+"""
+
+
+def hup(args) -> dict:
+    """HUP -> reload applied (state generation "reload" moves), while a producer streams.
+
+    Afterwards every message sent must have been handled: lost = sent - distinct handled.
+    """
+    d = Daemon(os.path.join(args.workdir, "msgd"))
+    probe_dir = scenario.fresh_probe(args.workdir, 200_000)
+    d.start()
+    producer = None
+    try:
+        d.wait_ready()
+        d.warm_up(probe_dir)
+        code = PRODUCER.format(bench=BENCH, queue=QUEUE, config=d.config)
+        producer = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        assert producer.stdout is not None
+        producer.stdout.readline()  # "started"
+        wait_for(lambda: probe.summary(probe_dir).count > 0, 30, "the stream to flow")
+        watch = Watch(d.state_file)
+        samples = []
+        try:
+            for _ in range(args.samples):
+                before = d.generation("reload")
+                t0 = time.perf_counter()
+                d.signal(signal.SIGHUP)
+                watch.until(
+                    lambda s, b=before: s["generations"]["reload"] > b, 10, "reload generation"
+                )
+                samples.append(time.perf_counter() - t0)
+                spaced()
+        finally:
+            watch.close()
+        during = probe.summary(probe_dir).count
+        producer.send_signal(signal.SIGTERM)
+        sent = int(producer.stdout.readline())
+        producer.wait(10)
+        s = scenario.wait_count(probe_dir, sent, 60, with_values=True, proc=d.proc)
+        ok = [e for e in (read_json(d.state_file) or {}).get("last", {}).items()]
+    finally:
+        if producer is not None and producer.poll() is None:
+            producer.kill()
+        d.stop()
+    seen = {int(v) for v in s.values}
+    failed_dir = os.path.join(d.spool, "failed")
+    failed = len(os.listdir(failed_dir)) if os.path.isdir(failed_dir) else 0
+    return {
+        **latency_figures(samples),
+        "sent": sent,
+        "handled_during_hups": during,
+        "handled": s.count,
+        "lost": len(set(range(sent)) - seen),
+        "duplicates": s.count - len(seen),
+        "failed": failed,
+        "last": dict(ok),
+    }
+
+
+# --- counters, memory, start, send --------------------------------------------------------------
+
+
+def counters(args) -> dict:
+    """ns per update: msgd's lock-free Array slot += 1 vs a locked multiprocessing.Value."""
+    array = multiprocessing.Array("Q", 64, lock=False)
+    value = multiprocessing.Value("Q", 0)
+    number = args.n
+    env = {"a": array, "v": value}
+
+    def ns(stmt: str) -> float:
+        best = min(timeit.Timer(stmt, globals=env).repeat(5, number))
+        return best / number * 1e9
+
+    empty = ns("pass")
+    lockfree = ns("a[5] += 1")
+    locked = ns("with v.get_lock():\n    v.value += 1")
+    result = {
+        "loops": number,
+        "loop_overhead_ns": empty,
+        "lockfree_ns": lockfree - empty,
+        "locked_ns": locked - empty,
+    }
+    try:  # what msgd itself does per message: SlotWriter.start + SlotWriter.finish
+        from msgd.stats import Counters
+
+        w = Counters().writer(0)
+        env["w"] = w
+        result["slotwriter_start_finish_ns"] = ns("w.finish(0, 0, 0, w.start(0, 0, 'x'))") - empty
+    except Exception as e:  # names changed: the figure is simply left out
+        result["slotwriter_error"] = repr(e)
+    return result
+
+
+def memory(args) -> dict:
+    """Summed PSS and RSS of the master and its 2 workers, idle after a few messages."""
+    d = Daemon(os.path.join(args.workdir, "msgd"))
+    probe_dir = scenario.fresh_probe(args.workdir, 0)
+    d.start()
+    try:
+        d.wait_ready()
+        d.warm_up(probe_dir)
+        wait_for(lambda: d.proc and len(tree_pids(d.proc.pid)) >= 1 + WORKERS, 10, "workers")
+        time.sleep(1.0)  # measured idle: 1 s after the last message (a condition, not a sync)
+        return tree_memory(d.proc.pid)
+    finally:
+        d.stop()
+
+
+def tree_pids(pid: int) -> list[int]:
+    from common import process_tree
+
+    return process_tree(pid)
+
+
+def start(args) -> dict:
+    """msgd start -> READY=1 on NOTIFY_SOCKET (a datagram socket bound here), several times."""
+    d = Daemon(os.path.join(args.workdir, "msgd"))
+    path = os.path.join(args.workdir, "notify.sock")
+    times, state_times = [], []
+    for _ in range(args.samples):
+        if os.path.exists(path):
+            os.unlink(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.bind(path)
+        try:
+            t0 = time.perf_counter()
+            d.start(env={"NOTIFY_SOCKET": path})
+            sock.settimeout(30)
+            while True:
+                message = sock.recv(4096).decode(errors="replace")
+                if "READY=1" in message.split("\n"):
+                    break
+            times.append(time.perf_counter() - t0)
+            d.wait_ready()
+            state_times.append(time.perf_counter() - t0)
+        finally:
+            sock.close()
+            d.stop()
+    return {
+        "ready": latency_figures(times),
+        "state_file_p50_ms": sorted(state_times)[len(state_times) // 2] * 1e3,
+    }
+
+
+def send(args) -> dict:
+    """Durable send_many of N messages, and one-by-one msgd.send of `samples` messages."""
+    d = Daemon(os.path.join(args.workdir, "msgd"))
+    d.send_many([tasks.encode(-1)])  # config parsed and directories made before timing
+    bodies = [tasks.encode(i) for i in range(args.n)]
+    t = time.perf_counter()
+    d.send_many(bodies)
+    many = time.perf_counter() - t
+    one_n = args.samples
+    t = time.perf_counter()
+    for i in range(one_n):
+        msgd.send(bodies[i % len(bodies)], queue=QUEUE, config=d.config)
+    one = time.perf_counter() - t
+    return {
+        "send_many": {"n": args.n, "seconds": many, "msgs_per_s": args.n / many},
+        "send": {"n": one_n, "seconds": one, "msgs_per_s": one_n / one},
+    }
+
+
+SCENARIOS = {
+    "drain": drain,
+    "bare": bare,
+    "stream": stream,
+    "cpu": cpu,
+    "cpu-bare": cpu_bare,
+    "usr1": usr1,
+    "hup": hup,
+    "counters": counters,
+    "memory": memory,
+    "start": start,
+    "send": send,
+    "nocounters": no_counters,
+}
+
+
+def main() -> None:
+    args = scenario.parse(list(SCENARIOS))
+    write_result(args.out, SCENARIOS[args.scenario](args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,327 @@
+"""BENCHMARKS.md from a results dictionary: machine, command, method, tables, targets."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+LABELS = {
+    "msgd": "msgd",
+    "bare": "bare loop (1 process; CPU: 2 forked processes)",
+    "mp-queue": "multiprocessing.Queue",
+    "mp-pool": "multiprocessing.Pool",
+    "huey-sqlite": "Huey (SQLite)",
+    "huey-redis": "Huey (Redis)",
+    "celery": "Celery (Redis)",
+}
+
+
+def get(results: dict, scenario: str, system: str, *keys: str) -> float | None:
+    value = results.get(scenario, {}).get(system)
+    for key in keys:
+        if not isinstance(value, dict) or key not in value:
+            return None
+        value = value[key]
+    return value if isinstance(value, int | float) else None
+
+
+def fmt(value: float | None, digits: int = 0, suffix: str = "") -> str:
+    if value is None:
+        return "—"
+    return f"{value:,.{digits}f}{suffix}"
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def status(runs: dict, system: str) -> str:
+    """Why a system has no figure (failed or skipped), for a table cell."""
+    entry = runs.get(system) or {}
+    if "skipped" in entry:
+        return f"skipped: {entry['skipped']}"
+    if "error" in entry:
+        return "FAILED (see bench/out/)"
+    return "—"
+
+
+def throughput_table(results: dict, scenario: str, extra: list[tuple[str, str, int]]) -> list[str]:
+    """Systems as rows: msgs/s, extra columns, and msgd's ratio to each."""
+    runs = results.get(scenario, {})
+    base = get(results, scenario, "msgd", "msgs_per_s")
+    head = ["system", "msgs/s", *(title for title, _, _ in extra), "msgd ÷ system"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for system in LABELS:
+        if system not in runs:
+            continue
+        rate = get(results, scenario, system, "msgs_per_s")
+        if rate is None:
+            lines.append(f"| {LABELS[system]} | {status(runs, system)} |" + " |" * (len(head) - 2))
+            continue
+        cells = [LABELS[system], fmt(rate)]
+        cells += [fmt(get(results, scenario, system, key), d) for _, key, d in extra]
+        r = ratio(base, rate)
+        cells.append("—" if system == "msgd" else fmt(r, 2, "x"))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+Target = tuple[str, float | None, str, Callable[[float], bool]]
+
+
+def targets(results: dict) -> list[Target]:
+    """(what, measured value, how it is shown, whether it meets the target)."""
+    drain = lambda s: get(results, "drain", s, "msgs_per_s")  # noqa: E731
+    msgd_drain = drain("msgd")
+    pss = get(results, "memory", "msgd", "pss_mib")
+    lost = get(results, "hup", "msgd", "lost")
+    return [
+        ("drain ≥ 1.5x the bare loop", ratio(msgd_drain, drain("bare")), "x", lambda v: v >= 1.5),
+        (
+            "drain ≥ 3x Huey (SQLite)",
+            ratio(msgd_drain, drain("huey-sqlite")),
+            "x",
+            lambda v: v >= 3,
+        ),
+        ("drain ≥ 10x Celery", ratio(msgd_drain, drain("celery")), "x", lambda v: v >= 10),
+        (
+            "send_many ≥ Huey (SQLite) enqueue",
+            ratio(
+                get(results, "send", "msgd", "send_many", "msgs_per_s"),
+                get(results, "send", "huey-sqlite", "msgs_per_s"),
+            ),
+            "x",
+            lambda v: v >= 1,
+        ),
+        (
+            "CPU-bound parallel efficiency ≥ 95%",
+            get(results, "cpu", "msgd", "efficiency"),
+            "%",
+            lambda v: v >= 0.95,
+        ),
+        (
+            "USR1 → stats file p99 ≤ 5 ms (idle)",
+            get(results, "usr1", "msgd", "idle", "p99_ms"),
+            "ms",
+            lambda v: v <= 5,
+        ),
+        (
+            "USR1 → stats file p99 ≤ 5 ms (pool saturated)",
+            get(results, "usr1", "msgd", "saturated", "p99_ms"),
+            "ms",
+            lambda v: v <= 5,
+        ),
+        (
+            "HUP → reload applied p99 ≤ 100 ms (stream running)",
+            get(results, "hup", "msgd", "p99_ms"),
+            "ms",
+            lambda v: v <= 100,
+        ),
+        ("0 messages lost across the HUPs", lost, "lost", lambda v: v == 0),
+        (
+            "master + 2 workers PSS ≤ 30 MB (10^6 bytes)",
+            pss * 1.048576 if pss is not None else None,
+            "MB",
+            lambda v: v <= 30,
+        ),
+        (
+            "start → READY p50 ≤ 300 ms",
+            get(results, "start", "msgd", "ready", "p50_ms"),
+            "ms",
+            lambda v: v <= 300,
+        ),
+    ]
+
+
+def show(value: float, unit: str) -> str:
+    if unit == "x":
+        return f"{value:.2f}x"
+    if unit == "%":
+        return f"{value * 100:.1f}%"
+    if unit == "lost":
+        return f"{value:.0f} lost"
+    return f"{value:.1f} {unit}"
+
+
+def markdown(results: dict, meta: dict) -> str:
+    out: list[str] = []
+    add = out.append
+    add("# Benchmarks\n")
+    add(
+        "Generated by `bench/run.py` (do not edit by hand: run `make bench` to refresh). "
+        "Every system ran in the same run, on the same machine, one after the other.\n"
+    )
+    add("## Machine and command\n")
+    add("| | |\n| --- | --- |")
+    for key in ("date", "cores", "cpu", "python", "kernel", "spool_fs", "peers", "redis", "mode"):
+        add(f"| {key.replace('_', ' ')} | {meta.get(key, '—')} |")
+    add(f"\nCommand: `{meta['command']}` (total {meta.get('total_seconds', 0):.0f} s)\n")
+    if meta.get("partial"):
+        add(f"**Partial run** (`--only {meta['partial']}`): other scenarios were not run.\n")
+
+    add("## Targets\n")
+    add("| target | measured | verdict |\n| --- | --- | --- |")
+    met = missed = 0
+    for what, value, unit, ok in targets(results):
+        if value is None:
+            add(f"| {what} | not measured | NOT RUN |")
+            continue
+        good = ok(value)
+        met += good
+        missed += not good
+        add(f"| {what} | {show(value, unit)} | {'met' if good else '**MISSED**'} |")
+    add(f"\n{met} targets met, {missed} MISSED.\n")
+    add("![throughput and latency per system](bench/chart.png)\n")
+
+    add("## Method\n")
+    add(METHOD.format(**meta))
+
+    add("## Drain (pre-enqueued no-op messages)\n")
+    add(f"{meta.get('drain_n', '?'):,} messages, median of {meta.get('repeats', 1)} run(s).\n")
+    out += throughput_table(results, "drain", [("seconds", "seconds", 3)])
+    add("")
+    add("## Stream (a producer sending one message at a time, at full speed)\n")
+    out += throughput_table(
+        results,
+        "stream",
+        [
+            ("latency p50 ms", "p50_ms", 2),
+            ("latency p99 ms", "p99_ms", 2),
+            ("send s", "send_seconds", 2),
+        ],
+    )
+    add("")
+    add("## CPU-bound (~5 ms of pure-Python work per message)\n")
+    add(
+        f"Unit of work measured alone: {meta.get('unit_ms', 0):.2f} ms. "
+        "Efficiency = (messages x unit / 2) / measured time. The bare row is the machine's "
+        "ceiling: 2 forked processes running n/2 units each, no queue at all.\n"
+    )
+    out += throughput_table(
+        results, "cpu", [("efficiency", "efficiency", 3), ("seconds", "seconds", 2)]
+    )
+    add("")
+    add("## Send rate (durable)\n")
+    add("| producer | messages | msgs/s |\n| --- | --- | --- |")
+    for label, keys, system in (
+        ("msgd.send_many (one batch)", ("send_many",), "msgd"),
+        ("msgd.send (one by one)", ("send",), "msgd"),
+        ("Huey (SQLite) task call (one by one)", (), "huey-sqlite"),
+    ):
+        rate = get(results, "send", system, *keys, "msgs_per_s")
+        n = get(results, "send", system, *keys, "n")
+        add(f"| {label} | {fmt(n)} | {fmt(rate)} |")
+    add("")
+    add("## Signals (msgd)\n")
+    add("| signal → effect | p50 ms | p99 ms | max ms | samples |\n| --- | --- | --- | --- | --- |")
+    for label, keys in (
+        ("USR1 → stats file rewritten, idle", ("usr1", "msgd", "idle")),
+        ("USR1 → stats file rewritten, pool saturated", ("usr1", "msgd", "saturated")),
+        ("HUP → reload applied, stream running", ("hup", "msgd")),
+    ):
+        cells = [fmt(get(results, *keys, k), 2) for k in ("p50_ms", "p99_ms", "max_ms")]
+        add(f"| {label} | " + " | ".join(cells) + f" | {fmt(get(results, *keys, 'samples'))} |")
+    hup = results.get("hup", {}).get("msgd", {})
+    if "sent" in hup:
+        add(
+            f"\nDuring the HUPs the producer sent {hup['sent']:,} messages; "
+            f"{hup['handled']:,} were handled, {hup['lost']} lost, "
+            f"{hup['duplicates']} handled twice, "
+            f"{hup['failed']} in failed/. Pool saturated throughout the USR1 samples: "
+            f"{results.get('usr1', {}).get('msgd', {}).get('saturated_throughout', '—')}.\n"
+        )
+    add("## Counter update cost\n")
+    c = results.get("counters", {}).get("msgd", {})
+    add("| update | ns |\n| --- | --- |")
+    lockfree = fmt(c.get("lockfree_ns"), 1)
+    add(f"| lock-free `Array('Q', lock=False)` slot `+= 1` (msgd) | {lockfree} |")
+    add(f"| locked `Value`: `with v.get_lock(): v.value += 1` | {fmt(c.get('locked_ns'), 1)} |")
+    add(
+        f"| msgd's per-message `SlotWriter.start` + `finish` | "
+        f"{fmt(c.get('slotwriter_start_finish_ns'), 1)} |"
+    )
+    add(f"\nEmpty-loop overhead ({fmt(c.get('loop_overhead_ns'), 1)} ns) subtracted; best of 5.\n")
+    add("### Drain with counters on vs off\n")
+    on = get(results, "drain", "msgd", "msgs_per_s")
+    off = get(results, "nocounters", "msgd", "msgs_per_s")
+    entry = results.get("nocounters", {}).get("msgd", {})
+    if off is None:
+        add(f"Not measured: {entry.get('skipped') or entry.get('error') or 'not run'}.\n")
+    else:
+        add("| msgd drain | msgs/s |\n| --- | --- |")
+        add(
+            f"| counters on | {fmt(on)} |\n| counters off (SlotWriter.start/finish no-ops) | "
+            f"{fmt(off)} |"
+        )
+        add(
+            f"\nmsgd ÷ counters-off: {fmt(ratio(on, off), 2, 'x')} (above 1: the counters-off "
+            "run was slower, which the counters themselves cannot explain).\n"
+        )
+    add("## Memory (idle, after a few messages)\n")
+    add("| system | processes | PSS MiB | RSS MiB |\n| --- | --- | --- | --- |")
+    for system in ("msgd", "huey-sqlite", "celery"):
+        m = results.get("memory", {}).get(system)
+        if m and "pss_mib" in m:
+            figures = f"{m['processes']} | {m['pss_mib']:.1f} | {m['rss_mib']:.1f}"
+            add(f"| {LABELS[system]} | {figures} |")
+        elif m:
+            add(f"| {LABELS[system]} | {status(results['memory'], system)} | | |")
+    add("\nWhole process tree of the master/consumer; Huey's includes its scheduler process.\n")
+    add("## Start → READY (msgd)\n")
+    s = results.get("start", {}).get("msgd", {})
+    add(
+        f"`sd_notify` READY=1 received on a bound NOTIFY_SOCKET: p50 "
+        f"{fmt(get(results, 'start', 'msgd', 'ready', 'p50_ms'), 1)} ms, max "
+        f"{fmt(get(results, 'start', 'msgd', 'ready', 'max_ms'), 1)} ms over "
+        f"{fmt(get(results, 'start', 'msgd', 'ready', 'samples'))} starts; state file present "
+        f"at p50 {fmt(s.get('state_file_p50_ms'), 1)} ms.\n"
+    )
+    errors = [
+        f"- {scenario} / {system}: {entry.get('error')}"
+        for scenario, runs in results.items()
+        for system, entry in runs.items()
+        if isinstance(entry, dict) and "error" in entry
+    ]
+    if errors:
+        add("## Failures in this run\n")
+        out += errors
+        add("")
+    return "\n".join(out).rstrip() + "\n"
+
+
+METHOD = """\
+- 2 workers everywhere (2 cores). msgd: `workers = 2`, `fsync = true`, one continuous queue,
+  JSON log to a file. Huey: consumer `-k process -w 2`; SQLite in WAL mode with `fsync=True`
+  (synchronous=FULL). Celery: `worker -P prefork -c 2`, Redis broker, no result backend,
+  default prefetch. Textbook: `multiprocessing.Queue` + 2 `Process` consumers, and
+  `multiprocessing.Pool(2).imap` with its default chunksize (1). Redis: our own
+  `redis-server` on a free loopback port, `--save '' --appendonly no`.
+- Every system runs the same handler body (`bench/tasks.py`). Each handler process records,
+  lock-free in its own shared-memory file (`bench/probe.py`), its first handler start, last
+  handler end, count and one value per message (latency or sequence number). The driver reads
+  these files; no system is timed by its own statistics.
+- Drain and CPU-bound: the messages are enqueued first (msgd and the bare loop with the durable
+  `msgd.send_many`), then the consumers start; time runs from the first handler start to the
+  last handler end, so start-up is not counted for anyone. msgd unlinks finished files on
+  background threads, so its drain time runs on until no message file is left in `new/` or
+  `cur/` (the handler-only span is in `bench/out/results.json`). The bare loop is one process:
+  `listdir(new/)`, then per file `rename` to `cur/`, `open`+`read`, handler, `unlink`.
+- Stream: consumers started and warmed up first; one producer sends one message per call
+  (`msgd.send`, Huey task call, Celery `delay`, `Queue.put`, a generator fed to `imap`) with
+  `time.time()` in the body; latency = handler start - that time. msgs/s = messages / (last
+  handler end - first send). A producer faster than the consumers builds a backlog, and the
+  latency then shows the backlog.
+- CPU-bound: `burn()` calibrated to ~5 ms in this process before the run; parallel efficiency
+  = (messages x calibrated unit / 2) / measured time.
+- Signals: the driver watches the file's directory with inotify and reads the file after each
+  rename; USR1 until the stats file's `generation` moves, HUP until the state file's
+  `generations.reload` moves. Samples are spaced 10-30 ms apart at random. Saturated = both
+  workers busy with ~5 ms messages throughout (checked).
+- Memory: summed `Pss`/`Rss` from `/proc/PID/smaps_rollup` over the process tree, 1 s idle
+  after warm-up messages.
+- Start: `msgd -c CONFIG` started with `NOTIFY_SOCKET` set to a datagram socket bound by the
+  driver; time until `READY=1` arrives.
+- Counters off: msgd started through `bench/launch_nocounters.py`, which turns
+  `msgd.stats.SlotWriter.start`/`finish` into no-ops before the workers are forked.
+- The disk is a virtual disk: durable-write and unlink times vary between runs by up to ~2x,
+  so compare figures within one run, not across runs.
+"""
