@@ -10,6 +10,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import random
+import select
 import shutil
 import signal
 import socket
@@ -156,28 +157,28 @@ class Watch:
     """Wake up when a file in a directory is replaced (atomic rename) or rewritten."""
 
     def __init__(self, path: str) -> None:
-        from inotify_simple import INotify, flags
+        from msgd.sysutil import watch_arrivals
 
-        self.name = os.path.basename(path)
         self.path = path
-        self.inotify = INotify()
-        self.inotify.add_watch(os.path.dirname(path), flags.MOVED_TO | flags.CLOSE_WRITE)
+        self.fd = watch_arrivals(os.path.dirname(path))
 
     def until(self, condition, timeout: float, what: str) -> None:
         """Block until `condition(json of the file)` holds; checked after each change."""
+        from msgd.sysutil import drain
+
         deadline = time.monotonic() + timeout
         while True:
+            data = read_json(self.path)
+            if data is not None and condition(data):
+                return
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
-            events = self.inotify.read(timeout=max(1, int(left * 1000)))
-            if any(e.name == self.name for e in events):
-                data = read_json(self.path)
-                if data is not None and condition(data):
-                    return
+            if select.select([self.fd], [], [], left)[0]:
+                drain(self.fd)
 
     def close(self) -> None:
-        self.inotify.close()
+        os.close(self.fd)
 
 
 def spaced() -> None:
@@ -192,8 +193,7 @@ def presend_run(args, iterations: int, no_counters: bool = False) -> dict:
     """Send N durably, then start msgd on the full spool and wait until every message is handled.
 
     Timed like every peer: first handler start to last handler end (probe), so start-up is not
-    counted. A continuous queue is used: a burst queue signalled with USR2 right after the state
-    file appears is not worked (the workers' runners read the burst generation after the bump).
+    counted. A continuous queue is used, as for the peers: the consumers start on a full queue.
     """
     d = Daemon(os.path.join(args.workdir, "msgd"))
     probe_dir = scenario.fresh_probe(args.workdir, args.n)

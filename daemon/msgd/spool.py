@@ -27,12 +27,9 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from inotify_simple import INotify
-from inotify_simple import flags as inotify_flags
-
 from msgd.config import Config, QueueConfig, valid_queue_name
 from msgd.handlers import Message
-from msgd.sysutil import fsync_dir, make_dirs
+from msgd.sysutil import drain, fsync_dir, make_dirs, watch_arrivals
 
 STATES = ("new", "cur", "defer", "failed")
 ERROR_SUFFIX = ".error.json"
@@ -408,8 +405,7 @@ class SpoolInbox:
         self._wake = threading.Condition()
         self._watching = False
         try:
-            self._inotify: INotify | None = INotify(nonblocking=True)
-            self._inotify.add_watch(self.new, inotify_flags.MOVED_TO | inotify_flags.CLOSE_WRITE)
+            self._inotify: int | None = watch_arrivals(self.new)
         except OSError:
             self._inotify = None
 
@@ -446,9 +442,8 @@ class SpoolInbox:
             if self._inotify is None:
                 select.select([self._stop_fd], [], [], POLL_INTERVAL)
                 return
-            watched = self._inotify.fileno()
-            if watched in select.select([self._stop_fd, watched], [], [])[0]:
-                self._inotify.read(timeout=0)
+            if self._inotify in select.select([self._stop_fd, self._inotify], [], [])[0]:
+                drain(self._inotify)
         finally:
             with self._wake:
                 self._watching = False

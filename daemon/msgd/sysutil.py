@@ -17,6 +17,35 @@ def set_parent_death_signal(sig: int = signal.SIGKILL) -> None:
     _libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
 
 
+_IN_CLOSE_WRITE, _IN_MOVED_TO = 0x8, 0x80
+_IN_NONBLOCK, _IN_CLOEXEC = os.O_NONBLOCK, os.O_CLOEXEC
+
+
+def watch_arrivals(directory: str) -> int:
+    """An inotify descriptor that turns readable when a file is renamed or written into
+    `directory`. (Three libc calls; inotify_simple would run `ldconfig -p` in every worker to
+    find libc, costing each one ~1 MB and a subprocess.)"""
+    fd = _libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
+    if (
+        fd < 0
+        or _libc.inotify_add_watch(fd, os.fsencode(directory), _IN_MOVED_TO | _IN_CLOSE_WRITE) < 0
+    ):
+        err = ctypes.get_errno()
+        if fd >= 0:
+            os.close(fd)
+        raise OSError(err, os.strerror(err), directory)
+    return fd
+
+
+def drain(fd: int) -> None:
+    """Read and forget whatever is pending on a non-blocking descriptor."""
+    try:
+        while os.read(fd, 65536):
+            pass
+    except BlockingIOError:
+        pass
+
+
 def atomic_write(path: str, data: bytes, mode: int = 0o600) -> None:
     """Replace `path` with `data` so that readers see the old file or the new one, never a part.
 
