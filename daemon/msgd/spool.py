@@ -19,6 +19,7 @@ import ctypes
 import json
 import mmap
 import os
+import queue as queue_mod
 import random
 import select
 import threading
@@ -33,6 +34,7 @@ from msgd.sysutil import drain, fsync_dir, make_dirs, watch_arrivals
 
 STATES = ("new", "cur", "defer", "failed")
 ERROR_SUFFIX = ".error.json"
+ACK_THREADS = 4  # concurrent unlinks: the filesystem overlaps their waits (~50 µs each)
 POLL_INTERVAL = 0.05  # only where inotify is unavailable
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -386,6 +388,48 @@ class AckLog:
             os.unlink(self.path)
 
 
+class Acker:
+    """Unlinks finished messages on background threads, with a crash-proof record of each."""
+
+    def __init__(self, root: str, slot: int) -> None:
+        self.acklog = AckLog(root, slot)
+        self.acklog.open()
+        self.free: queue_mod.SimpleQueue[int] = queue_mod.SimpleQueue()
+        for i in range(AckLog.RECORDS):
+            self.free.put(i)
+        self.todo: queue_mod.SimpleQueue[tuple[str, int] | None] = queue_mod.SimpleQueue()
+        self.threads = [
+            threading.Thread(target=self._run, name=f"ack-{i}", daemon=True)
+            for i in range(ACK_THREADS)
+        ]
+        for t in self.threads:
+            t.start()
+
+    def done(self, queue: str, name: str, path: str) -> None:
+        index = self.free.get()  # blocks only if 1,024 unlinks are outstanding
+        if self.acklog.write(index, queue, name):
+            self.todo.put((path, index))
+        else:
+            self.free.put(index)
+            os.unlink(path)
+
+    def _run(self) -> None:
+        while (item := self.todo.get()) is not None:
+            path, index = item
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            self.acklog.clear(index)
+            self.free.put(index)
+
+    def close(self) -> None:
+        for _ in self.threads:
+            self.todo.put(None)
+        for t in self.threads:
+            t.join()
+
+
 class SpoolInbox:
     """A worker's view of one queue: claim the oldest message, wait without polling.
 
@@ -394,8 +438,11 @@ class SpoolInbox:
     name is tried. Listing happens only when the local batch is used up.
     """
 
-    def __init__(self, spool: Spool, queue: str, slot: int, stop_fd: int) -> None:
+    def __init__(
+        self, spool: Spool, queue: str, slot: int, stop_fd: int, acker: Acker, policy: QueueConfig
+    ) -> None:
         self.spool, self.queue = spool, queue
+        self.acker, self.policy = acker, policy
         self.new = spool.dir(queue, "new") + "/"
         self.cur = spool.dir(queue, f"cur/{slot}") + "/"
         make_dirs(self.cur, spool.dir_mode)
@@ -464,6 +511,23 @@ class SpoolInbox:
         finally:
             os.close(fd)
         return Message(id=mid, queue=self.queue, body=body, attempt=done + 1, enqueued_at=when)
+
+    def label(self, name: str) -> tuple[str, int]:
+        """The message id and the number of the attempt this claim is."""
+        mid, done = split_name(name)
+        return mid, done + 1
+
+    def done(self, name: str) -> None:
+        self.acker.done(self.queue, name, self.cur + name)
+
+    def fail(self, name: str, error: dict[str, Any], permanent: bool) -> str:
+        mid, attempt = self.label(name)
+        return settle_failure(
+            self.spool, self.queue, self.cur + name, mid, attempt, self.policy, error, permanent
+        )
+
+    def burst(self) -> None:
+        """Nothing to do: the master releases deferred spool messages itself."""
 
 
 def _read_all(fd: int, size: int) -> bytes:

@@ -1,12 +1,11 @@
 """The life inside one worker process: claim a message, run its handler, settle it, count it.
 
-The master is not on this path. Each queue gets `threads` runner threads per worker; a runner
-claims the oldest message by renaming it into the worker's cur/<slot>/, runs the handler, and
-on success hands the file to the Acker (background unlink); on failure moves it to defer/ or
-failed/ itself. A Redis queue (redisq.RedisInbox) is served by the same loop: its inbox claims
-stream entries instead of files and settles them with XACK. The main thread only listens to the
-master: "stop" (or EOF, or SIGTERM) means stop claiming, finish what is in hand, and exit 0;
-"burst" wakes the burst-mode queues.
+The master is not on this path. Each queue gets `threads` runner threads per worker, and each
+runner loops over its queue's inbox: claim the oldest message, run the handler, then settle it
+through the inbox (a spool inbox renames into cur/<slot>/ to claim, unlinks on background threads
+on success, renames into defer/ or failed/ on failure; a Redis inbox reads from its consumer group
+and settles with XACK). The main thread only listens to the master: "stop" (or EOF, or SIGTERM)
+means stop claiming, finish what is in hand, and exit 0; "burst" wakes the burst-mode queues.
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ from __future__ import annotations
 import faulthandler
 import multiprocessing
 import os
-import queue as queue_mod
 import resource
 import select
 import signal
@@ -29,12 +27,11 @@ import structlog
 from msgd import handlers
 from msgd.config import Config, QueueConfig
 from msgd.handlers import CommandFailed, Handler, Message, Reject
-from msgd.spool import AckLog, Spool, SpoolError, SpoolInbox, settle_failure, split_name
+from msgd.spool import Acker, Spool, SpoolError, SpoolInbox
 from msgd.stats import FAILED, RETRIED, SUCCEEDED, SlotWriter
 from msgd.sysutil import set_parent_death_signal
 
 DUMP_SIGNAL = signal.SIGRTMIN + 1  # master -> worker: write all threads' tracebacks (timeouts)
-ACK_THREADS = 4  # concurrent unlinks: the filesystem overlaps their waits
 
 
 @dataclass
@@ -45,47 +42,6 @@ class Bursts:
 
     started: Any = field(default_factory=lambda: multiprocessing.Value("Q", 0, lock=False))
     finished: Any = field(default_factory=lambda: multiprocessing.Value("Q", 0, lock=False))
-
-
-class Acker:
-    """Unlinks finished messages on background threads, with a crash-proof record of each."""
-
-    def __init__(self, acklog: AckLog) -> None:
-        self.acklog = acklog
-        self.free: queue_mod.SimpleQueue[int] = queue_mod.SimpleQueue()
-        for i in range(AckLog.RECORDS):
-            self.free.put(i)
-        self.todo: queue_mod.SimpleQueue[tuple[str, int] | None] = queue_mod.SimpleQueue()
-        self.threads = [
-            threading.Thread(target=self._run, name=f"ack-{i}", daemon=True)
-            for i in range(ACK_THREADS)
-        ]
-        for t in self.threads:
-            t.start()
-
-    def done(self, queue: str, name: str, path: str) -> None:
-        index = self.free.get()  # blocks only if 1,024 unlinks are outstanding
-        if self.acklog.write(index, queue, name):
-            self.todo.put((path, index))
-        else:
-            self.free.put(index)
-            os.unlink(path)
-
-    def _run(self) -> None:
-        while (item := self.todo.get()) is not None:
-            path, index = item
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-            self.acklog.clear(index)
-            self.free.put(index)
-
-    def close(self) -> None:
-        for _ in self.threads:
-            self.todo.put(None)
-        for t in self.threads:
-            t.join()
 
 
 class Inbox(Protocol):
@@ -100,32 +56,6 @@ class Inbox(Protocol):
     def done(self, name: str) -> None: ...
     def fail(self, name: str, error: dict[str, Any], permanent: bool) -> str: ...
     def burst(self) -> None: ...
-
-
-class SpoolQueue(SpoolInbox):
-    """A spool inbox that also settles: successes through the Acker, failures by rename."""
-
-    def __init__(
-        self, spool: Spool, queue: str, slot: int, stop_fd: int, acker: Acker, policy: QueueConfig
-    ) -> None:
-        super().__init__(spool, queue, slot, stop_fd)
-        self.acker, self.policy = acker, policy
-
-    def label(self, name: str) -> tuple[str, int]:
-        mid, done = split_name(name)
-        return mid, done + 1
-
-    def done(self, name: str) -> None:
-        self.acker.done(self.queue, name, self.cur + name)
-
-    def fail(self, name: str, error: dict[str, Any], permanent: bool) -> str:
-        mid, attempt = self.label(name)
-        return settle_failure(
-            self.spool, self.queue, self.cur + name, mid, attempt, self.policy, error, permanent
-        )
-
-    def burst(self) -> None:
-        """Nothing to do: the master releases deferred spool messages itself."""
 
 
 class Worker:
@@ -164,9 +94,7 @@ class Worker:
         self.title("starting")
         for name, q in self.config.queues.items():
             self.handlers[name] = handlers.load(name, q, self.config.daemon.pythonpath)
-        acklog = AckLog(self.spool.root, self.slot)
-        acklog.open()
-        self.acker = Acker(acklog)
+        self.acker = Acker(self.spool.root, self.slot)
         dump_path = os.path.join(self.spool.root, ".msgd", f"dump.{self.slot}")
         dump = os.fdopen(  # tracebacks may show message data: private like the spool
             os.open(dump_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600), "w"
@@ -199,7 +127,7 @@ class Worker:
 
             consumer = consumer_name(q, self.slot, os.getppid())
             return RedisInbox(name, q, consumer, self.stop_r, self.log)
-        return SpoolQueue(self.spool, name, self.slot, self.stop_r, self.acker, q)
+        return SpoolInbox(self.spool, name, self.slot, self.stop_r, self.acker, q)
 
     def listen(self) -> None:
         """Main thread: wait for the master's word, EOF (master gone) or our own SIGTERM."""
