@@ -343,3 +343,11 @@ def test_graceful_stop_finishes_in_flight_and_leaves_the_rest_pending(
     check_all_once(sent, daemon)
     assert daemon.events("reclaimed")
     assert daemon.stop() == 0
+
+
+def test_retry_failed_on_a_redis_queue_says_where_its_dead_letters_are(daemon: Msgd) -> None:
+    daemon.queues["remote"] = {"handler": "handlers:record", "backend": "redis", "stream": "jobs"}
+    daemon.write_config()
+    done = daemon.msgctl("retry-failed", "remote")
+    assert done.returncode == 1
+    assert "jobs:failed" in done.stderr and "Traceback" not in done.stderr

@@ -272,6 +272,15 @@ def _redis_depths(name: str, policy: QueueConfig) -> str:
 
 
 def cmd_retry_failed(ctx: Context) -> int:
+    policy = ctx.config.queues.get(ctx.args.queue)
+    if policy is not None and policy.backend == "redis":
+        from msgd.redisq import stream_name
+
+        raise CtlError(
+            f"{ctx.args.queue} is a Redis queue: its dead letters are in the stream "
+            f"{stream_name(ctx.args.queue, policy)}:failed (retry-failed works on the "
+            "spool only)"
+        )
     spool = Spool.from_config(ctx.config)
     moved = spool.retry_failed(ctx.args.queue, ctx.args.ids or None)
     print(f"{len(moved)} message(s) back in {ctx.args.queue}/new")
