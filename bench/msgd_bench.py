@@ -14,6 +14,7 @@ import select
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -228,14 +229,23 @@ def cpu(args) -> dict:
 
 
 def no_counters(args) -> dict:
-    """The drain again, with the daemon started by a launcher that makes counter updates no-ops."""
+    """The drain with counters on and off (a launcher makes the updates no-ops), alternately in
+    `--samples` pairs: this disk drifts within a run, so only side-by-side runs compare."""
     check = subprocess.run(
         [sys.executable, LAUNCH_NO_COUNTERS, "--check-names"], capture_output=True, text=True
     )
     if check.returncode != 0:
         print(check.stdout + check.stderr, file=sys.stderr)
         sys.exit(EXIT_SKIPPED)
-    return presend_run(args, 0, no_counters=True)
+    on, off = [], []
+    for _ in range(args.samples):
+        on.append(presend_run(args, 0)["msgs_per_s"])
+        off.append(presend_run(args, 0, no_counters=True)["msgs_per_s"])
+    return {
+        "msgs_per_s": statistics.median(off),
+        "on_msgs_per_s": statistics.median(on),
+        "pairs": args.samples,
+    }
 
 
 def bare(args) -> dict:
@@ -426,11 +436,14 @@ def hup(args) -> dict:
 
 
 def counters(args) -> dict:
-    """ns per update: msgd's lock-free Array slot += 1 vs a locked multiprocessing.Value."""
-    array = multiprocessing.Array("Q", 64, lock=False)
+    """ns per update: an update of msgd's lock-free slot (its own view of the shared
+    `Array('Q', lock=False)`) vs a locked multiprocessing.Value."""
+    from msgd.stats import Counters
+
     value = multiprocessing.Value("Q", 0)
     number = args.n
-    env = {"a": array, "v": value}
+    writer = Counters().writer(0)
+    env = {"a": writer.a, "v": value, "w": writer}
 
     def ns(stmt: str) -> float:
         best = min(timeit.Timer(stmt, globals=env).repeat(5, number))
@@ -445,14 +458,8 @@ def counters(args) -> dict:
         "lockfree_ns": lockfree - empty,
         "locked_ns": locked - empty,
     }
-    try:  # what msgd itself does per message: SlotWriter.start + SlotWriter.finish
-        from msgd.stats import Counters
-
-        w = Counters().writer(0)
-        env["w"] = w
-        result["slotwriter_start_finish_ns"] = ns("w.finish(0, 0, 0, w.start(0, 0, 'x'))") - empty
-    except Exception as e:  # names changed: the figure is simply left out
-        result["slotwriter_error"] = repr(e)
+    # What msgd itself does per message: SlotWriter.start + SlotWriter.finish.
+    result["slotwriter_start_finish_ns"] = ns("w.finish(0, 0, 0, w.start(0, 0, 'x'))") - empty
     return result
 
 

@@ -110,7 +110,7 @@ def plan(mode: str, iterations: int, unit: float) -> list[Run]:
     add("send", "msgd", m, ["send", "--n", z["send"], "--samples", z["send_one"]])
     add("send", "huey-sqlite", "peers/huey_peer.py", ["enqueue", "--backend", "sqlite",
         "--n", z["send"]], peer=True)  # fmt: skip
-    add("nocounters", "msgd", m, ["nocounters", "--n", z["drain"]], repeats=r)
+    add("nocounters", "msgd", m, ["nocounters", "--n", z["drain"], "--samples", r])
     if mode == "smoke":  # msgd and the bare loop only: no peers, no bench venv
         runs = [x for x in runs if x.system in ("msgd", "bare")]
     return runs

@@ -315,8 +315,10 @@ def test_burst_mode_redis_queue_waits_for_usr2(
     wait_for(lambda: marker in daemon.succeeded(), 10, "the continuous queue to work")
     assert daemon.succeeded() == [marker]
     assert backlog(redis_server, stream) == (20, 0)  # not even read before the burst
-    daemon.kill(signal.SIGUSR2)
-    wait_for(lambda: set(night) <= set(daemon.succeeded()), 10, "the burst to drain rq")
+    done = daemon.msgctl("burst", "--wait")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "burst done: 20 succeeded, 0 retried, 0 failed"
+    assert set(night) <= set(daemon.succeeded())  # all worked when --wait returned
     check_all_once([*night, marker], daemon)
     assert daemon.stop() == 0
 

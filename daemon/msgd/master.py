@@ -29,7 +29,7 @@ import setproctitle
 import structlog
 
 from msgd import handlers, logs
-from msgd.config import MAX_QUEUES, Config, ConfigError
+from msgd.config import MAX_QUEUES, Config, ConfigError, QueueConfig
 from msgd.config import load as load_config
 from msgd.notify import Notifier
 from msgd.pidfile import Pidfile, StateFile, state_path
@@ -66,6 +66,8 @@ class Master:
         self.draining = False
         self.burst_names: dict[str, set[str]] = {}  # every file name the burst must see worked
         self.burst_waiting: dict[str, list[str]] = {}  # those maybe still in new/, oldest last
+        self.burst_marks: dict[str, str] = {}  # Redis queues: the newest stream id at the burst
+        self.burst_counts: dict[str, dict[str, int]] = {}  # per-queue outcomes when it began
         self.burst_upto = 0
         self.burst_task: asyncio.Task[None] | None = None
         self.duty_errors: dict[str, str] = {}  # keep_time's failing duties, logged once each
@@ -310,6 +312,15 @@ class Master:
                 names.update(self.spool.names(name, f"cur/{slot}"))
             self.burst_names.setdefault(name, set()).update(names)
             self.burst_waiting[name] = sorted(self.burst_names[name], reverse=True)
+        for name, policy in self.redis_queues().items():
+            from msgd import redisq
+
+            try:
+                self.burst_marks[name] = redisq.burst_mark(name, policy)
+            except redisq.RedisQueueError as e:
+                self.log.warning("burst", queue=name, outcome="not waited for", error=str(e))
+        if not self.burst_counts:  # this host's outcomes so far, for the Redis queues' report
+            self.burst_counts = self.queue_outcomes()
         self.pool.burst()
         size = sum(len(names) for names in self.burst_names.values())
         self.burst_upto = self.state.record("burst", pending=size)
@@ -320,24 +331,50 @@ class Master:
     async def finish_burst(self) -> None:
         """Wait until every message pending at the signal(s) has been worked, then report.
 
-        A message counts as worked once it has left new/ and cur/: unlinked (succeeded), in
-        defer/ (retried) or in failed/. Bursts that overlap are reported together.
+        A spool message counts as worked once it has left new/ and cur/: unlinked (succeeded),
+        in defer/ (retried) or in failed/. A Redis queue is worked once its group has settled
+        every entry up to the stream's newest at the signal; its outcomes are this host's
+        counters. Bursts that overlap are reported together.
         """
         while any(self.burst_unfinished(q) for q in self.burst_names):
             await asyncio.sleep(BURST_POLL)
+        while not await asyncio.to_thread(self.redis_bursts_worked):
+            await asyncio.sleep(10 * BURST_POLL)
         ids = {q: {split_name(n)[0] for n in names} for q, names in self.burst_names.items()}
-        failed = retried = 0
+        outcome = {"succeeded": 0, "retried": 0, "failed": 0}
         for queue, queue_ids in ids.items():
-            failed += len(queue_ids & set(self.spool.names(queue, "failed")))
+            failed = len(queue_ids & set(self.spool.names(queue, "failed")))
             deferred = {split_deferred(n)[0] for n in self.spool.names(queue, "defer")}
-            retried += len(queue_ids & deferred)
-        total = sum(len(i) for i in ids.values())
-        outcome = {"succeeded": total - failed - retried, "retried": retried, "failed": failed}
+            retried = len(queue_ids & deferred)
+            outcome["succeeded"] += len(queue_ids) - failed - retried
+            outcome["retried"] += retried
+            outcome["failed"] += failed
+        now = self.queue_outcomes()
+        for queue in self.burst_marks:
+            for key in outcome:
+                outcome[key] += now[queue][key] - self.burst_counts.get(queue, {}).get(key, 0)
         self.burst_names.clear()
         self.burst_waiting.clear()
+        self.burst_marks.clear()
+        self.burst_counts = {}
         self.bursts.finished.value = self.burst_upto
         self.log.info("burst", outcome="done", **outcome)
         self.state.record("burst_done", generation=self.burst_upto, **outcome)
+
+    def redis_bursts_worked(self) -> bool:
+        """In a thread: a Redis that is slow or down must not stall the master's loop."""
+        from msgd import redisq
+
+        queues = self.redis_queues()
+        return all(
+            redisq.worked_up_to(q, queues[q], mark)
+            for q, mark in self.burst_marks.items()
+            if q in queues
+        )
+
+    def queue_outcomes(self) -> dict[str, dict[str, int]]:
+        snap = self.current_snapshot()["queues"]
+        return {q: {k: snap[q][k] for k in ("succeeded", "retried", "failed")} for q in snap}
 
     def burst_unfinished(self, queue: str) -> bool:
         """Whether any of the burst's messages of `queue` is still in new/ or cur/.
@@ -456,7 +493,7 @@ class Master:
 
     def redis_depths(self) -> dict[str, dict[str, int]]:
         """Read from a cache a thread refreshes: a Redis that is down never stalls this loop."""
-        queues = {n: q for n, q in self.config.queues.items() if q.backend == "redis"}
+        queues = self.redis_queues()
         if not queues:
             return {}
         if self.depth_watcher is None:
@@ -464,6 +501,9 @@ class Master:
 
             self.depth_watcher = DepthWatcher()
         return self.depth_watcher.depths(queues)
+
+    def redis_queues(self) -> dict[str, QueueConfig]:
+        return {n: q for n, q in self.config.queues.items() if q.backend == "redis"}
 
     def spool_queues(self) -> list[str]:
         return [n for n, q in self.config.queues.items() if q.backend == "spool"]

@@ -202,6 +202,39 @@ def depths_now(queue: str, policy: QueueConfig, timeout: float = 1.0) -> dict[st
         raise RedisQueueError(f"{queue}: {safe_url(policy.url)}: {e}") from None
 
 
+def burst_mark(queue: str, policy: QueueConfig) -> str:
+    """Where a queue's stream stood at a burst: the id of its newest entry ("0-0" if none)."""
+    try:
+        newest = connect(policy.url, 0.5).xrevrange(stream_name(queue, policy), count=1)
+    except redis.RedisError as e:
+        raise RedisQueueError(f"{queue}: {safe_url(policy.url)}: {e}") from None
+    return _text(newest[0][0]) if newest else "0-0"
+
+
+def worked_up_to(queue: str, policy: QueueConfig, mark: str) -> bool:
+    """Whether the group has been handed, and has settled, every entry up to `mark`.
+
+    False while Redis cannot be reached: nothing counts as worked that is not acknowledged.
+    """
+    if mark == "0-0":
+        return True
+    stream = stream_name(queue, policy)
+    try:
+        client = connect(policy.url, 0.5)
+        groups = client.xinfo_groups(stream)
+        ours = next((g for g in groups if _text(g["name"]) == policy.group), None)
+        if ours is None or _id(ours["last-delivered-id"]) < _id(mark):
+            return False
+        return not client.xpending_range(stream, policy.group, min="-", max=mark, count=1)
+    except redis.RedisError:
+        return False
+
+
+def _id(entry_id: bytes | str) -> tuple[int, int]:
+    ms, _, seq = _text(entry_id).partition("-")
+    return int(ms), int(seq or 0)
+
+
 class DepthWatcher:
     """The master's view of Redis queue depths, refreshed by a thread every second.
 

@@ -48,7 +48,7 @@ class SlotWriter:
     """A worker's handle on its own slot: the only code that writes it while the worker lives."""
 
     def __init__(self, segment: Any, slot: int) -> None:
-        self.a = segment
+        self.a = memoryview(segment).cast("B").cast("Q")  # ~45 ns an update; ctypes' ~55
         self.base = (slot % SLOTS_PER_SEGMENT) * SLOT
         # `a[i] += 1` is a read and a write: the runner threads of one worker (threads > 1) could
         # interleave there. Uncontended, the lock costs ~0.1 µs a message.
