@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint format bench bench-quick system-deps clean
+.PHONY: run test test-all lint format bench bench-quick system-deps clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,10 @@ run: $(STAMP)
 test: $(STAMP) system-deps
 	$(PY) -m ruff check daemon ctl tests bench
 	$(PY) -m pytest -q
+
+# The long fault-injection runs too (100 worker kills in a 10,000-message stream, ...).
+test-all: $(STAMP) system-deps
+	$(PY) -m pytest -q -m ''
 
 # Programs the tests drive: redis-server (Redis backend, peers' benchmarks), logrotate (the
 # packaged logrotate snippet). Installed when root; otherwise those tests skip and say why.
