@@ -238,9 +238,10 @@ def no_counters(args) -> dict:
         print(check.stdout + check.stderr, file=sys.stderr)
         sys.exit(EXIT_SKIPPED)
     on, off = [], []
-    for _ in range(args.samples):
-        on.append(presend_run(args, 0)["msgs_per_s"])
-        off.append(presend_run(args, 0, no_counters=True)["msgs_per_s"])
+    for i in range(args.samples):  # on first in even pairs, off first in odd: no order bias
+        for counting in (True, False) if i % 2 == 0 else (False, True):
+            rate = presend_run(args, 0, no_counters=not counting)["msgs_per_s"]
+            (on if counting else off).append(rate)
     return {
         "msgs_per_s": statistics.median(off),
         "on_msgs_per_s": statistics.median(on),

@@ -271,7 +271,8 @@ def markdown(results: dict, meta: dict) -> str:
     if off is None:
         add(f"Not measured: {entry.get('skipped') or entry.get('error') or 'not run'}.\n")
     else:
-        add(f"Median of {entry.get('pairs')} pair(s) of runs, on then off, side by side.\n")
+        pairs = entry.get("pairs")
+        add(f"Median of {pairs} pairs of runs side by side, alternating which goes first.\n")
         add("| msgd drain | msgs/s |\n| --- | --- |")
         add(
             f"| counters on | {fmt(on)} |\n| counters off (SlotWriter updates no-ops) | "

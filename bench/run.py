@@ -110,7 +110,8 @@ def plan(mode: str, iterations: int, unit: float) -> list[Run]:
     add("send", "msgd", m, ["send", "--n", z["send"], "--samples", z["send_one"]])
     add("send", "huey-sqlite", "peers/huey_peer.py", ["enqueue", "--backend", "sqlite",
         "--n", z["send"]], peer=True)  # fmt: skip
-    add("nocounters", "msgd", m, ["nocounters", "--n", z["drain"], "--samples", r])
+    pairs = r + r % 2  # an even number: as many with counters on first as off first
+    add("nocounters", "msgd", m, ["nocounters", "--n", z["drain"], "--samples", pairs])
     if mode == "smoke":  # msgd and the bare loop only: no peers, no bench venv
         runs = [x for x in runs if x.system in ("msgd", "bare")]
     return runs

@@ -35,6 +35,14 @@ def assert_settled(daemon: Msgd, sent: list[str], failed: int = 0, queue: str = 
     assert sorted(done + dead) == sorted(sent), "lost or duplicated messages"
 
 
+def send_and_await_start(daemon: Msgd, body: bytes = b"sleep:30") -> str:
+    """Start the daemon, send `body` (to a by_body queue), return its id once it is running."""
+    daemon.start()
+    mid = daemon.send(body)
+    wait_for(lambda: (daemon.out / "started").exists(), what="the message started")
+    return mid
+
+
 # -- producing ------------------------------------------------------------------------------------
 
 
@@ -218,9 +226,7 @@ def test_kill_9_of_a_worker_retries_its_message_and_replaces_it(daemon: Msgd) ->
     use(daemon, "handlers:by_body", backoff=[0])
     daemon.daemon["workers"] = 1
     daemon.write_config()
-    daemon.start()
-    mid = daemon.send(b"sleep:30")
-    wait_for(lambda: (daemon.out / "started").exists(), what="the message started")
+    mid = send_and_await_start(daemon)
     (worker,) = daemon.workers()
     os.kill(worker, signal.SIGKILL)
     wait_for(lambda: daemon.workers() and daemon.workers() != [worker], what="a new worker")
@@ -264,9 +270,7 @@ def test_kill_9_of_the_master_then_restart_recovers_everything(daemon: Msgd) -> 
 
 def test_graceful_stop_finishes_in_flight_work(daemon: Msgd) -> None:
     use(daemon, "handlers:by_body")
-    daemon.start()
-    mid = daemon.send(b"sleep:1")
-    wait_for(lambda: (daemon.out / "started").exists(), what="the message started")
+    mid = send_and_await_start(daemon, b"sleep:1")
     daemon.kill(signal.SIGTERM)
     assert daemon.wait_exit() == 0
     assert daemon.succeeded() == [mid]
@@ -277,18 +281,14 @@ def test_grace_period_ends_with_messages_returned_untouched(daemon: Msgd) -> Non
     use(daemon, "handlers:by_body")
     daemon.daemon["grace_period"] = 0.3
     daemon.write_config()
-    daemon.start()
-    mid = daemon.send(b"sleep:30")
-    wait_for(lambda: (daemon.out / "started").exists(), what="the message started")
+    mid = send_and_await_start(daemon)
     assert daemon.stop() == 0
     assert daemon.files("default", "new") == [mid]  # attempt not counted
 
 
 def test_quit_returns_in_flight_messages_to_new(daemon: Msgd) -> None:
     use(daemon, "handlers:by_body")
-    daemon.start()
-    mid = daemon.send(b"sleep:30")
-    wait_for(lambda: (daemon.out / "started").exists(), what="the message started")
+    mid = send_and_await_start(daemon)
     daemon.kill(signal.SIGQUIT)
     assert daemon.wait_exit() == 0
     assert daemon.files("default", "new") == [mid]
@@ -296,9 +296,7 @@ def test_quit_returns_in_flight_messages_to_new(daemon: Msgd) -> None:
 
 def test_second_term_while_draining_means_quit(daemon: Msgd) -> None:
     use(daemon, "handlers:by_body")
-    daemon.start()
-    mid = daemon.send(b"sleep:30")
-    wait_for(lambda: (daemon.out / "started").exists(), what="the message started")
+    mid = send_and_await_start(daemon)
     daemon.kill(signal.SIGTERM)
     wait_for(lambda: daemon.events("stopping"), what="draining")
     daemon.kill(signal.SIGTERM)

@@ -112,6 +112,8 @@ class Worker:
                     )
                 )
                 runner_no += 1
+        if len(runners) > 1:
+            self.counters.shared_by_threads()
         for t in runners:
             t.start()
         self.title("idle")
