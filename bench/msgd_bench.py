@@ -246,6 +246,8 @@ def no_counters(args) -> dict:
         "msgs_per_s": statistics.median(off),
         "on_msgs_per_s": statistics.median(on),
         "pairs": args.samples,
+        "on_runs": on,
+        "off_runs": off,
     }
 
 

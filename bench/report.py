@@ -278,9 +278,12 @@ def markdown(results: dict, meta: dict) -> str:
             f"| counters on | {fmt(on)} |\n| counters off (SlotWriter updates no-ops) | "
             f"{fmt(off)} |"
         )
+        runs = lambda key: ", ".join(fmt(v) for v in entry.get(key, []))  # noqa: E731
         add(
-            f"\nmsgd ÷ counters-off: {fmt(ratio(on, off), 2, 'x')} (above 1: the counters-off "
-            "run was slower, which the counters themselves cannot explain).\n"
+            f"\nmsgd ÷ counters-off: {fmt(ratio(on, off), 2, 'x')}. Every run, in order: on "
+            f"{runs('on_runs')}; off {runs('off_runs')}. The spread between runs of the same kind "
+            "is this disk's, and larger than the effect: the updates themselves cost msgd "
+            f"{fmt(c.get('slotwriter_start_finish_ns'))} ns a message (table above).\n"
         )
     add("## Memory (idle, after a few messages)\n")
     add("| system | processes | PSS MiB | RSS MiB |\n| --- | --- | --- | --- |")
