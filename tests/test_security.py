@@ -16,7 +16,7 @@ from pathlib import Path
 
 import msgd
 import pytest
-from conftest import Msgd, alive, wait_for
+from conftest import TESTS, Msgd, alive, wait_for
 from faultkit import Tally, tmpfs, uid_of, world_dir
 from msgd.config import ConfigError
 from msgd.spool import Spool, SpoolError, check_name
@@ -107,6 +107,13 @@ def test_privileges_drop_to_the_configured_user(tmp_path: Path) -> None:
         # daemon user (file_mode); the daemon itself never runs the interpreter anew after the
         # drop, so an interpreter only root can read is fine.
         d.daemon.update(user="nobody", group="nogroup", allow_root=False, file_mode=0o644)
+        # Handler code must be readable to the daemon user: wherever this checkout lives (a 0700
+        # temporary directory, say), give it a copy it can import.
+        code = root / "code"
+        code.mkdir(mode=0o755)
+        shutil.copy(TESTS / "handlers.py", code / "handlers.py")
+        (code / "handlers.py").chmod(0o644)
+        d.daemon["pythonpath"] = [str(code)]
         d.queues["default"] = {"handler": "handlers:by_body"}
         d.write_config()
         (root / "out").chmod(0o777)  # the test handlers report here, as nobody
