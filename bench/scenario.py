@@ -12,7 +12,7 @@ import shutil
 import time
 
 import probe
-from common import latency_figures, wait_for
+from common import latency_figures, tree_memory, wait_for
 
 WARMUP = 4  # warm-up messages sent before a stream, so that no worker is still starting
 
@@ -109,3 +109,22 @@ def produce(send, n: int) -> tuple[float, float]:
     for i in range(n):
         send(i, time.time())
     return first, time.time()
+
+
+def measure(args, proc, send) -> dict:
+    """What every peer does once its consumers run: time the scenario through the probe.
+
+    `send(i, ts)` enqueues message `i` stamped `ts` (drain and CPU-bound messages were enqueued
+    before the consumers started)."""
+    if args.scenario in ("drain", "cpu"):
+        s = wait_count(args.probe, args.n, args.timeout, proc=proc)
+        return drain_result(s, args.n, args.unit)
+    for _ in range(WARMUP):
+        send(-1, 0.0)
+    wait_ready(args.probe, proc=proc)
+    if args.scenario == "memory":
+        time.sleep(1.0)  # measured idle: 1 s after the last warm-up message, not a sync
+        return tree_memory(proc.pid)
+    first, last = produce(send, args.n)
+    s = wait_count(args.probe, args.n, args.timeout, with_values=True, proc=proc)
+    return stream_result(s, args.n, first, last)

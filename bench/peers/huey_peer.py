@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import launch
 import scenario
-from common import tree_memory, write_result
+from common import write_result
 
 WORKERS = 2
 
@@ -58,22 +58,7 @@ def main() -> None:
             job(i, 0.0, args.iterations)
     proc = consumer(args, extra)
     try:
-        if args.scenario in ("drain", "cpu"):
-            s = scenario.wait_count(args.probe, args.n, args.timeout, proc=proc)
-            result = scenario.drain_result(s, args.n, args.unit)
-        else:
-            for _ in range(scenario.WARMUP):
-                job(-1, 0.0, 0)
-            scenario.wait_ready(args.probe, proc=proc)
-            if args.scenario == "memory":
-                time.sleep(1.0)  # measured idle: 1 s after the last warm-up message, not a sync
-                result = tree_memory(proc.pid)
-            else:
-                first, last = scenario.produce(lambda i, ts: job(i, ts, 0), args.n)
-                s = scenario.wait_count(
-                    args.probe, args.n, args.timeout, with_values=True, proc=proc
-                )
-                result = scenario.stream_result(s, args.n, first, last)
+        result = scenario.measure(args, proc, lambda i, ts: job(i, ts, 0))
     finally:
         launch.stop(proc)
     write_result(args.out, result)
