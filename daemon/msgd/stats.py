@@ -288,19 +288,20 @@ def table(snap: Mapping[str, Any]) -> str:
         f"totals   succeeded {t['succeeded']}  retried {t['retried']}  failed {t['failed']}  "
         f"(rejected {t['rejected']}, timed out {t['timed_out']})",
         f"rate/s   1m {r['1m']}  5m {r['5m']}  15m {r['15m']}",
-        f"latency  p50 {_ms(lat['p50'])}  p90 {_ms(lat['p90'])}  p99 {_ms(lat['p99'])}",
+        f"handler  p50 {_ms(lat['p50'])}  p90 {_ms(lat['p90'])}  p99 {_ms(lat['p99'])}",
         "",
-        f"{'QUEUE':<20} {'NEW':>7} {'CUR':>5} {'DEFER':>6} {'FAILED':>7} {'DONE':>9} "
-        f"{'RETRIED':>8} {'FAILED':>7} {'P50':>9} {'P99':>9}",
+        # Waiting in the spool (DEAD: dead letters in failed/) | runs so far | handler time.
+        f"{'QUEUE':<20} {'NEW':>7} {'CUR':>5} {'DEFER':>6} {'DEAD':>6} | {'SUCCEEDED':>9} "
+        f"{'RETRIED':>8} {'FAILED':>7} | {'P50':>9} {'P99':>9}",
     ]
     for name, q in snap["queues"].items():
         d = q["depth"]
         lines.append(
-            f"{name:<20} {d['new']:>7} {d['cur']:>5} {d['defer']:>6} {d['failed']:>7} "
-            f"{q['succeeded']:>9} {q['retried']:>8} {q['failed']:>7} "
+            f"{name:<20} {d['new']:>7} {d['cur']:>5} {d['defer']:>6} {d['failed']:>6} | "
+            f"{q['succeeded']:>9} {q['retried']:>8} {q['failed']:>7} | "
             f"{_ms(q['latency_ms']['p50']):>9} {_ms(q['latency_ms']['p99']):>9}"
         )
-    lines += ["", f"{'SLOT':>4} {'PID':>8} {'STATE':<5} {'DONE':>9} {'FAILED':>7}  CURRENT"]
+    lines += ["", f"{'SLOT':>4} {'PID':>8} {'STATE':<5} {'SUCCEEDED':>9} {'FAILED':>7}  CURRENT"]
     for w in snap["workers"]:
         current = ", ".join(f"{c['queue']} {c['id']} {c['seconds']:.1f}s" for c in w["current"])
         lines.append(
