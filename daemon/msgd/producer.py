@@ -27,7 +27,10 @@ def producer_for(config_path: str | None, queue: str) -> Producer:
 
 @lru_cache(maxsize=16)
 def _cached(path: str, mtime_ns: int, queue: str) -> Producer:
-    """Parse the config once per version of the file, not once per message."""
+    """Parse the config once per version of the file, not once per message.
+
+    `mtime_ns` is not read: it is part of the cache key, so an edited file is parsed again.
+    """
     config = load_config(path)
     if queue not in config.queues:
         raise ConfigError(f"queues.{queue}: no such queue in {path}")
