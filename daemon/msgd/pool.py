@@ -232,11 +232,8 @@ class Pool:
             self.fast_deaths[dead.slot] = self.fast_deaths.get(dead.slot, 0) + 1
         else:
             self.fast_deaths.pop(dead.slot, None)
-        delay = (
-            min(0.05 * 2 ** self.fast_deaths.get(dead.slot, 0), 10.0)
-            if (dead.slot in self.fast_deaths)
-            else 0.0
-        )
+        deaths = self.fast_deaths.get(dead.slot, 0)
+        delay = min(0.05 * 2**deaths, 10.0) if deaths else 0.0  # 0.1 s, 0.2 s ... 10 s
         self.loop.call_later(delay, self._refill, dead.slot)
 
     def _refill(self, slot: int | None = None) -> None:
