@@ -382,3 +382,18 @@ def test_pidfile_lock_is_held(daemon: Msgd) -> None:
     daemon.start()
     with open(daemon.pidfile) as f, pytest.raises(BlockingIOError):
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_a_handler_import_that_hangs_is_a_config_error(
+    daemon: Msgd, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The import check runs in a forked child with a deadline: a reload can never hang on it."""
+    from msgd import config, handlers
+
+    (tmp_path / "stuck.py").write_text("import time\nwhile True:\n    time.sleep(1)\n")
+    daemon.daemon["pythonpath"] = [str(tmp_path)]
+    daemon.queues["default"] = {"handler": "stuck:run"}
+    daemon.write_config()
+    monkeypatch.setattr(handlers, "CHECK_TIMEOUT", 0.5)
+    with pytest.raises(config.ConfigError, match=r"importing the handlers took over 0.5s"):
+        handlers.check(config.load(daemon.config_path))

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import importlib
 import os
+import select
 import shutil
 import signal
 import subprocess
 import sys
-import traceback
 from collections.abc import Callable
 
 import msgspec
@@ -24,6 +24,7 @@ from msgd.signals import TABLE
 from msgd.sysutil import set_parent_death_signal
 
 EX_DATAERR = 65  # a command's way of saying Reject (sysexits.h)
+CHECK_TIMEOUT = 30.0  # seconds the import check of a config's handlers may take
 
 
 class Message(msgspec.Struct, frozen=True):
@@ -128,12 +129,16 @@ def check(config: Config) -> None:
         except ConfigError as e:
             os.write(write_end, str(e).encode()[:4000])
             status = 1
-        except BaseException:
-            os.write(write_end, traceback.format_exc().encode()[-4000:])
+        except BaseException as e:  # SystemExit, KeyboardInterrupt... at import time
+            os.write(write_end, f"importing handlers: {e!r}".encode()[:4000])
             status = 1
         os._exit(status)
     os.close(write_end)
     with os.fdopen(read_end, "rb") as r:
+        if not select.select([r], [], [], CHECK_TIMEOUT)[0]:  # an import that never returns
+            os.kill(pid, signal.SIGKILL)  # must not hang a reload (or the master with it)
+            os.waitpid(pid, 0)
+            raise ConfigError(f"queues: importing the handlers took over {CHECK_TIMEOUT:g}s")
         error = r.read().decode(errors="replace")
     _, status = os.waitpid(pid, 0)
     if status != 0:
