@@ -189,21 +189,25 @@ def test_daemon_mode_detaches_and_msgctl_stops_it(daemon: Msgd) -> None:
     )
     assert done.returncode == 0, done.stderr
     pid = daemon.pid  # ready means the pidfile and state file are there already
-    assert daemon.state()["pid"] == pid
-    assert os.getsid(pid) != os.getsid(0)  # a session of its own: detached from ours
-    daemon.send(b"hello")
-    wait_for(lambda: len(daemon.succeeded()) == 1, what="message worked by the detached daemon")
-    again = subprocess.run(
-        [str(BIN / "msgd"), "-c", str(daemon.config_path), "-D"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        stdin=subprocess.DEVNULL,
-    )
-    assert again.returncode == 1 and f"already running (pid {pid})" in again.stderr
-    stop = daemon.msgctl("stop")
-    assert stop.returncode == 0, stop.stderr
-    assert not alive(pid)
+    try:
+        assert daemon.state()["pid"] == pid
+        assert os.getsid(pid) != os.getsid(0)  # a session of its own: detached from ours
+        daemon.send(b"hello")
+        wait_for(lambda: len(daemon.succeeded()) == 1, what="message worked by the detached daemon")
+        again = subprocess.run(
+            [str(BIN / "msgd"), "-c", str(daemon.config_path), "-D"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            stdin=subprocess.DEVNULL,
+        )
+        assert again.returncode == 1 and f"already running (pid {pid})" in again.stderr
+        stop = daemon.msgctl("stop")
+        assert stop.returncode == 0, stop.stderr
+        assert not alive(pid)
+    finally:  # a failed assertion must not leave a detached daemon behind
+        if alive(pid):
+            os.kill(pid, signal.SIGKILL)
 
 
 # -- signals and acknowledgements -----------------------------------------------------------------
