@@ -307,9 +307,7 @@ class Master:
         """USR2: deferred retries become due now and burst-mode queues run until drained."""
         for name in self.spool_queues():
             self.spool.release_due(name, force=True)
-            names = set(self.spool.names(name, "new"))
-            for slot in self.spool.cur_slots(name):
-                names.update(self.spool.names(name, f"cur/{slot}"))
+            names = {*self.spool.names(name, "new"), *self.spool.claimed(name)}
             self.burst_names.setdefault(name, set()).update(names)
             self.burst_waiting[name] = sorted(self.burst_names[name], reverse=True)
         for name, policy in self.redis_queues().items():
@@ -390,11 +388,7 @@ class Master:
         if waiting:
             return True
         names = self.burst_names[queue]
-        return any(
-            n in names
-            for slot in self.spool.cur_slots(queue)
-            for n in self.spool.names(queue, f"cur/{slot}")
-        )
+        return any(n in names for n in self.spool.claimed(queue))
 
     def scale(self, delta: int) -> None:
         size = self.pool.scale(delta)

@@ -301,7 +301,7 @@ class Pool:
                     break
 
     def _name_of(self, slot: int, queue: str, crc: int) -> str:
-        names = os.listdir(self.spool.dir(queue, f"cur/{slot}"))
+        names = self.spool.names(queue, f"cur/{slot}")
         return next((n for n in names if zlib.crc32(n.encode()) == crc), names[0] if names else "")
 
     async def stop(self, grace: float) -> None:

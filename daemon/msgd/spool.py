@@ -15,7 +15,6 @@ hex digits: unique, and sorting them sorts by enqueue time.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import mmap
 import os
@@ -30,13 +29,12 @@ from typing import Any
 
 from msgd.config import Config, QueueConfig, valid_queue_name
 from msgd.handlers import Message
-from msgd.sysutil import drain, fsync_dir, make_dirs, watch_arrivals
+from msgd.sysutil import drain, fsync_dir, make_dirs, syncfs, watch_arrivals
 
 STATES = ("new", "cur", "defer", "failed")
 ERROR_SUFFIX = ".error.json"
 ACK_THREADS = 4  # concurrent unlinks: the filesystem overlaps their waits (~50 µs each)
 POLL_INTERVAL = 0.05  # only where inotify is unavailable
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 class SpoolError(Exception):
@@ -138,7 +136,7 @@ class Spool:
                 self._write(os.path.join(tmp, mid), body, fsync=one_by_one)
                 ids.append(mid)
             if self.fsync and not one_by_one and ids:
-                _syncfs(tmp)
+                syncfs(tmp)
         except BaseException:
             for mid in ids:
                 with contextlib.suppress(OSError):
@@ -181,18 +179,16 @@ class Spool:
     def cur_slots(self, queue: str) -> list[str]:
         return [s for s in _listdir(self.dir(queue, "cur")) if s.isdigit()]
 
+    def claimed(self, queue: str) -> list[str]:
+        """The names in every worker's cur/<slot>/ of a queue: what is in flight (or finished and
+        not yet unlinked)."""
+        return [n for slot in self.cur_slots(queue) for n in self.names(queue, f"cur/{slot}")]
+
     def depths(self, queue: str) -> dict[str, int]:
-        counts = {}
-        for state in STATES:
-            try:
-                names = os.listdir(self.dir(queue, state))
-            except FileNotFoundError:
-                names = []
-            if state == "cur":
-                counts[state] = sum(len(_listdir(self.dir(queue, f"cur/{s}"))) for s in names)
-            else:
-                counts[state] = sum(not n.endswith(ERROR_SUFFIX) for n in names)
-        return counts
+        counts = {"cur": len(self.claimed(queue))}
+        for state in ("new", "defer", "failed"):
+            counts[state] = sum(not n.endswith(ERROR_SUFFIX) for n in self.names(queue, state))
+        return {state: counts[state] for state in STATES}
 
     # -- retrying and repairing ------------------------------------------------------------------
 
@@ -277,7 +273,7 @@ class Spool:
         """Slots with anything under cur/ or an ack log: what a previous master left behind."""
         slots = set()
         for queue in self.queues():
-            slots.update(int(s) for s in _listdir(self.dir(queue, "cur")) if s.isdigit())
+            slots.update(int(s) for s in self.cur_slots(queue))
         for name in _listdir(os.path.join(self.root, ".msgd")):
             if name.startswith("ack.") and name[4:].isdigit():
                 slots.add(int(name[4:]))
@@ -314,17 +310,6 @@ def settle_failure(
     not_before = int((time.time() + policy.delay(attempt)) * 1000)
     os.rename(path, os.path.join(spool.dir(queue, "defer"), f"{mid}@{attempt}@{not_before}"))
     return "retried"
-
-
-def _syncfs(path: str) -> None:
-    """One syncfs flushes every file of a batch in one pass (os has no syncfs wrapper)."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        if _libc.syncfs(fd) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err), path)
-    finally:
-        os.close(fd)
 
 
 def _listdir(path: str) -> list[str]:
