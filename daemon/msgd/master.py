@@ -90,6 +90,7 @@ class Master:
             config=self.config.path,
             queues=sorted(self.config.queues),
         )
+        self.state.write()  # after "started" is logged: its appearance is what "ready" means
         self.notify.ready(self.summary())
         if self.on_ready:
             self.on_ready()
@@ -150,7 +151,6 @@ class Master:
             {"pid": os.getpid(), "started_at": self.started, "config": self.config.path},
         )
         self.publish()
-        self.state.write()  # last: its appearance is what "ready" means to msgctl and scripts
 
     def drop_privileges(self) -> None:
         """As root, become daemon.user/group once the pidfile and log are open; or refuse."""
@@ -321,8 +321,8 @@ class Master:
             self.burst_counts = self.queue_outcomes()
         self.pool.burst()
         size = sum(len(names) for names in self.burst_names.values())
-        self.burst_upto = self.state.record("burst", pending=size)
         self.log.info("burst", outcome="started", pending=size)
+        self.burst_upto = self.state.record("burst", pending=size)
         if self.burst_task is None or self.burst_task.done():
             self.burst_task = asyncio.create_task(self.finish_burst())
 
