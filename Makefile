@@ -14,8 +14,7 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(VENV)/bin/msgd -c examples/msgd.toml
 
-test: $(STAMP) system-deps
-	$(PY) -m ruff check daemon ctl tests bench
+test: $(STAMP) system-deps lint
 	$(PY) -m pytest -q
 
 # The long fault-injection runs too (100 worker kills in a 10,000-message stream, ...).

@@ -132,7 +132,7 @@ class Msgd:
 
     def events(self, name: str | None = None) -> list[dict[str, Any]]:
         try:
-            lines = (self.root / "msgd.log").read_text().splitlines()
+            lines = (self.root / "msgd.log").read_text().split("\n")[:-1]  # not a half line
         except FileNotFoundError:
             return []
         events = [json.loads(line) for line in lines if line.startswith("{")]

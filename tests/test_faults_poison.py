@@ -65,7 +65,7 @@ def test_poison_messages_end_in_failed_and_the_rest_flows(daemon: Msgd) -> None:
     assert error_record(daemon, rejected)["error_type"] == "Reject"
     assert attempts_of(daemon, rejected) == 1
     assert leak in daemon.succeeded()
-    recycled = daemon.events("worker recycled")
+    recycled = wait_for(lambda: daemon.events("worker recycled"), what="the recycle logged")
     assert len(recycled) == 1 and recycled[0]["reason"] == "max_rss_mb exceeded"
     assert daemon.proc.poll() is None
     wait_for(lambda: len(daemon.workers()) == 3, 15, "the pool back at 3 workers")
@@ -111,8 +111,8 @@ def test_corrupt_spool_entries_are_quarantined(daemon: Msgd, tmp_path: Path) -> 
     for mid in ("link0000000000000000002", "loop00000000000000000006"):
         assert error_record(daemon, mid)["error_type"] in ("OSError",)
     assert secret.read_text() == "not for handlers"
-    quarantined = [e for e in daemon.events("message failed")]
-    assert len(quarantined) == 4
+    # The worker logs each failure just after moving the file: wait for the lines.
+    wait_for(lambda: len(daemon.events("message failed")) == 4, what="4 failures logged")
     assert not daemon.events("worker exited"), "no worker died over a corrupt entry"
     assert daemon.proc.poll() is None
     tally.check("corrupt spool entries", 10)

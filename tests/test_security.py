@@ -193,6 +193,7 @@ def test_exception_text_is_recorded_verbatim_never_formatted(daemon: Msgd) -> No
     daemon.start()
     ids = daemon.send_many(BAIT[:5])
     wait_for(lambda: len(daemon.files("default", "failed")) == 10, what="dead letters")
+    wait_for(lambda: len(daemon.events("message failed")) == 5, what="the failures logged")
     for mid, body in zip(ids, BAIT[:5], strict=True):
         record = json.loads(
             (daemon.root / "spool/default/failed" / f"{mid}.error.json").read_text()

@@ -37,10 +37,17 @@ def tool(name: str) -> str:
     return path
 
 
-def run(*args: str | os.PathLike[str],
-        env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([os.fspath(a) for a in args], capture_output=True, text=True,
-                          timeout=TIMEOUT, env=env, check=False)
+def run(
+    *args: str | os.PathLike[str], env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [os.fspath(a) for a in args],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env=env,
+        check=False,
+    )
 
 
 def parse_unit(path: Path) -> dict[str, list[tuple[str, str]]]:
@@ -133,18 +140,22 @@ def verify(root: Path) -> str:
     """
     analyze = tool("systemd-analyze")
     result = run(analyze, "verify", "--man=no", f"--root={root}", INSTALLED_UNIT)
-    return (result.stdout + result.stderr).strip() + ("" if result.returncode == 0 else
-                                                      f"\n(exit status {result.returncode})")
+    return (result.stdout + result.stderr).strip() + (
+        "" if result.returncode == 0 else f"\n(exit status {result.returncode})"
+    )
 
 
 def test_verify_prints_nothing(tmp_path: Path) -> None:
     assert verify(fake_root(tmp_path)) == ""
 
 
-@pytest.mark.parametrize(("change", "complaint"), [
-    ("bogus key", "Unknown key 'NoSuchSetting'"),
-    ("missing program", "is not executable"),
-])
+@pytest.mark.parametrize(
+    ("change", "complaint"),
+    [
+        ("bogus key", "Unknown key 'NoSuchSetting'"),
+        ("missing program", "is not executable"),
+    ],
+)
 def test_verify_harness_catches_mistakes(tmp_path: Path, change: str, complaint: str) -> None:
     """The fake root must not hide real mistakes: a broken copy of the unit is reported."""
     text = UNIT.read_text()
@@ -159,8 +170,9 @@ def test_verify_harness_catches_mistakes(tmp_path: Path, change: str, complaint:
 def security_report(unit: Path) -> tuple[float, subprocess.CompletedProcess[str]]:
     analyze = tool("systemd-analyze")
     result = run(analyze, "security", "--offline=true", "--no-pager", unit)
-    found = re.search(rf"Overall exposure level for {re.escape(unit.name)}: (\d+(?:\.\d+)?)",
-                      result.stdout)
+    found = re.search(
+        rf"Overall exposure level for {re.escape(unit.name)}: (\d+(?:\.\d+)?)", result.stdout
+    )
     assert found, f"no overall exposure line in:\n{result.stdout}\n{result.stderr}"
     return float(found.group(1)), result
 
@@ -175,11 +187,23 @@ def test_security_exposure_is_low() -> None:
 
 def test_security_exposure_reacts_to_hardening(tmp_path: Path) -> None:
     """The parsed figure is the real one: a copy without its sandboxing scores far worse."""
-    sandbox = ("User", "CapabilityBoundingSet", "SystemCallFilter", "ProtectSystem",
-               "PrivateUsers", "PrivateDevices", "RestrictNamespaces")
+    sandbox = (
+        "User",
+        "CapabilityBoundingSet",
+        "SystemCallFilter",
+        "ProtectSystem",
+        "PrivateUsers",
+        "PrivateDevices",
+        "RestrictNamespaces",
+    )
     bare = tmp_path / UNIT.name
-    bare.write_text("".join(line for line in UNIT.read_text().splitlines(keepends=True)
-                            if not line.startswith(sandbox)))
+    bare.write_text(
+        "".join(
+            line
+            for line in UNIT.read_text().splitlines(keepends=True)
+            if not line.startswith(sandbox)
+        )
+    )
     exposure, _ = security_report(bare)
     assert exposure > MAX_EXPOSURE + 3
 
@@ -273,11 +297,15 @@ def test_sysusers_then_tmpfiles_in_a_scratch_root(tmp_path: Path) -> None:
     (tmp_path / "etc").mkdir()
     result = run(sysusers, f"--root={tmp_path}", SYSUSERS)
     assert result.returncode == 0, result.stderr
-    passwd = {line.split(":")[0]: line.split(":")
-              for line in (tmp_path / "etc/passwd").read_text().splitlines()}
+    passwd = {
+        line.split(":")[0]: line.split(":")
+        for line in (tmp_path / "etc/passwd").read_text().splitlines()
+    }
     _, _, uid, gid, _, home, shell = passwd["msgd"]
-    groups = {line.split(":")[0]: line.split(":")[2]
-              for line in (tmp_path / "etc/group").read_text().splitlines()}
+    groups = {
+        line.split(":")[0]: line.split(":")[2]
+        for line in (tmp_path / "etc/group").read_text().splitlines()
+    }
     assert groups["msgd"] == gid
     assert int(uid) < 1000, "msgd must be a system user"
     assert shell.endswith("nologin") and not Path(home).is_relative_to("/home")
@@ -303,8 +331,9 @@ def postrotate_script(text: str) -> str:
 
 def test_logrotate_reloads_msgd() -> None:
     text = LOGROTATE.read_text()
-    assert text.lstrip().startswith("/var/log/msgd/*.log {") or \
-        re.search(r"^/var/log/msgd/\*\.log\s*\{", text, re.M)
+    assert text.lstrip().startswith("/var/log/msgd/*.log {") or re.search(
+        r"^/var/log/msgd/\*\.log\s*\{", text, re.M
+    )
     script = postrotate_script(text)
     assert re.search(rf"msgctl\s+-c\s+{re.escape(CONFIG)}\s+reload\b", script), script
     for directive in ("missingok", "notifempty", "compress", "delaycompress", "sharedscripts"):
@@ -319,8 +348,11 @@ def logrotate_copy(tmp_path: Path) -> tuple[Path, Path, Path]:
     me = subprocess.run(["id", "-un"], capture_output=True, text=True, check=True).stdout.strip()
     group = subprocess.run(["id", "-gn"], capture_output=True, text=True, check=True).stdout
     text = LOGROTATE.read_text()
-    for old, new in (("/var/log/msgd/", f"{logs}/"), ("/run/msgd/msgd.pid", str(pidfile)),
-                     ("msgd msgd", f"{me} {group.strip()}")):
+    for old, new in (
+        ("/var/log/msgd/", f"{logs}/"),
+        ("/run/msgd/msgd.pid", str(pidfile)),
+        ("msgd msgd", f"{me} {group.strip()}"),
+    ):
         assert old in text, f"msgd.logrotate no longer mentions {old!r}: update this test"
         text = text.replace(old, new)
     conf = tmp_path / "msgd.logrotate"
@@ -344,16 +376,26 @@ def stub(path: Path, calls: Path, status: int) -> None:
     path.chmod(0o755)
 
 
-@pytest.mark.parametrize(("case", "expected_calls", "status"), [
-    ("running", [f"msgctl -c {CONFIG} reload"], 0),
-    ("stopped", [], 0),
-    # msgctl refuses to HUP with an invalid config on disk: msgd is HUPed anyway, so that it
-    # reopens its log, and logrotate reports the failure.
-    ("config rejected", [f"msgctl -c {CONFIG} reload",
-                         "systemctl kill --kill-whom=main --signal=SIGHUP msgd.service"], 1),
-])
-def test_logrotate_forced_run(tmp_path: Path, case: str, expected_calls: list[str],
-                              status: int) -> None:
+@pytest.mark.parametrize(
+    ("case", "expected_calls", "status"),
+    [
+        ("running", [f"msgctl -c {CONFIG} reload"], 0),
+        ("stopped", [], 0),
+        # msgctl refuses to HUP with an invalid config on disk: msgd is HUPed anyway, so that it
+        # reopens its log, and logrotate reports the failure.
+        (
+            "config rejected",
+            [
+                f"msgctl -c {CONFIG} reload",
+                "systemctl kill --kill-whom=main --signal=SIGHUP msgd.service",
+            ],
+            1,
+        ),
+    ],
+)
+def test_logrotate_forced_run(
+    tmp_path: Path, case: str, expected_calls: list[str], status: int
+) -> None:
     """A real (forced) rotation in tmp_path, with stubs for msgctl and systemctl on PATH."""
     logrotate = tool("logrotate")
     conf, logs, pidfile = logrotate_copy(tmp_path)
