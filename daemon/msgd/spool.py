@@ -185,10 +185,15 @@ class Spool:
         return [n for slot in self.cur_slots(queue) for n in self.names(queue, f"cur/{slot}")]
 
     def depths(self, queue: str) -> dict[str, int]:
-        counts = {"cur": len(self.claimed(queue))}
-        for state in ("new", "defer", "failed"):
-            counts[state] = sum(not n.endswith(ERROR_SUFFIX) for n in self.names(queue, state))
-        return {state: counts[state] for state in STATES}
+        """Message counts per state. A USR1 dump pays for these listings (~0.2 µs a name), so
+        only failed/, where each message has an .error.json beside it, is filtered."""
+        failed = self.names(queue, "failed")
+        return {
+            "new": len(self.names(queue, "new")),
+            "cur": len(self.claimed(queue)),
+            "defer": len(self.names(queue, "defer")),
+            "failed": len(failed) - sum(n.endswith(ERROR_SUFFIX) for n in failed),
+        }
 
     # -- retrying and repairing ------------------------------------------------------------------
 
