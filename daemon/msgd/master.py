@@ -217,7 +217,7 @@ class Master:
             return_when=asyncio.FIRST_COMPLETED,
         )
 
-    async def serve(self, action: Action, run: Callable[[], Any]) -> None:
+    async def serve(self, action: Action, run: Callable[[], None]) -> None:
         """One action's task: wait for its signal, run it, repeat. Repeats coalesce."""
         event = self.signals.events[action]
         while True:
@@ -225,12 +225,13 @@ class Master:
             event.clear()
             if self.draining:
                 continue
+            self.state.began = time.monotonic()
             try:
-                result = run()
-                if asyncio.iscoroutine(result):
-                    await result
+                run()
             except Exception:
                 self.log.exception(action.value, outcome="error")
+            finally:
+                self.state.began = None
 
     # -- actions ---------------------------------------------------------------------------------
 

@@ -115,6 +115,7 @@ class StateFile:
 
     def __init__(self, path: str, info: dict[str, Any]) -> None:
         self.path = path
+        self.began: float | None = None  # CLOCK_MONOTONIC when the running action's task woke
         self.data: dict[str, Any] = {
             **info,
             "generations": dict.fromkeys(self.ACTIONS, 0),
@@ -128,7 +129,10 @@ class StateFile:
         """
         gens = self.data["generations"]
         gens[action] = gens[action] + 1 if generation is None else generation
-        self.data["last"][action] = {"at": time.time(), **outcome}
+        last = {"at": time.time(), **outcome}
+        if self.began is not None:  # the same clock in every process: a sender can tell how
+            last["began_monotonic"] = self.began  # long the signal took to reach the task
+        self.data["last"][action] = last
         self.write()
         return self.data["generations"][action]
 
