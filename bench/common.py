@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -61,6 +60,8 @@ def burn(iterations: int) -> int:
 
 def calibrate(target_seconds: float = 0.005, rounds: int = 15) -> tuple[int, float]:
     """Iterations that take about `target_seconds`, and the median measured time for them."""
+    import statistics  # here, not at the top: every system's workers import this module
+
     iterations = 10_000
     while True:
         t = time.perf_counter()

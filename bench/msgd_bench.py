@@ -34,12 +34,16 @@ QUEUE = "default"
 LAUNCH_NO_COUNTERS = os.path.join(BENCH, "launch_nocounters.py")
 EXIT_SKIPPED = 3  # a scenario that cannot run here (reported as skipped, not failed)
 
+# Runtime files (pidfile, state, stats) on a tmpfs, as msgd's defaults put them in /run/msgd;
+# the spool on this disk, beside the bare loop's and the peers' files.
+RUN_ROOT = "/dev/shm" if os.path.isdir("/dev/shm") else None
+
 CONFIG = """\
 [daemon]
-pidfile = "var/msgd.pid"
+pidfile = "{run}/msgd.pid"
 spool = "var/spool"
 workers = {workers}
-stats_file = "var/stats.json"
+stats_file = "{run}/stats.json"
 log_file = "var/msgd.log"
 log_format = "json"
 fsync = true
@@ -60,27 +64,34 @@ class Daemon:
         self.dir = workdir
         shutil.rmtree(workdir, ignore_errors=True)
         os.makedirs(os.path.join(workdir, "var"))
+        self.run = os.path.join(RUN_ROOT or workdir, f"msgd-bench-{os.getpid()}")
         self.config = os.path.join(workdir, "msgd.toml")
         with open(self.config, "w") as f:
             # The bench directory is computed at run time; the file lives under bench/out/.
-            f.write(CONFIG.format(workers=workers, bench=BENCH, queue=QUEUE, mode=mode))
-        self.state_file = os.path.join(workdir, "var", "msgd.state")
-        self.stats_file = os.path.join(workdir, "var", "stats.json")
+            f.write(
+                CONFIG.format(workers=workers, bench=BENCH, queue=QUEUE, mode=mode, run=self.run)
+            )
+        self.state_file = os.path.join(self.run, "msgd.state")
+        self.stats_file = os.path.join(self.run, "stats.json")
         self.spool = os.path.join(workdir, "var", "spool", QUEUE)
         self.proc: subprocess.Popen | None = None
 
-    def command(self, no_counters: bool = False) -> list[str]:
-        if no_counters:
-            return [sys.executable, LAUNCH_NO_COUNTERS, "-c", self.config]
+    def command(self, launcher: tuple[str, ...] | None = None) -> list[str]:
+        """`msgd -c CONFIG`, or through bench/launch_nocounters.py with `launcher`'s options."""
+        if launcher is not None:
+            return [sys.executable, LAUNCH_NO_COUNTERS, *launcher, "-c", self.config]
         script = os.path.join(os.path.dirname(sys.executable), "msgd")
         if os.path.exists(script):
             return [script, "-c", self.config]
         return [sys.executable, "-m", "msgd", "-c", self.config]
 
-    def start(self, no_counters: bool = False, env: dict[str, str] | None = None) -> None:
+    def start(
+        self, launcher: tuple[str, ...] | None = None, env: dict[str, str] | None = None
+    ) -> None:
+        os.makedirs(self.run, exist_ok=True)
         with open(os.path.join(self.dir, "stderr.log"), "ab") as err:
             self.proc = subprocess.Popen(
-                self.command(no_counters),
+                self.command(launcher),
                 env=dict(os.environ, **(env or {})),
                 stdin=subprocess.DEVNULL,
                 stdout=err,
@@ -125,6 +136,7 @@ class Daemon:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        shutil.rmtree(self.run, ignore_errors=True)
         return self.proc.returncode
 
     def spool_clean(self) -> bool:
@@ -190,7 +202,7 @@ def spaced() -> None:
 # --- throughput ---------------------------------------------------------------------------------
 
 
-def presend_run(args, iterations: int, no_counters: bool = False) -> dict:
+def presend_run(args, iterations: int, launcher: tuple[str, ...] | None = None) -> dict:
     """Send N durably, then start msgd on the full spool and wait until every message is handled.
 
     Timed like every peer: first handler start to last handler end (probe), so start-up is not
@@ -200,7 +212,7 @@ def presend_run(args, iterations: int, no_counters: bool = False) -> dict:
     probe_dir = scenario.fresh_probe(args.workdir, args.n)
     d.send_many([tasks.encode(i, 0.0, iterations) for i in range(args.n)])
     started = time.time()
-    d.start(no_counters)
+    d.start(launcher)
     try:
         s = scenario.wait_count(probe_dir, args.n, args.timeout, proc=d.proc)
         wait_for(d.spool_clean, 60, "new/ and cur/ to be empty", 0.002)
@@ -228,26 +240,31 @@ def cpu(args) -> dict:
     return presend_run(args, args.iterations)
 
 
+# The drain's three ways of starting msgd: plain, through the launcher with the counters' updates
+# made no-ops, and through the launcher unchanged (a control: the launcher's own effect and this
+# machine's run-to-run spread, which is larger than the counters' cost).
+LAUNCHES = {"on": None, "off": (), "control": ("--control",)}
+
+
 def no_counters(args) -> dict:
-    """The drain with counters on and off (a launcher makes the updates no-ops), alternately in
-    `--samples` pairs: this disk drifts within a run, so only side-by-side runs compare."""
+    """The drain started each of the LAUNCHES ways, `--samples` rounds, the order rotating."""
     check = subprocess.run(
         [sys.executable, LAUNCH_NO_COUNTERS, "--check-names"], capture_output=True, text=True
     )
     if check.returncode != 0:
         print(check.stdout + check.stderr, file=sys.stderr)
         sys.exit(EXIT_SKIPPED)
-    on, off = [], []
-    for i in range(args.samples):  # on first in even pairs, off first in odd: no order bias
-        for counting in (True, False) if i % 2 == 0 else (False, True):
-            rate = presend_run(args, 0, no_counters=not counting)["msgs_per_s"]
-            (on if counting else off).append(rate)
+    runs: dict[str, list[float]] = {arm: [] for arm in LAUNCHES}
+    arms = list(LAUNCHES)
+    for i in range(args.samples):
+        for arm in arms[i % 3 :] + arms[: i % 3]:
+            runs[arm].append(presend_run(args, 0, LAUNCHES[arm])["msgs_per_s"])
     return {
-        "msgs_per_s": statistics.median(off),
-        "on_msgs_per_s": statistics.median(on),
-        "pairs": args.samples,
-        "on_runs": on,
-        "off_runs": off,
+        "msgs_per_s": statistics.median(runs["off"]),
+        "on_msgs_per_s": statistics.median(runs["on"]),
+        "control_msgs_per_s": statistics.median(runs["control"]),
+        "rounds": args.samples,
+        **{f"{arm}_runs": rates for arm, rates in runs.items()},
     }
 
 
@@ -323,20 +340,26 @@ def stream(args) -> dict:
 # --- signals ------------------------------------------------------------------------------------
 
 
-def usr1_samples(d: Daemon, samples: int) -> list[float]:
-    watch = Watch(d.stats_file)
-    out = []
+def usr1_samples(d: Daemon, samples: int) -> tuple[list[float], list[float]]:
+    """Per USR1: kill → stats file rewritten, and kill → the action's task running (the state
+    file's `began_monotonic`: CLOCK_MONOTONIC, the same clock in every process)."""
+    stats, state = Watch(d.stats_file), Watch(d.state_file)
+    rewritten, running = [], []
     try:
         for _ in range(samples):
             before = (read_json(d.stats_file) or {}).get("generation", 0)
-            t0 = time.perf_counter()
+            t0 = time.monotonic()
             d.signal(signal.SIGUSR1)
-            watch.until(lambda s, b=before: s.get("generation", 0) > b, 5, "stats generation")
-            out.append(time.perf_counter() - t0)
+            stats.until(lambda s, b=before: s.get("generation", 0) > b, 5, "stats generation")
+            rewritten.append(time.monotonic() - t0)
+            acked = lambda s, b=before: s["generations"]["stats"] > b  # noqa: E731
+            state.until(acked, 5, "stats acknowledged")
+            running.append(read_json(d.state_file)["last"]["stats"]["began_monotonic"] - t0)
             spaced()
     finally:
-        watch.close()
-    return out
+        stats.close()
+        state.close()
+    return rewritten, running
 
 
 def usr1(args) -> dict:
@@ -347,19 +370,21 @@ def usr1(args) -> dict:
     try:
         d.wait_ready()
         wait_for(lambda: read_json(d.stats_file), 10, "the first stats file")
-        idle = usr1_samples(d, args.samples)
+        idle, idle_running = usr1_samples(d, args.samples)
         # Saturate: CPU-bound messages worth about twice the expected sampling time.
         sampling = args.samples * 0.03
         n = max(100, int(2 * sampling * WORKERS / args.unit))
         d.send_many([tasks.encode(i, 0.0, args.iterations) for i in range(n)])
         wait_for(lambda: probe.summary(probe_dir).count >= 1, 30, "the pool to start working")
-        busy = usr1_samples(d, args.samples)
+        busy, busy_running = usr1_samples(d, args.samples)
         saturated = probe.summary(probe_dir).count < n  # work was still queued at the end
     finally:
         d.stop()
     return {
         "idle": latency_figures(idle),
         "saturated": latency_figures(busy),
+        "task_idle": latency_figures(idle_running),
+        "task_saturated": latency_figures(busy_running),
         "saturated_throughout": saturated,
     }
 
@@ -461,8 +486,10 @@ def counters(args) -> dict:
         "lockfree_ns": lockfree - empty,
         "locked_ns": locked - empty,
     }
-    # What msgd itself does per message: SlotWriter.start + SlotWriter.finish.
-    result["slotwriter_start_finish_ns"] = ns("w.finish(0, 0, 0, w.start(0, 0, 'x'))") - empty
+    # What a worker does per message: start, intend and finish, with a real message name.
+    env["name"] = "19bd2c1e0f5a3b7c9d1e4f60@1"
+    per_message = "w.intend(0, 0, 0)\nw.finish(0, 0, 0, w.start(0, 0, name))"
+    result["per_message_ns"] = ns(per_message) - empty
     return result
 
 

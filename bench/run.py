@@ -50,7 +50,7 @@ EXIT_SKIPPED = 3
 
 # Sizes per mode: full, --quick, --smoke.
 SIZES = {
-    "full": dict(drain=20_000, stream=10_000, cpu=2_000, usr1=100, hup=30, counters=1_000_000,
+    "full": dict(drain=20_000, stream=10_000, cpu=2_000, usr1=200, hup=30, counters=1_000_000,
                  start=10, send=5_000, send_one=2_000, repeats=3),
     "quick": dict(drain=5_000, stream=2_000, cpu=400, usr1=30, hup=10, counters=200_000,
                   start=5, send=5_000, send_one=500, repeats=1),
@@ -97,9 +97,9 @@ def plan(mode: str, iterations: int, unit: float) -> list[Run]:
     peers("drain", z["drain"], textbook={"queue": "drain", "pool": "drain"}, repeats=r)
     add("stream", "msgd", m, ["stream", "--n", z["stream"]])
     peers("stream", z["stream"], textbook={"queue": "stream", "pool": "stream"})
-    add("cpu", "msgd", m, ["cpu", "--n", z["cpu"], *cpu])
-    add("cpu", "bare", m, ["cpu-bare", "--n", z["cpu"], *cpu])
-    peers("cpu", z["cpu"], cpu, textbook={"queue": "cpu", "pool": "cpu"})
+    add("cpu", "msgd", m, ["cpu", "--n", z["cpu"], *cpu], repeats=r)
+    add("cpu", "bare", m, ["cpu-bare", "--n", z["cpu"], *cpu], repeats=r)
+    peers("cpu", z["cpu"], cpu, textbook={"queue": "cpu", "pool": "cpu"}, repeats=r)
     add("usr1", "msgd", m, ["usr1", "--samples", z["usr1"], *cpu])
     add("hup", "msgd", m, ["hup", "--samples", z["hup"]])
     add("counters", "msgd", m, ["counters", "--n", z["counters"]])
@@ -110,8 +110,8 @@ def plan(mode: str, iterations: int, unit: float) -> list[Run]:
     add("send", "msgd", m, ["send", "--n", z["send"], "--samples", z["send_one"]])
     add("send", "huey-sqlite", "peers/huey_peer.py", ["enqueue", "--backend", "sqlite",
         "--n", z["send"]], peer=True)  # fmt: skip
-    pairs = r + r % 2  # an even number: as many with counters on first as off first
-    add("nocounters", "msgd", m, ["nocounters", "--n", z["drain"], "--samples", pairs])
+    rounds = 3 * r  # a multiple of 3: each way of starting msgd goes first equally often
+    add("nocounters", "msgd", m, ["nocounters", "--n", z["drain"], "--samples", rounds])
     if mode == "smoke":  # msgd and the bare loop only: no peers, no bench venv
         runs = [x for x in runs if x.system in ("msgd", "bare")]
     return runs
