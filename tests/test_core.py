@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -215,11 +216,14 @@ def test_daemon_mode_detaches_and_msgctl_stops_it(daemon: Msgd) -> None:
 
 def test_usr1_dumps_stats_once(daemon: Msgd) -> None:
     daemon.start()
+    sent = time.monotonic()
     daemon.kill(signal.SIGUSR1)
     wait_for(lambda: daemon.generation("stats") == 1, what="stats ack")
     events = daemon.events("stats")
     assert len(events) == 1 and events[0]["generation"] == 1
     assert daemon.stats()["generation"] == 1
+    # When the task woke, on the clock every process shares: after the kill, before the ack.
+    assert sent < daemon.state()["last"]["stats"]["began_monotonic"] < time.monotonic()
 
 
 def test_hup_reloads_and_a_bad_config_keeps_the_old_one(daemon: Msgd) -> None:
