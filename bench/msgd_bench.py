@@ -48,12 +48,21 @@ log_file = "var/msgd.log"
 log_format = "json"
 fsync = true
 allow_root = true
-pythonpath = [{bench!r}]
+pythonpath = [{bench!r}, {workdir!r}]
 
 [queues.{queue}]
 handler = "handlers:job"
 mode = "{mode}"
 timeout = 300.0
+"""
+
+# hup-code's handler, rewritten before each HUP: it notes its version and when it ran.
+VERSIONED = """\
+import os, time
+VERSION = {version}
+def job(message):
+    with open({out!r}, "a") as f:
+        f.write(f"{{VERSION}} {{time.monotonic()}}\\n")
 """
 
 
@@ -69,7 +78,14 @@ class Daemon:
         with open(self.config, "w") as f:
             # The bench directory is computed at run time; the file lives under bench/out/.
             f.write(
-                CONFIG.format(workers=workers, bench=BENCH, queue=QUEUE, mode=mode, run=self.run)
+                CONFIG.format(
+                    workers=workers,
+                    bench=BENCH,
+                    workdir=workdir,
+                    queue=QUEUE,
+                    mode=mode,
+                    run=self.run,
+                )
             )
         self.state_file = os.path.join(self.run, "msgd.state")
         self.stats_file = os.path.join(self.run, "stats.json")
@@ -460,6 +476,50 @@ def hup(args) -> dict:
     }
 
 
+def hup_code(args) -> dict:
+    """HUP after the handler's code changed -> the first message run by the new code.
+
+    A second queue's handler lives in a module the driver rewrites before each HUP; after the
+    signal the driver sends a message every 2 ms until one is run by the new version (old workers
+    may still take one or two). The handler notes time.monotonic(), the driver's clock too.
+    """
+    d = Daemon(os.path.join(args.workdir, "msgd"))
+    module, out = os.path.join(d.dir, "versioned.py"), os.path.join(d.dir, "ran.txt")
+
+    def install(version: int) -> None:
+        with open(module + ".tmp", "w") as f:
+            f.write(VERSIONED.format(version=version, out=out))
+        os.replace(module + ".tmp", module)
+
+    def ran(version: int) -> list[float]:
+        with open(out) as f:
+            return [float(t) for v, t in (line.split() for line in f) if int(v) == version]
+
+    install(0)
+    with open(d.config, "a") as f:
+        f.write('\n[queues.code]\nhandler = "versioned:job"\n')
+    open(out, "w").close()
+    # No bytecode cache: a rewrite within the same second could otherwise load a stale .pyc.
+    d.start(env={"PYTHONDONTWRITEBYTECODE": "1"})
+    samples = []
+    try:
+        d.wait_ready()
+        for version in range(1, args.samples + 1):
+            install(version)
+            t0 = time.monotonic()
+            d.signal(signal.SIGHUP)
+
+            def new_code_ran(v: int = version) -> list[float]:
+                msgd.send(b"probe", queue="code", config=d.config)
+                return ran(v)
+
+            samples.append(min(wait_for(new_code_ran, 10, "the new code", 0.002)) - t0)
+            spaced()
+    finally:
+        d.stop()
+    return latency_figures(samples)
+
+
 # --- counters, memory, start, send --------------------------------------------------------------
 
 
@@ -571,6 +631,7 @@ SCENARIOS = {
     "cpu-bare": cpu_bare,
     "usr1": usr1,
     "hup": hup,
+    "hup-code": hup_code,
     "counters": counters,
     "memory": memory,
     "start": start,

@@ -44,7 +44,8 @@ BENCH_PY = os.path.join(BENCH_VENV, "bin", "python")
 REQUIREMENTS = os.path.join(BENCH_DIR, "requirements.txt")
 STAMP = os.path.join(BENCH_VENV, ".bench-requirements")
 SCENARIOS = [
-    "drain", "stream", "cpu", "usr1", "hup", "counters", "memory", "start", "send", "nocounters"
+    "drain", "stream", "cpu", "usr1", "hup", "hup-code", "counters", "memory", "start", "send",
+    "nocounters",
 ]  # fmt: skip
 EXIT_SKIPPED = 3
 
@@ -102,6 +103,7 @@ def plan(mode: str, iterations: int, unit: float) -> list[Run]:
     peers("cpu", z["cpu"], cpu, textbook={"queue": "cpu", "pool": "cpu"}, repeats=r)
     add("usr1", "msgd", m, ["usr1", "--samples", z["usr1"], *cpu])
     add("hup", "msgd", m, ["hup", "--samples", z["hup"]])
+    add("hup-code", "msgd", m, ["hup-code", "--samples", z["hup"]])
     add("counters", "msgd", m, ["counters", "--n", z["counters"]])
     add("memory", "msgd", m, ["memory"])
     add("memory", "huey-sqlite", "peers/huey_peer.py", ["memory", "--backend", "sqlite"], peer=True)
