@@ -65,6 +65,10 @@ def test_example_config_is_valid() -> None:
             {"queues": {"default": {"command": ["/no/such/program"], "handler": ""}}},
             "queues.default.command: /no/such/program: no such program",
         ),
+        (
+            {"queues": {"default": {"backend": "redis", "timeout": 60, "claim_idle": 30}}},
+            "queues.default.claim_idle: must be longer than timeout (60 s)",
+        ),
     ],
 )
 def test_check_names_the_bad_key(daemon: Msgd, change: dict, expected: str) -> None:

@@ -159,6 +159,11 @@ def _check(config: Config) -> None:
             raise ConfigError(f"{where}.handler: expected 'package.module:function'")
         if q.command and not os.path.isabs(q.command[0]) and "/" in q.command[0]:
             raise ConfigError(f"{where}.command: a program path must be absolute or a bare name")
+        if q.backend == "redis" and q.claim_idle <= q.timeout:
+            raise ConfigError(
+                f"{where}.claim_idle: must be longer than timeout ({q.timeout:g} s), or another "
+                "host takes over a message whose handler is still running"
+            )
 
 
 def valid_queue_name(name: str) -> bool:

@@ -22,8 +22,8 @@ it in the same step, so nothing is acknowledged before its next home holds it. D
 back to the stream in another script, run by any worker that is reading the queue. The stream
 belongs to msgd's group alone (entries are deleted once acknowledged).
 
-`claim_idle` must be longer than the queue's `timeout`: an entry whose handler still runs after
-`claim_idle` seconds may be claimed by another daemon and run twice.
+`claim_idle` must be longer than the queue's `timeout` (config.py refuses it otherwise): an entry
+whose handler still ran after `claim_idle` seconds could be claimed by another daemon and run twice.
 """
 
 from __future__ import annotations
@@ -320,12 +320,6 @@ class RedisInbox:
         self._backoff = BACKOFF[0]
         self._budget = min(BATCH_SECONDS, policy.claim_idle / 4) * policy.threads
         self._cost = self._budget  # seconds per message, a moving average: first batches of 1
-        if policy.timeout >= policy.claim_idle:
-            self.log.warning(
-                "claim_idle should exceed timeout",
-                timeout=policy.timeout,
-                claim_idle=policy.claim_idle,
-            )
 
     # -- the runner's side ---------------------------------------------------------------------
 
