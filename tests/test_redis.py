@@ -347,9 +347,31 @@ def test_graceful_stop_finishes_in_flight_and_leaves_the_rest_pending(
     assert daemon.stop() == 0
 
 
-def test_retry_failed_on_a_redis_queue_says_where_its_dead_letters_are(daemon: Msgd) -> None:
-    daemon.queues["remote"] = {"handler": "handlers:record", "backend": "redis", "stream": "jobs"}
-    daemon.write_config()
-    done = daemon.msgctl("retry-failed", "remote")
-    assert done.returncode == 1
-    assert "jobs:failed" in done.stderr and "Traceback" not in done.stderr
+def test_retry_failed_gives_redis_dead_letters_a_fresh_start(
+    daemon: Msgd, redis_server: RedisServer, stream: str
+) -> None:
+    on_redis(daemon, redis_server, stream, handler="handlers:by_body", max_attempts=1)
+    daemon.start()
+    n = 1200  # more than one page of dead letters (1,000), so the scan must stop at its start
+    ids = daemon.send_many([b"fail"] * n, "rq")
+    dead = lambda: [  # noqa: E731
+        (f[b"id"].decode(), int(f[b"attempts"]))
+        for _, f in redis_server.client.xrange(f"{stream}:failed")
+    ]
+    started = daemon.out / "started"
+    runs = lambda: collections.Counter(started.read_text().split("\n"))  # noqa: E731
+    wait_for(lambda: len(dead()) == n, 30, "the dead letters")
+    assert daemon.msgctl("retry-failed", "rq", "nosuchid").stdout.startswith("0 message(s)")
+    done = daemon.msgctl("retry-failed", "rq", ids[0])
+    assert done.returncode == 0 and done.stdout.startswith("1 message(s)"), done.stderr
+    wait_for(lambda: runs()[f"{ids[0]} 1"] == 2, what="it ran again, attempt counted from 1")
+    wait_for(lambda: len(dead()) == n, what="and is a dead letter again")
+    done = daemon.msgctl("retry-failed", "rq")  # all: each once, though they fail again at once
+    assert done.returncode == 0 and done.stdout.startswith(f"{n} message(s)"), done.stdout
+    wait_for(lambda: sum(runs().values()) >= 2 * n + 1, 30, "every one run again")
+    wait_for(lambda: len(dead()) == n, 30, "all dead again")
+    assert sorted(dead()) == sorted((mid, 1) for mid in ids)
+    daemon.queues["gone"] = {**daemon.queues["rq"], "url": f"redis://127.0.0.1:{free_port()}/0"}
+    daemon.write_config()  # a Redis nobody listens on: one clear line, exit 1
+    gone = daemon.msgctl("retry-failed", "gone")
+    assert gone.returncode == 1 and "gone: redis://127.0.0.1:" in gone.stderr, gone.stderr

@@ -272,18 +272,16 @@ def _redis_depths(name: str, policy: QueueConfig) -> str:
 
 
 def cmd_retry_failed(ctx: Context) -> int:
-    policy = ctx.config.queues.get(ctx.args.queue)
+    queue, ids = ctx.args.queue, ctx.args.ids or None
+    policy = ctx.config.queues.get(queue)
     if policy is not None and policy.backend == "redis":
-        from msgd.redisq import stream_name
+        from msgd.redisq import retry_failed, stream_name
 
-        raise CtlError(
-            f"{ctx.args.queue} is a Redis queue: its dead letters are in the stream "
-            f"{stream_name(ctx.args.queue, policy)}:failed (retry-failed works on the "
-            "spool only)"
-        )
-    spool = Spool.from_config(ctx.config)
-    moved = spool.retry_failed(ctx.args.queue, ctx.args.ids or None)
-    print(f"{len(moved)} message(s) back in {ctx.args.queue}/new")
+        moved = retry_failed(queue, policy, ids)
+        print(f"{len(moved)} message(s) back in the stream {stream_name(queue, policy)}")
+        return 0
+    moved = Spool.from_config(ctx.config).retry_failed(queue, ids)
+    print(f"{len(moved)} message(s) back in {queue}/new")
     return 0
 
 
@@ -335,7 +333,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("-q", "--queue", default="default")
     s.add_argument("files", nargs="*", metavar="FILE")
     add("queues", cmd_queues, "messages per queue and state (works without the daemon)")
-    s = add("retry-failed", cmd_retry_failed, "move dead letters back to new/")
+    s = add("retry-failed", cmd_retry_failed, "give dead letters a fresh start")
     s.add_argument("queue")
     s.add_argument("ids", nargs="*", metavar="ID")
     s = add("top", cmd_top, "live view of the stats (q or Ctrl-C quits)")

@@ -87,6 +87,27 @@ for _, m in ipairs(due) do
 end
 return #due
 """
+# KEYS: failed, stream. ARGV: dead letters' entry ids. Each goes back to the stream with its id
+# and body only (no attempts: a fresh start) and leaves :failed in the same step.
+_REVIVE = """
+local moved = {}
+for _, entry in ipairs(ARGV) do
+  local found = redis.call('XRANGE', KEYS[1], entry, entry)
+  if #found == 1 then
+    local fields, id, body = found[1][2], nil, nil
+    for i = 1, #fields, 2 do
+      if fields[i] == 'id' then id = fields[i + 1] end
+      if fields[i] == 'body' then body = fields[i + 1] end
+    end
+    if id and body then
+      redis.call('XADD', KEYS[2], '*', 'id', id, 'body', body)
+      redis.call('XDEL', KEYS[1], entry)
+      table.insert(moved, id)
+    end
+  end
+end
+return moved
+"""
 # KEYS: stream. ARGV: group, consumer. Removes the consumer only if nothing is pending for it
 # (a consumer removed with pending entries would orphan them).
 _FORGET = """
@@ -228,6 +249,35 @@ def worked_up_to(queue: str, policy: QueueConfig, mark: str) -> bool:
         return not client.xpending_range(stream, policy.group, min="-", max=mark, count=1)
     except redis.RedisError:
         return False
+
+
+def retry_failed(queue: str, policy: QueueConfig, ids: list[str] | None = None) -> list[str]:
+    """`msgctl retry-failed` for a Redis queue: dead letters (all, or those with these ids)
+    back to the stream with no attempts counted; returns the ids moved.
+
+    Only the dead letters there at the start are looked at: a retried message that fails again
+    at once is a new dead letter, and must not be moved a second time.
+    """
+    stream, failed = stream_name(queue, policy), f"{stream_name(queue, policy)}:failed"
+    wanted = set(ids) if ids else None
+    moved: list[str] = []
+    try:
+        client = connect(policy.url, 10.0)
+        revive = client.register_script(_REVIVE)
+        newest = client.xrevrange(failed, count=1)
+        start, end = "-", _text(newest[0][0]) if newest else None
+        while end and (page := client.xrange(failed, min=start, max=end, count=1000)):
+            chosen = [
+                entry
+                for entry, fields in page
+                if wanted is None or _text(fields.get(b"id", b"")) in wanted
+            ]
+            if chosen:
+                moved += map(_text, revive(keys=[failed, stream], args=chosen))
+            start = "(" + _text(page[-1][0])
+    except redis.RedisError as e:
+        raise RedisQueueError(f"{queue}: {safe_url(policy.url)}: {e}") from None
+    return moved
 
 
 def _id(entry_id: bytes | str) -> tuple[int, int]:
