@@ -203,35 +203,65 @@ def peer_versions() -> str:
 # --- running ------------------------------------------------------------------------------------
 
 
+def quiet(limit: float = 10.0) -> None:
+    """Flush dirty pages and wait (at most `limit` s) for the CPUs to go idle, so that one run's
+    writeback or lingering processes are not billed to the next."""
+    os.sync()
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline and busy_share(0.2) > 0.1:
+        pass
+
+
+def busy_share(interval: float) -> float:
+    """The share of all CPUs' time spent busy (not idle, not waiting on I/O) over `interval`."""
+
+    def ticks() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+        return sum(values), values[3] + values[4]  # idle, iowait
+
+    total0, idle0 = ticks()
+    time.sleep(interval)
+    total1, idle1 = ticks()
+    return 1 - (idle1 - idle0) / max(total1 - total0, 1)
+
+
 def execute(run: Run, redis_url: str, index: int, timeout: float) -> dict:
-    """Run one scenario script (repeats times); the median run by msgs/s is kept."""
+    """Run one scenario script once; its result, or why there is none."""
     python = BENCH_PY if run.peer else sys.executable
-    results = []
-    for attempt in range(run.repeats):
-        workdir = os.path.join(OUT, f"{index:02d}-{run.scenario}-{run.system}")
-        shutil.rmtree(workdir, ignore_errors=True)
-        os.makedirs(workdir)
-        out = os.path.join(workdir, "result.json")
-        argv = [python, os.path.join(BENCH_DIR, run.script), *run.argv]
-        argv += ["--workdir", workdir, "--out", out]
-        if run.redis:
-            argv += ["--redis-url", redis_url]
-        with open(os.path.join(workdir, "stderr.log"), "w") as err:
-            try:
-                done = subprocess.run(argv, stdout=err, stderr=err, timeout=timeout)
-            except subprocess.TimeoutExpired:
-                return {"error": f"timed out after {timeout:.0f} s (run {attempt + 1})"}
-        if done.returncode == EXIT_SKIPPED:
-            with open(os.path.join(workdir, "stderr.log")) as f:
-                return {"skipped": f.read().strip().splitlines()[-1][:200]}
-        if done.returncode != 0 or not os.path.exists(out):
-            with open(os.path.join(workdir, "stderr.log"), errors="replace") as f:
-                tail = f.read().strip().splitlines()[-1:] or ["no output"]
-            return {"error": f"exit status {done.returncode}: {tail[0][:300]}"}
-        with open(out) as f:
-            results.append(json.load(f))
-    if len(results) == 1:
-        return results[0]
+    workdir = os.path.join(OUT, f"{index:02d}-{run.scenario}-{run.system}")
+    shutil.rmtree(workdir, ignore_errors=True)
+    os.makedirs(workdir)
+    out = os.path.join(workdir, "result.json")
+    argv = [python, os.path.join(BENCH_DIR, run.script), *run.argv]
+    argv += ["--workdir", workdir, "--out", out]
+    if run.redis:
+        argv += ["--redis-url", redis_url]
+    quiet()
+    with open(os.path.join(workdir, "stderr.log"), "w") as err:
+        try:
+            done = subprocess.run(argv, stdout=err, stderr=err, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return {"error": f"timed out after {timeout:.0f} s"}
+    if done.returncode == EXIT_SKIPPED:
+        with open(os.path.join(workdir, "stderr.log")) as f:
+            return {"skipped": f.read().strip().splitlines()[-1][:200]}
+    if done.returncode != 0 or not os.path.exists(out):
+        with open(os.path.join(workdir, "stderr.log"), errors="replace") as f:
+            tail = f.read().strip().splitlines()[-1:] or ["no output"]
+        return {"error": f"exit status {done.returncode}: {tail[0][:300]}"}
+    with open(out) as f:
+        return json.load(f)
+
+
+def failed(entry: dict) -> bool:
+    return "error" in entry or "skipped" in entry
+
+
+def median_run(results: list[dict]) -> dict:
+    """Of a system's repeated runs, the median one by msgs/s (the failure, if one failed)."""
+    if len(results) == 1 or failed(results[-1]):
+        return results[-1]
     rates = [r.get("msgs_per_s", 0) for r in results]
     chosen = results[rates.index(statistics.median_low(rates))]
     return {**chosen, "runs_msgs_per_s": rates}
@@ -280,20 +310,30 @@ def main() -> int:
     redis_up = any(r.redis for r in runs) and redis.start()
     results: dict[str, dict] = {}
     timeout = {"full": 600, "quick": 120, "smoke": 60}[mode]
+    # Repeated runs go in rounds (every system once, then again), so that no system always runs
+    # right after another one, or first after a change of scenario.
+    rounds = [(i, run, n) for n in range(max(r.repeats for r in runs)) for i, run in
+              enumerate(runs) if n < run.repeats]  # fmt: skip
+    rounds.sort(key=lambda x: (SCENARIOS.index(x[1].scenario), x[2], x[0]))
+    outcomes: dict[int, list[dict]] = {i: [] for i in range(len(runs))}
     try:
-        for i, run in enumerate(runs):
-            label = f"{run.scenario}/{run.system}"
+        for i, run, n in rounds:
+            if outcomes[i] and failed(outcomes[i][-1]):
+                continue  # a repeated run that failed once is not tried again
+            label = f"{run.scenario}/{run.system}" + (f" #{n + 1}" if run.repeats > 1 else "")
             print(f"bench: {label} ...", end=" ", flush=True)
             t = time.time()
             if run.redis and not redis_up:
                 entry = {"skipped": "redis-server not installed (make system-deps)"}
             else:
                 entry = execute(run, redis.url, i, timeout)
-            results.setdefault(run.scenario, {})[run.system] = entry
+            outcomes[i].append(entry)
             shown = entry.get("error") or entry.get("skipped") or f"{time.time() - t:.1f} s"
             print(shown, flush=True)
     finally:
         redis.stop()
+    for i, run in enumerate(runs):
+        results.setdefault(run.scenario, {})[run.system] = median_run(outcomes[i])
 
     total = time.time() - began
     meta = {
@@ -335,10 +375,10 @@ def main() -> int:
         if chart.returncode != 0:
             print(f"bench: chart failed: {chart.stderr.strip()[-500:]}", file=sys.stderr)
     print(f"bench: wrote BENCHMARKS.md and bench/chart.png in {total:.0f} s")
-    failed = [f"{sc}/{sy}" for sc, r in results.items() for sy, e in r.items() if "error" in e]
-    if failed:
-        print(f"bench: failed: {failed}", file=sys.stderr)
-    return 1 if failed else 0
+    broken = [f"{sc}/{sy}" for sc, r in results.items() for sy, e in r.items() if "error" in e]
+    if broken:
+        print(f"bench: failed: {broken}", file=sys.stderr)
+    return 1 if broken else 0
 
 
 if __name__ == "__main__":
