@@ -70,105 +70,84 @@ def throughput_table(results: dict, scenario: str, extra: list[tuple[str, str, i
 Target = tuple[str, float | None, str, Callable[[float], bool]]
 
 
+def at_least(limit: float) -> Callable[[float], bool]:
+    return lambda v: v >= limit
+
+
+def at_most(limit: float) -> Callable[[float], bool]:
+    return lambda v: v <= limit
+
+
 def targets(results: dict) -> list[Target]:
     """(what, measured value, how it is shown, whether it meets the target)."""
-    drain = lambda s: get(results, "drain", s, "msgs_per_s")  # noqa: E731
-    msgd_drain = drain("msgd")
-    pss = get(results, "memory", "msgd", "pss_mib")
-    lost = get(results, "hup", "msgd", "lost")
+
+    def msgd(*keys: str) -> float | None:
+        return get(results, keys[0], "msgd", *keys[1:])
+
+    def drain_vs(system: str) -> float | None:
+        return ratio(msgd("drain", "msgs_per_s"), get(results, "drain", system, "msgs_per_s"))
+
+    pss = msgd("memory", "pss_mib")
+    send_many = ratio(
+        msgd("send", "send_many", "msgs_per_s"), get(results, "send", "huey-sqlite", "msgs_per_s")
+    )
     return [
-        ("drain ≥ 1.5x the bare loop", ratio(msgd_drain, drain("bare")), "x", lambda v: v >= 1.5),
-        (
-            "drain ≥ 3x Huey (SQLite)",
-            ratio(msgd_drain, drain("huey-sqlite")),
-            "x",
-            lambda v: v >= 3,
-        ),
-        ("drain ≥ 10x Celery", ratio(msgd_drain, drain("celery")), "x", lambda v: v >= 10),
-        (
-            "send_many ≥ Huey (SQLite) enqueue",
-            ratio(
-                get(results, "send", "msgd", "send_many", "msgs_per_s"),
-                get(results, "send", "huey-sqlite", "msgs_per_s"),
-            ),
-            "x",
-            lambda v: v >= 1,
-        ),
-        (
-            "CPU-bound parallel efficiency ≥ 95%",
-            get(results, "cpu", "msgd", "efficiency"),
-            "%",
-            lambda v: v >= 0.95,
-        ),
+        ("drain ≥ 1.5x the bare loop", drain_vs("bare"), "x", at_least(1.5)),
+        ("drain ≥ 3x Huey (SQLite)", drain_vs("huey-sqlite"), "x", at_least(3)),
+        ("drain ≥ 10x Celery", drain_vs("celery"), "x", at_least(10)),
+        ("send_many ≥ Huey (SQLite) enqueue", send_many, "x", at_least(1)),
+        ("CPU-bound parallel efficiency ≥ 95%", msgd("cpu", "efficiency"), "%", at_least(0.95)),
         (
             "kill → action task running p99 ≤ 1 ms (idle)",
-            get(results, "usr1", "msgd", "task_idle", "p99_ms"),
+            msgd("usr1", "task_idle", "p99_ms"),
             "ms",
-            lambda v: v <= 1,
+            at_most(1),
         ),
         (
             "kill → action task running p99 ≤ 5 ms (pool saturated)",
-            get(results, "usr1", "msgd", "task_saturated", "p99_ms"),
+            msgd("usr1", "task_saturated", "p99_ms"),
             "ms",
-            lambda v: v <= 5,
+            at_most(5),
         ),
-        (
-            "USR1 → stats file p99 ≤ 5 ms (idle)",
-            get(results, "usr1", "msgd", "idle", "p99_ms"),
-            "ms",
-            lambda v: v <= 5,
-        ),
+        ("USR1 → stats file p99 ≤ 5 ms (idle)", msgd("usr1", "idle", "p99_ms"), "ms", at_most(5)),
         (
             "USR1 → stats file p99 ≤ 5 ms (pool saturated)",
-            get(results, "usr1", "msgd", "saturated", "p99_ms"),
+            msgd("usr1", "saturated", "p99_ms"),
             "ms",
-            lambda v: v <= 5,
+            at_most(5),
         ),
         (
             "HUP → reload applied p99 ≤ 100 ms (stream running)",
-            get(results, "hup", "msgd", "p99_ms"),
+            msgd("hup", "p99_ms"),
             "ms",
-            lambda v: v <= 100,
+            at_most(100),
         ),
-        ("0 messages lost across the HUPs", lost, "lost", lambda v: v == 0),
+        ("0 messages lost across the HUPs", msgd("hup", "lost"), "lost", at_most(0)),
         (
             "HUP → new handler code running p99 ≤ 1 s (workers replaced)",
-            get(results, "hup-code", "msgd", "p99_ms"),
+            msgd("hup-code", "p99_ms"),
             "ms",
-            lambda v: v <= 1000,
+            at_most(1000),
         ),
         (
             "master + 2 workers PSS ≤ 30 MB (10^6 bytes)",
             pss * 1.048576 if pss is not None else None,
             "MB",
-            lambda v: v <= 30,
+            at_most(30),
         ),
-        (
-            "start → READY p50 ≤ 300 ms",
-            get(results, "start", "msgd", "ready", "p50_ms"),
-            "ms",
-            lambda v: v <= 300,
-        ),
-        (
-            "counter update ≤ 100 ns",
-            get(results, "counters", "msgd", "lockfree_ns"),
-            "ns",
-            lambda v: v <= 100,
-        ),
+        ("start → READY p50 ≤ 300 ms", msgd("start", "ready", "p50_ms"), "ms", at_most(300)),
+        ("counter update ≤ 100 ns", msgd("counters", "lockfree_ns"), "ns", at_most(100)),
         (
             "counter update ≤ 1/10 of a locked Value update",
-            ratio(
-                get(results, "counters", "msgd", "lockfree_ns"),
-                get(results, "counters", "msgd", "locked_ns"),
-            ),
+            ratio(msgd("counters", "lockfree_ns"), msgd("counters", "locked_ns")),
             "x",
-            lambda v: v <= 0.1,
+            at_most(0.1),
         ),
         (
             "drain with counters ≥ 97% of counters off (bound from their cost, see below)",
             counters_share(results),
             "%",
-            lambda v: v >= 0.97,
+            at_least(0.97),
         ),
     ]
 
