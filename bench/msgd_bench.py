@@ -402,6 +402,7 @@ def usr1(args) -> dict:
         "task_idle": latency_figures(idle_running),
         "task_saturated": latency_figures(busy_running),
         "saturated_throughout": saturated,
+        "queued": n,
     }
 
 
