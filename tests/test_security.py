@@ -132,9 +132,11 @@ def test_privileges_drop_to_the_configured_user(tmp_path: Path) -> None:
         spool = root / "spool"
         assert os.stat(spool).st_uid == 65534 and mode(spool) == 0o700
         # A message file nobody may read (a root-owned 0600 file): quarantined, not a crash.
-        secret = spool / "default" / "new" / "secret00000000000000001"
-        secret.write_bytes(b"root only")
-        secret.chmod(0o600)
+        # Made 0600 before it appears in new/: a worker must never see it readable.
+        staged = spool / "default" / "tmp" / "secret00000000000000001"
+        staged.write_bytes(b"root only")
+        staged.chmod(0o600)
+        secret = staged.rename(spool / "default" / "new" / staged.name)
         tally = Tally(d)
         tally.add([secret.name], fail=True)
         tally.add(d.send_many([b"ok"] * 10))
