@@ -60,8 +60,6 @@ def burn(iterations: int) -> int:
 
 def calibrate(target_seconds: float = 0.005, rounds: int = 15) -> tuple[int, float]:
     """Iterations that take about `target_seconds`, and the median measured time for them."""
-    import statistics  # here, not at the top: every system's workers import this module
-
     iterations = 10_000
     while True:
         t = time.perf_counter()
@@ -71,12 +69,19 @@ def calibrate(target_seconds: float = 0.005, rounds: int = 15) -> tuple[int, flo
             break
         iterations *= 2
     iterations = int(iterations * target_seconds / elapsed)
+    return iterations, unit_time(iterations, rounds)
+
+
+def unit_time(iterations: int, rounds: int = 15) -> float:
+    """The median time of `burn(iterations)` in this process (seconds)."""
+    import statistics  # here, not at the top: every system's workers import this module
+
     times = []
     for _ in range(rounds):
         t = time.perf_counter()
         burn(iterations)
         times.append(time.perf_counter() - t)
-    return iterations, statistics.median(times)
+    return statistics.median(times)
 
 
 # --- processes and memory ---------------------------------------------------------------------

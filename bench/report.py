@@ -274,13 +274,16 @@ def markdown(results: dict, meta: dict) -> str:
     add("")
     add("## CPU-bound (~5 ms of pure-Python work per message)\n")
     add(
-        f"Unit of work measured alone: {meta.get('unit_ms', 0):.2f} ms. "
-        "Efficiency = (messages x unit / 2) / measured time. The bare row is the machine's "
-        "ceiling: 2 forked processes running n/2 units each, no queue at all. "
+        "Unit of work: the same `burn()` timed alone in the driver just before each run "
+        f"(~{meta.get('unit_ms', 0):.1f} ms; this machine's speed drifts by several % over "
+        "minutes). Efficiency = (messages x unit / 2) / measured time. The bare row is the "
+        "machine's ceiling: 2 forked processes running n/2 units each, no queue at all. "
         f"Median of {meta.get('repeats', 1)} run(s).\n"
     )
     out += throughput_table(
-        results, "cpu", [("efficiency", "efficiency", 3), ("seconds", "seconds", 2)]
+        results,
+        "cpu",
+        [("efficiency", "efficiency", 3), ("seconds", "seconds", 2), ("unit ms", "unit_ms", 2)],
     )
     add("")
     add("## Send rate (durable)\n")
@@ -408,8 +411,8 @@ METHOD = """\
   `time.time()` in the body; latency = handler start - that time. msgs/s = messages / (last
   handler end - first send). A producer faster than the consumers builds a backlog, and the
   latency then shows the backlog.
-- CPU-bound: `burn()` calibrated to ~5 ms in this process before the run; parallel efficiency
-  = (messages x calibrated unit / 2) / measured time.
+- CPU-bound: `burn()` iterations calibrated to ~5 ms once; before each run the driver times
+  them alone again (the unit); parallel efficiency = (messages x unit / 2) / measured time.
 - Signals: the driver watches the file's directory with inotify and reads the file after each
   rename; USR1 until the stats file's `generation` moves, HUP until the state file's
   `generations.reload` moves; after the handler's module was rewritten, HUP until a message

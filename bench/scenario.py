@@ -12,7 +12,7 @@ import shutil
 import time
 
 import probe
-from common import latency_figures, tree_memory, wait_for
+from common import latency_figures, tree_memory, unit_time, wait_for
 
 WARMUP = 4  # warm-up messages sent before a stream, so that no worker is still starting
 
@@ -30,6 +30,8 @@ def parse(scenarios: list[str]) -> argparse.Namespace:
     p.add_argument("--samples", type=int, default=20)
     p.add_argument("--timeout", type=float, default=300.0)
     args = p.parse_args()
+    if args.iterations:  # timed again here, just before the run: this machine's speed drifts by
+        args.unit = unit_time(args.iterations)  # several % over minutes, for every system alike
     args.workdir = os.path.abspath(args.workdir)
     os.makedirs(args.workdir, exist_ok=True)
     return args
