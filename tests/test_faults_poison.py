@@ -86,9 +86,11 @@ def test_corrupt_spool_entries_are_quarantined(daemon: Msgd, tmp_path: Path) -> 
     secret.write_text("not for handlers")
     os.mkfifo(plant(daemon, "fifo0000000000000000001"))
     plant(daemon, "link0000000000000000002").symlink_to(secret)
-    stray = plant(daemon, "dir00000000000000000003")
+    tmp = daemon.root / "spool/default/tmp"  # built there, then moved in whole, as producers do
+    stray = tmp / "dir00000000000000000003"
     stray.mkdir()
     (stray / "inside").write_text("x")
+    stray.rename(plant(daemon, stray.name))
     tally.add(["fifo0000000000000000001", "link0000000000000000002"], fail=True)
     tally.add(["dir00000000000000000003"], fail=True)
     # Names msgd did not write: an attempts suffix that is not a number, an empty one, several.
@@ -96,9 +98,10 @@ def test_corrupt_spool_entries_are_quarantined(daemon: Msgd, tmp_path: Path) -> 
         plant(daemon, name).write_bytes(b"foreign producer")
         tally.add([name])
     # A truncated message and an empty one are still messages: the handler gets what is there.
-    half = plant(daemon, "half00000000000000000004")
+    half = tmp / "half00000000000000000004"
     half.write_bytes(b"0123456789" * 100)
     os.truncate(half, 500)
+    half.rename(plant(daemon, half.name))
     plant(daemon, "empty0000000000000000005").write_bytes(b"")
     tally.add(["half00000000000000000004", "empty0000000000000000005"])
     # A file the worker may not open (as root: an O_NOFOLLOW'd symlink loop stands in).

@@ -12,6 +12,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import tempfile
 import time
@@ -158,7 +159,7 @@ def test_status_is_refreshed_with_the_summary(daemon: Msgd, path_notify: NotifyS
 
 def test_watchdog_pings_at_half_the_timeout(daemon: Msgd, path_notify: NotifySocket) -> None:
     """WATCHDOG_USEC=200000: pings every ~100 ms. Asserted loosely: enough pings over the window
-    the test measures, and no gap shorter than 50 ms or longer than 500 ms."""
+    the test measures, and a median gap between 50 and 300 ms."""
     daemon.start(env=path_notify.env(WATCHDOG_USEC="200000"))
     path_notify.wait(is_ready, "READY=1")
     first = path_notify.wait(lambda m: m.get("WATCHDOG") == "1", "a first WATCHDOG=1")
@@ -170,7 +171,9 @@ def test_watchdog_pings_at_half_the_timeout(daemon: Msgd, path_notify: NotifySoc
     window = time.monotonic() - window
     times = pings()
     gaps = [b - a for a, b in itertools.pairwise(times)]
-    assert all(0.05 <= g <= 0.5 for g in gaps), gaps
+    # Times of receipt: a stalled test process receives queued pings back to back, so the
+    # typical gap is asserted, and the count over the window.
+    assert 0.05 <= statistics.median(gaps) <= 0.3, gaps
     assert len(times) >= window / 0.5  # never silent for a whole watchdog timeout
     daemon.stop()
     path_notify.poll()

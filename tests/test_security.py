@@ -84,6 +84,8 @@ def test_files_are_0600_and_directories_0700_by_default(daemon: Msgd) -> None:
         for _ in range(2):  # msgctl waits for each: two raw TTOUs may coalesce into one
             assert daemon.msgctl("scale", "down").returncode == 0
         wait_for(lambda: not daemon.workers(), what="no workers")
+        # The master removes a retired worker's ack file just after reaping it.
+        wait_for(lambda: len(daemon.events("worker exited")) == 2, what="both retirements")
         waiting = daemon.send(b"ok")
     finally:
         os.umask(old)
