@@ -353,6 +353,23 @@ def stream(args) -> dict:
     return scenario.stream_result(s, args.n, first, last)
 
 
+def idle_latency(args) -> dict:
+    """send -> handler start on an idle daemon: one message at a time, 10-30 ms apart."""
+    d = Daemon(os.path.join(args.workdir, "msgd"))
+    probe_dir = scenario.fresh_probe(args.workdir, args.samples)
+    d.start()
+    try:
+        d.wait_ready()
+        d.warm_up(probe_dir)
+        for i in range(args.samples):
+            msgd.send(tasks.encode(i, time.time()), queue=QUEUE, config=d.config)
+            spaced()
+        s = scenario.wait_count(probe_dir, args.samples, 30, with_values=True, proc=d.proc)
+    finally:
+        d.stop()
+    return latency_figures(s.values)
+
+
 # --- signals ------------------------------------------------------------------------------------
 
 
@@ -628,6 +645,7 @@ SCENARIOS = {
     "drain": drain,
     "bare": bare,
     "stream": stream,
+    "idle-latency": idle_latency,
     "cpu": cpu,
     "cpu-bare": cpu_bare,
     "usr1": usr1,

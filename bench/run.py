@@ -44,18 +44,18 @@ BENCH_PY = os.path.join(BENCH_VENV, "bin", "python")
 REQUIREMENTS = os.path.join(BENCH_DIR, "requirements.txt")
 STAMP = os.path.join(BENCH_VENV, ".bench-requirements")
 SCENARIOS = [
-    "drain", "stream", "cpu", "usr1", "hup", "hup-code", "counters", "memory", "start", "send",
-    "nocounters",
+    "drain", "stream", "idle-latency", "cpu", "usr1", "hup", "hup-code", "counters", "memory",
+    "start", "send", "nocounters",
 ]  # fmt: skip
 EXIT_SKIPPED = 3
 
 # Sizes per mode: full, --quick, --smoke.
 SIZES = {
-    "full": dict(drain=20_000, stream=10_000, cpu=2_000, usr1=200, hup=30, counters=1_000_000,
-                 start=10, send=5_000, send_one=2_000, repeats=3),
-    "quick": dict(drain=5_000, stream=2_000, cpu=400, usr1=30, hup=10, counters=200_000,
-                  start=5, send=5_000, send_one=500, repeats=1),
-    "smoke": dict(drain=300, stream=200, cpu=20, usr1=5, hup=3, counters=20_000,
+    "full": dict(drain=20_000, stream=10_000, latency=500, cpu=2_000, usr1=200, hup=30,
+                 counters=1_000_000, start=10, send=5_000, send_one=2_000, repeats=3),
+    "quick": dict(drain=5_000, stream=2_000, latency=100, cpu=400, usr1=30, hup=10,
+                  counters=200_000, start=5, send=5_000, send_one=500, repeats=1),
+    "smoke": dict(drain=300, stream=200, latency=10, cpu=20, usr1=5, hup=3, counters=20_000,
                   start=2, send=200, send_one=50, repeats=1),
 }  # fmt: skip
 
@@ -98,6 +98,7 @@ def plan(mode: str, iterations: int, unit: float) -> list[Run]:
     peers("drain", z["drain"], textbook={"queue": "drain", "pool": "drain"}, repeats=r)
     add("stream", "msgd", m, ["stream", "--n", z["stream"]])
     peers("stream", z["stream"], textbook={"queue": "stream", "pool": "stream"})
+    add("idle-latency", "msgd", m, ["idle-latency", "--samples", z["latency"]])
     add("cpu", "msgd", m, ["cpu", "--n", z["cpu"], *cpu], repeats=r)
     add("cpu", "bare", m, ["cpu-bare", "--n", z["cpu"], *cpu], repeats=r)
     peers("cpu", z["cpu"], cpu, textbook={"queue": "cpu", "pool": "cpu"}, repeats=r)
