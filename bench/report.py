@@ -274,10 +274,11 @@ def markdown(results: dict, meta: dict) -> str:
         missed += [] if good else [what]
         add(f"| {what} | {show(value, unit)} | {'met' if good else '**MISSED**'} |")
     add(f"\n{met} targets met, {len(missed)} MISSED.\n")
-    reasons = why_missed(results)
+    reasons, told = why_missed(results), set()
     for what in missed:
         reason = next((r for start, r in reasons.items() if what.startswith(start)), None)
-        add(f"- **{what}**: {reason or 'not explained yet'}")
+        add(f"- **{what}**: {'as above.' if reason in told else reason or 'not explained yet'}")
+        told.add(reason)
     if missed:
         add("")
     add("![throughput and latency per system](bench/chart.png)\n")
