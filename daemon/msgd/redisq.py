@@ -258,7 +258,8 @@ def retry_failed(queue: str, policy: QueueConfig, ids: list[str] | None = None) 
     Only the dead letters there at the start are looked at: a retried message that fails again
     at once is a new dead letter, and must not be moved a second time.
     """
-    stream, failed = stream_name(queue, policy), f"{stream_name(queue, policy)}:failed"
+    stream = stream_name(queue, policy)
+    failed = f"{stream}:failed"
     wanted = set(ids) if ids else None
     moved: list[str] = []
     try:
