@@ -58,7 +58,7 @@ timeout = 300.0
 
 # hup-code's handler, rewritten before each HUP: it notes its version and when it ran.
 VERSIONED = """\
-import os, time
+import time
 VERSION = {version}
 def job(message):
     with open({out!r}, "a") as f:
