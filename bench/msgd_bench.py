@@ -7,6 +7,7 @@ Each scenario starts its own daemon with a fresh spool under D, and stops it (SI
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import random
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import time
 import timeit
+from collections.abc import Iterator
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, BENCH)
@@ -170,6 +172,17 @@ class Daemon:
         """Warm-up messages until a worker has imported the handler and run one."""
         self.send_many([tasks.encode(-1)] * scenario.WARMUP)
         scenario.wait_ready(probe_dir, proc=self.proc)
+
+    @contextlib.contextmanager
+    def warmed(self, probe_dir: str) -> Iterator[None]:
+        """Started, ready, and a worker has run a message; stopped on the way out."""
+        self.start()
+        try:
+            self.wait_ready()
+            self.warm_up(probe_dir)
+            yield
+        finally:
+            self.stop()
 
 
 def read_json(path: str) -> dict | None:
@@ -340,16 +353,11 @@ def stream(args) -> dict:
     """A producer sending one durable message at a time, as fast as it can, while 2 workers run."""
     d = Daemon(os.path.join(args.workdir, "msgd"))
     probe_dir = scenario.fresh_probe(args.workdir, args.n)
-    d.start()
-    try:
-        d.wait_ready()
-        d.warm_up(probe_dir)
+    with d.warmed(probe_dir):
         first, last = scenario.produce(
             lambda i, ts: msgd.send(tasks.encode(i, ts), queue=QUEUE, config=d.config), args.n
         )
         s = scenario.wait_count(probe_dir, args.n, args.timeout, with_values=True, proc=d.proc)
-    finally:
-        d.stop()
     return scenario.stream_result(s, args.n, first, last)
 
 
@@ -357,16 +365,11 @@ def idle_latency(args) -> dict:
     """send -> handler start on an idle daemon: one message at a time, 10-30 ms apart."""
     d = Daemon(os.path.join(args.workdir, "msgd"))
     probe_dir = scenario.fresh_probe(args.workdir, args.samples)
-    d.start()
-    try:
-        d.wait_ready()
-        d.warm_up(probe_dir)
+    with d.warmed(probe_dir):
         for i in range(args.samples):
             msgd.send(tasks.encode(i, time.time()), queue=QUEUE, config=d.config)
             spaced()
         s = scenario.wait_count(probe_dir, args.samples, 30, with_values=True, proc=d.proc)
-    finally:
-        d.stop()
     return latency_figures(s.values)
 
 
@@ -445,40 +448,36 @@ def hup(args) -> dict:
     """
     d = Daemon(os.path.join(args.workdir, "msgd"))
     probe_dir = scenario.fresh_probe(args.workdir, 200_000)
-    d.start()
-    producer = None
-    try:
-        d.wait_ready()
-        d.warm_up(probe_dir)
-        code = PRODUCER.format(bench=BENCH, queue=QUEUE, config=d.config)
+    code = PRODUCER.format(bench=BENCH, queue=QUEUE, config=d.config)
+    with d.warmed(probe_dir):
         producer = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-        assert producer.stdout is not None
-        producer.stdout.readline()  # "started"
-        wait_for(lambda: probe.summary(probe_dir).count > 0, 30, "the stream to flow")
-        watch = Watch(d.state_file)
-        samples = []
         try:
-            for _ in range(args.samples):
-                before = d.generation("reload")
-                t0 = time.perf_counter()
-                d.signal(signal.SIGHUP)
-                watch.until(
-                    lambda s, b=before: s["generations"]["reload"] > b, 10, "reload generation"
-                )
-                samples.append(time.perf_counter() - t0)
-                spaced()
+            assert producer.stdout is not None
+            producer.stdout.readline()  # "started"
+            wait_for(lambda: probe.summary(probe_dir).count > 0, 30, "the stream to flow")
+            watch = Watch(d.state_file)
+            samples = []
+            try:
+                for _ in range(args.samples):
+                    before = d.generation("reload")
+                    t0 = time.perf_counter()
+                    d.signal(signal.SIGHUP)
+                    watch.until(
+                        lambda s, b=before: s["generations"]["reload"] > b, 10, "reload generation"
+                    )
+                    samples.append(time.perf_counter() - t0)
+                    spaced()
+            finally:
+                watch.close()
+            during = probe.summary(probe_dir).count
+            producer.send_signal(signal.SIGTERM)
+            sent = int(producer.stdout.readline())
+            producer.wait(10)
+            s = scenario.wait_count(probe_dir, sent, 60, with_values=True, proc=d.proc)
+            ok = [e for e in (read_json(d.state_file) or {}).get("last", {}).items()]
         finally:
-            watch.close()
-        during = probe.summary(probe_dir).count
-        producer.send_signal(signal.SIGTERM)
-        sent = int(producer.stdout.readline())
-        producer.wait(10)
-        s = scenario.wait_count(probe_dir, sent, 60, with_values=True, proc=d.proc)
-        ok = [e for e in (read_json(d.state_file) or {}).get("last", {}).items()]
-    finally:
-        if producer is not None and producer.poll() is None:
-            producer.kill()
-        d.stop()
+            if producer.poll() is None:  # an error on the way: the producer must not outlive us
+                producer.kill()
     seen = {int(v) for v in s.values}
     failed_dir = os.path.join(d.spool, "failed")
     failed = len(os.listdir(failed_dir)) if os.path.isdir(failed_dir) else 0
@@ -575,15 +574,10 @@ def memory(args) -> dict:
     """Summed PSS and RSS of the master and its 2 workers, idle after a few messages."""
     d = Daemon(os.path.join(args.workdir, "msgd"))
     probe_dir = scenario.fresh_probe(args.workdir, 0)
-    d.start()
-    try:
-        d.wait_ready()
-        d.warm_up(probe_dir)
+    with d.warmed(probe_dir):
         wait_for(lambda: d.proc and len(tree_pids(d.proc.pid)) >= 1 + WORKERS, 10, "workers")
         time.sleep(1.0)  # measured idle: 1 s after the last message (a condition, not a sync)
         return tree_memory(d.proc.pid)
-    finally:
-        d.stop()
 
 
 def tree_pids(pid: int) -> list[int]:
