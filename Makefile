@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -e '.[test,redis]'
+	$(PY) -m pip install -q -e '.[test,redis,amqp,http,cron]'
 	touch $(STAMP)
 
 run: $(STAMP)
@@ -21,9 +21,13 @@ test: $(STAMP) system-deps lint
 test-all: $(STAMP) system-deps
 	$(PY) -m pytest -q -m ''
 
-# Programs the tests drive: redis-server (Redis backend, peers' benchmarks), logrotate (the
-# packaged logrotate snippet). Installed when root; otherwise those tests skip and say why.
-SYSTEM_PROGRAMS := redis-server:redis-server logrotate:logrotate
+# Programs the tests drive, as program:Debian package: redis-server and rabbitmq-server (the Redis
+# and AMQP backends), logrotate (the packaged snippet), systemd-nspawn (the unit under a real
+# systemd), fusermount3 (the power-cut disk), chromium (the dashboard), prometheus (a real scrape).
+# Installed when root; otherwise those tests skip and say why.
+SYSTEM_PROGRAMS := redis-server:redis-server logrotate:logrotate \
+  rabbitmq-server:rabbitmq-server systemd-nspawn:systemd-container fusermount3:fuse3 \
+  chromium:chromium prometheus:prometheus
 system-deps:
 	@missing=""; for p in $(SYSTEM_PROGRAMS); do \
 	  command -v $${p%%:*} >/dev/null || missing="$$missing $${p#*:}"; done; \

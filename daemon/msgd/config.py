@@ -14,6 +14,8 @@ from typing import Annotated, Literal, TypeVar
 
 import msgspec
 
+from msgd.backend import missing_library
+
 DEFAULT_PATH = "/etc/msgd/msgd.toml"
 QUEUE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 HANDLER_SPEC = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
@@ -62,18 +64,32 @@ class QueueConfig(_Table):
     max_attempts: Annotated[int, msgspec.Meta(ge=1)] = 5
     backoff: list[Seconds] = msgspec.field(default_factory=lambda: [1.0, 5.0, 30.0, 300.0])
     threads: Annotated[int, msgspec.Meta(ge=1, le=MAX_RUNNERS)] = 1
-    backend: Literal["spool", "redis"] = "spool"
-    url: str = "redis://127.0.0.1:6379/0"
-    stream: str = ""  # default: msgd:<queue>
-    group: str = "msgd"
-    consumer: str = ""  # default: <host>:<master pid>; ":<worker slot>" is appended
-    claim_idle: Positive = 60.0
+    backend: Literal["spool", "redis", "amqp"] = "spool"
+    url: str = ""  # redis: default redis://127.0.0.1:6379/0; amqp: required
+    stream: str = ""  # redis: default msgd:<queue>
+    group: str = "msgd"  # redis
+    consumer: str = ""  # redis: default <host>:<master pid>; ":<worker slot>" is appended
+    claim_idle: Positive = 60.0  # redis
+    amqp_queue: str = ""  # amqp: default msgd.<queue>
+    prefetch: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0  # amqp: 0 = the queue's threads
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait before attempt `attempt + 1` (the last backoff value repeats)."""
         if not self.backoff:
             return 0.0
         return self.backoff[min(attempt, len(self.backoff)) - 1]
+
+
+DEFAULT_QUEUE = QueueConfig(handler="-")
+BACKEND_KEYS = {  # the keys one backend reads and the others would silently ignore
+    "url": ("redis", "amqp"),
+    "stream": ("redis",),
+    "group": ("redis",),
+    "consumer": ("redis",),
+    "claim_idle": ("redis",),
+    "amqp_queue": ("amqp",),
+    "prefetch": ("amqp",),
+}
 
 
 class Config(msgspec.Struct, kw_only=True):
@@ -159,11 +175,24 @@ def _check(config: Config) -> None:
             raise ConfigError(f"{where}.handler: expected 'package.module:function'")
         if q.command and not os.path.isabs(q.command[0]) and "/" in q.command[0]:
             raise ConfigError(f"{where}.command: a program path must be absolute or a bare name")
-        if q.backend == "redis" and q.claim_idle <= q.timeout:
-            raise ConfigError(
-                f"{where}.claim_idle: must be longer than timeout ({q.timeout:g} s), or another "
-                "host takes over a message whose handler is still running"
-            )
+        _check_backend(where, q)
+
+
+def _check_backend(where: str, q: QueueConfig) -> None:
+    """The backend's library is installed, and only its own keys are set."""
+    missing = missing_library(q.backend)
+    if missing:
+        raise ConfigError(f"{where}.backend: {missing}")
+    for key, backends in BACKEND_KEYS.items():
+        if q.backend not in backends and getattr(q, key) != getattr(DEFAULT_QUEUE, key):
+            raise ConfigError(f"{where}.{key}: only for backend = {' or '.join(backends)}")
+    if q.backend == "amqp" and not q.url:
+        raise ConfigError(f'{where}.url: required for backend = "amqp" (amqp://user:pass@host/)')
+    if q.backend == "redis" and q.claim_idle <= q.timeout:
+        raise ConfigError(
+            f"{where}.claim_idle: must be longer than timeout ({q.timeout:g} s), or another "
+            "host takes over a message whose handler is still running"
+        )
 
 
 def valid_queue_name(name: str) -> bool:

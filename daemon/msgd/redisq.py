@@ -122,6 +122,13 @@ class RedisQueueError(SpoolError):
     """A Redis queue that cannot be used right now, or an entry that cannot be worked."""
 
 
+DEFAULT_URL = "redis://127.0.0.1:6379/0"
+
+
+def url_of(policy: QueueConfig) -> str:
+    return policy.url or DEFAULT_URL
+
+
 def stream_name(queue: str, policy: QueueConfig) -> str:
     return policy.stream or f"msgd:{queue}"
 
@@ -168,7 +175,7 @@ class RedisProducer:
     """`msgd.send` and `msgctl send` for a Redis queue: one pipelined round trip per batch."""
 
     def __init__(self, policy: QueueConfig, queue: str) -> None:
-        self.url = policy.url
+        self.url = url_of(policy)
         self.stream = stream_name(queue, policy)
         self._client: redis.Redis | None = None
 
@@ -218,17 +225,17 @@ def depths(client: redis.Redis, stream: str, group: str) -> dict[str, int]:
 def depths_now(queue: str, policy: QueueConfig, timeout: float = 1.0) -> dict[str, int]:
     """For msgctl: one look, raising RedisQueueError when Redis cannot be reached."""
     try:
-        return depths(connect(policy.url, timeout), stream_name(queue, policy), policy.group)
+        return depths(connect(url_of(policy), timeout), stream_name(queue, policy), policy.group)
     except redis.RedisError as e:
-        raise RedisQueueError(f"{queue}: {safe_url(policy.url)}: {e}") from None
+        raise RedisQueueError(f"{queue}: {safe_url(url_of(policy))}: {e}") from None
 
 
 def burst_mark(queue: str, policy: QueueConfig) -> str:
     """Where a queue's stream stood at a burst: the id of its newest entry ("0-0" if none)."""
     try:
-        newest = connect(policy.url, 0.5).xrevrange(stream_name(queue, policy), count=1)
+        newest = connect(url_of(policy), 0.5).xrevrange(stream_name(queue, policy), count=1)
     except redis.RedisError as e:
-        raise RedisQueueError(f"{queue}: {safe_url(policy.url)}: {e}") from None
+        raise RedisQueueError(f"{queue}: {safe_url(url_of(policy))}: {e}") from None
     return _text(newest[0][0]) if newest else "0-0"
 
 
@@ -241,7 +248,7 @@ def worked_up_to(queue: str, policy: QueueConfig, mark: str) -> bool:
         return True
     stream = stream_name(queue, policy)
     try:
-        client = connect(policy.url, 0.5)
+        client = connect(url_of(policy), 0.5)
         groups = client.xinfo_groups(stream)
         ours = next((g for g in groups if _text(g["name"]) == policy.group), None)
         if ours is None or _id(ours["last-delivered-id"]) < _id(mark):
@@ -263,7 +270,7 @@ def retry_failed(queue: str, policy: QueueConfig, ids: list[str] | None = None) 
     wanted = set(ids) if ids else None
     moved: list[str] = []
     try:
-        client = connect(policy.url, 10.0)
+        client = connect(url_of(policy), 10.0)
         revive = client.register_script(_REVIVE)
         newest = client.xrevrange(failed, count=1)
         start, end = "-", _text(newest[0][0]) if newest else None
@@ -277,7 +284,7 @@ def retry_failed(queue: str, policy: QueueConfig, ids: list[str] | None = None) 
                 moved += map(_text, revive(keys=[failed, stream], args=chosen))
             start = "(" + _text(page[-1][0])
     except redis.RedisError as e:
-        raise RedisQueueError(f"{queue}: {safe_url(policy.url)}: {e}") from None
+        raise RedisQueueError(f"{queue}: {safe_url(url_of(policy))}: {e}") from None
     return moved
 
 
@@ -311,9 +318,9 @@ class DepthWatcher:
         clients: dict[str, redis.Redis] = {}
         while True:
             for name, policy in list(self._queues.items()):
-                if policy.url not in clients:
-                    clients[policy.url] = connect(policy.url, 0.5)
-                client = clients[policy.url]
+                if url_of(policy) not in clients:
+                    clients[url_of(policy)] = connect(url_of(policy), 0.5)
+                client = clients[url_of(policy)]
                 try:
                     self._cache[name] = depths(client, stream_name(name, policy), policy.group)
                 except redis.RedisError:
@@ -351,7 +358,7 @@ class RedisInbox:
         self.stream = stream_name(queue, policy)
         self.group = policy.group
         self.log = log.bind(queue=queue, consumer=consumer)
-        self.redis = connect(policy.url, BLOCK + 5.0)
+        self.redis = connect(url_of(policy), BLOCK + 5.0)
         self._retry = self.redis.register_script(_RETRY)
         self._dead = self.redis.register_script(_DEAD)
         self._release = self.redis.register_script(_RELEASE)
@@ -612,7 +619,7 @@ class RedisInbox:
             self._down = False
             self._backoff = BACKOFF[0]
             self._history = "0"  # replies lost in the outage may have left entries pending
-            self.log.info("redis back", url=safe_url(self.policy.url))
+            self.log.info("redis back", url=safe_url(url_of(self.policy)))
         return result
 
     def _until_done(self, operation: Callable[[], bool]) -> None:
@@ -624,7 +631,7 @@ class RedisInbox:
             self._down = True
             self.log.warning(
                 "redis unavailable",
-                url=safe_url(self.policy.url),
+                url=safe_url(url_of(self.policy)),
                 error=f"{type(error).__name__}: {error}",
             )
         delay, self._backoff = self._backoff, min(self._backoff * 2, BACKOFF[1])
