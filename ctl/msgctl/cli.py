@@ -15,9 +15,9 @@ import sys
 import time
 import tomllib
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from msgd import handlers, stats
+from msgd import handlers, schedule, stats
 from msgd.config import Config, ConfigError, DaemonConfig, QueueConfig, default_path
 from msgd.config import load as load_config
 from msgd.pidfile import state_path
@@ -26,6 +26,9 @@ from msgd.spool import Spool, SpoolError
 from msgd.sysutil import atomic_write, read_json
 
 from msgctl.daemon import CtlError, Daemon, NotRunning
+
+if TYPE_CHECKING:
+    from msgd.when import SendOptions
 
 SEND_BATCH = 1000  # messages made durable per flush by `msgctl send`
 
@@ -107,6 +110,8 @@ def cmd_status(ctx: Context) -> int:
         f"msgd running: pid {d.pid}, up {uptime}, {len(snap.get('workers', []))} workers, "
         f"config {state.get('config', ctx.config_path)}"
     )
+    for line in schedule.describe(snap.get("schedules", {}), time.time()):
+        print(line)
     return 0
 
 
@@ -210,12 +215,13 @@ def cmd_send(ctx: Context) -> int:
     queue = ctx.args.queue
     if queue not in ctx.config.queues:
         raise CtlError(f"no queue {queue!r} in {ctx.config_path}")
+    options = _send_options(ctx.args)
     producer = producer_for(ctx.config_path, queue)
     sources = ctx.args.files or ["-"]
     show = sys.stderr.isatty() and len(sources) > SEND_BATCH
     sent = 0
     for batch in _batches(sources, SEND_BATCH):
-        for mid in producer.send_many(queue, (_read_body(s) for s in batch)):
+        for mid in producer.send_many(queue, (_read_body(s) for s in batch), options):
             print(mid)
         sent += len(batch)
         if show:
@@ -223,6 +229,16 @@ def cmd_send(ctx: Context) -> int:
     if show:
         print(file=sys.stderr)
     return 0
+
+
+def _send_options(args: argparse.Namespace) -> SendOptions:
+    """--delay/--at/--ttl/--priority as one SendOptions; a bad value is a usage error (exit 2)."""
+    from msgd.when import send_options
+
+    try:
+        return send_options(delay=args.delay, at=args.at, ttl=args.ttl, priority=args.priority)
+    except ValueError as e:
+        raise CtlError(f"send --{e}", status=2) from None
 
 
 def _batches(items: list[str], size: int) -> Iterator[list[str]]:
@@ -331,6 +347,13 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("direction", choices=["up", "down"])
     s = add("send", cmd_send, "enqueue one message per FILE (or stdin); prints the ids")
     s.add_argument("-q", "--queue", default="default")
+    when = s.add_mutually_exclusive_group()
+    when.add_argument("--delay", type=float, metavar="SECONDS", help="not started before then")
+    when.add_argument("--at", metavar="ISO8601", help="not started before then (local time)")
+    s.add_argument(
+        "--ttl", type=float, metavar="SECONDS", help="dead letter if not started by then"
+    )
+    s.add_argument("--priority", type=int, default=0, metavar="0-9", help="higher first")
     s.add_argument("files", nargs="*", metavar="FILE")
     add("queues", cmd_queues, "messages per queue and state (works without the daemon)")
     s = add("retry-failed", cmd_retry_failed, "give dead letters a fresh start")

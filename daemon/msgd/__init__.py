@@ -5,6 +5,7 @@ For programs that produce messages:
     import msgd
     mid = msgd.send(b"payload", queue="default", config="/etc/msgd/msgd.toml")
     ids = msgd.send_many([b"a", b"b"], queue="default")   # one flush for the whole batch
+    msgd.send(b"later", delay=60, ttl=3600, priority=9)   # or at=datetime / ISO 8601 text
 
 and for handlers: `msgd.Message` (what a handler receives) and `msgd.Reject` (fail for good).
 """
@@ -12,6 +13,7 @@ and for handlers: `msgd.Message` (what a handler receives) and `msgd.Reject` (fa
 from __future__ import annotations
 
 from collections.abc import Iterable
+from datetime import datetime
 
 __version__ = "0.1.0"
 
@@ -20,15 +22,39 @@ from msgd.handlers import Message, Reject
 __all__ = ["Message", "Reject", "send", "send_many"]
 
 
-def send(body: bytes, queue: str = "default", config: str | None = None) -> str:
-    """Enqueue one message durably; returns its id. The daemon need not be running."""
-    return send_many([body], queue, config)[0]
+def send(
+    body: bytes,
+    queue: str = "default",
+    config: str | None = None,
+    *,
+    delay: float | None = None,
+    at: datetime | str | float | None = None,
+    ttl: float | None = None,
+    priority: int = 0,
+) -> str:
+    """Enqueue one message durably; returns its id. The daemon need not be running.
+
+    `delay` (seconds) or `at` (a datetime, ISO 8601 text, local time without a zone, or epoch
+    seconds): not started before then. `ttl` (seconds, from when it is due): never started
+    after that, a dead letter instead. `priority` 0-9: higher first. ValueError for bad values.
+    """
+    return send_many([body], queue, config, delay=delay, at=at, ttl=ttl, priority=priority)[0]
 
 
 def send_many(
-    bodies: Iterable[bytes], queue: str = "default", config: str | None = None
+    bodies: Iterable[bytes],
+    queue: str = "default",
+    config: str | None = None,
+    *,
+    delay: float | None = None,
+    at: datetime | str | float | None = None,
+    ttl: float | None = None,
+    priority: int = 0,
 ) -> list[str]:
-    """Enqueue a batch durably with one flush; returns the ids in order."""
+    """Enqueue a batch durably with one flush; returns the ids in order. The keywords are
+    send's, for the whole batch."""
     from msgd.producer import producer_for
+    from msgd.when import send_options
 
-    return producer_for(config, queue).send_many(queue, bodies)
+    options = send_options(delay=delay, at=at, ttl=ttl, priority=priority)
+    return producer_for(config, queue).send_many(queue, bodies, options)

@@ -7,6 +7,7 @@ with the dotted key it is about, so an operator editing the file knows where to 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import tomllib
@@ -21,6 +22,7 @@ QUEUE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 HANDLER_SPEC = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 MAX_QUEUES = 32  # fixed by the shared counter layout (stats.py)
 MAX_RUNNERS = 32  # handler threads per worker, summed over queues (stats.py)
+MAX_RATE = 100_000  # rate_limit: its shared ring holds this many start times (ratelimit.py)
 
 Seconds = Annotated[float, msgspec.Meta(ge=0)]
 Positive = Annotated[float, msgspec.Meta(gt=0)]
@@ -72,6 +74,8 @@ class QueueConfig(_Table):
     claim_idle: Positive = 60.0  # redis
     amqp_queue: str = ""  # amqp: default msgd.<queue>
     prefetch: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 0  # amqp: 0 = the queue's threads
+    schedule: str = ""  # burst mode: cron (local time) or "@every 30s" (schedule.py)
+    rate_limit: Annotated[int, msgspec.Meta(ge=0, le=MAX_RATE)] = 0  # starts/s; 0 = none
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait before attempt `attempt + 1` (the last backoff value repeats)."""
@@ -176,6 +180,7 @@ def _check(config: Config) -> None:
         if q.command and not os.path.isabs(q.command[0]) and "/" in q.command[0]:
             raise ConfigError(f"{where}.command: a program path must be absolute or a bare name")
         _check_backend(where, q)
+        _check_schedule(where, q)
 
 
 def _check_backend(where: str, q: QueueConfig) -> None:
@@ -193,6 +198,26 @@ def _check_backend(where: str, q: QueueConfig) -> None:
             f"{where}.claim_idle: must be longer than timeout ({q.timeout:g} s), or another "
             "host takes over a message whose handler is still running"
         )
+
+
+def _check_schedule(where: str, q: QueueConfig) -> None:
+    """A schedule runs bursts: only for burst-mode queues, and only one that parses."""
+    if not q.schedule:
+        return
+    if q.mode != "burst":
+        raise ConfigError(
+            f'{where}.schedule: only for mode = "burst" (a continuous queue always runs)'
+        )
+    if not q.schedule.strip().startswith("@") and importlib.util.find_spec("cronsim") is None:
+        raise ConfigError(
+            f"{where}.schedule: cron expressions need cronsim: pip install 'msgd[cron]'"
+        )
+    from msgd.schedule import Schedule, ScheduleError
+
+    try:
+        Schedule(q.schedule)
+    except ScheduleError as e:
+        raise ConfigError(f"{where}.schedule: {e}") from None
 
 
 def valid_queue_name(name: str) -> bool:

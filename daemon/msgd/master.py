@@ -34,6 +34,8 @@ from msgd.config import load as load_config
 from msgd.notify import Notifier
 from msgd.pidfile import Pidfile, StateFile, state_path
 from msgd.pool import Pool
+from msgd.ratelimit import RateLimits
+from msgd.schedule import Scheduler
 from msgd.signals import Action, SignalWatcher
 from msgd.spool import Spool, split_deferred, split_name
 from msgd.stats import Counters, Rates, snapshot, summary
@@ -69,6 +71,7 @@ class Master:
         self.burst_marks: dict[str, str] = {}  # Redis queues: the newest stream id at the burst
         self.burst_counts: dict[str, dict[str, int]] = {}  # per-queue outcomes when it began
         self.burst_upto = 0
+        self.burst_triggers: set[str] = set()  # "signal", "schedule": what started the burst
         self.burst_task: asyncio.Task[None] | None = None
         self.duty_errors: dict[str, str] = {}  # keep_time's failing duties, logged once each
         self.depth_watcher: Any = None  # redisq.DepthWatcher, once a Redis queue is configured
@@ -137,12 +140,15 @@ class Master:
                 )
         self.index_queues(self.config)
         self.bursts = Bursts()
+        self.limits = RateLimits(self.config)
+        self.scheduler = self.schedules(self.config)
         self.pool = Pool(
             config=self.config,
             spool=self.spool,
             counters=self.counters,
             queue_index=self.queue_index,
             bursts=self.bursts,
+            limits=self.limits,
             close_in_child=[self.pidfile.fd],
         )
         self.pool.start()
@@ -251,7 +257,9 @@ class Master:
             return
         self.index_queues(new)
         self.config = new
-        self.pool.replace_all(new)
+        self.limits = RateLimits(new, self.limits)
+        self.scheduler = self.schedules(new, self.scheduler)
+        self.pool.replace_all(new, self.limits)
         self.reloads += 1
         self.log.info(
             "reload",
@@ -306,12 +314,26 @@ class Master:
 
     def burst(self) -> None:
         """USR2: deferred retries become due now and burst-mode queues run until drained."""
-        for name in self.spool_queues():
+        size = self.begin_burst(list(self.config.queues), "signal")
+        self.burst_upto = self.state.record("burst", pending=size)
+
+    def schedules(self, config: Config, previous: Scheduler | None = None) -> Scheduler:
+        """The queues' schedules; their last runs are kept beside the ack logs in the spool."""
+        state_dir = os.path.join(self.spool.root, ".msgd")
+        plans = {name: q.schedule for name, q in config.queues.items() if q.schedule}
+        return Scheduler(state_dir, plans, previous)
+
+    def begin_burst(self, queues: list[str], trigger: str) -> int:
+        """Start a burst of these queues (all for USR2, one for its schedule); returns how many
+        messages it waits for."""
+        for name in set(self.spool_queues()) & set(queues):
             self.spool.release_due(name, force=True)
             names = {*self.spool.names(name, "new"), *self.spool.claimed(name)}
             self.burst_names.setdefault(name, set()).update(names)
             self.burst_waiting[name] = sorted(self.burst_names[name], reverse=True)
         for name, policy in self.redis_queues().items():
+            if name not in queues:
+                continue
             from msgd import redisq
 
             try:
@@ -320,12 +342,14 @@ class Master:
                 self.log.warning("burst", queue=name, outcome="not waited for", error=str(e))
         if not self.burst_counts:  # this host's outcomes so far, for the Redis queues' report
             self.burst_counts = self.queue_outcomes()
-        self.pool.burst()
-        size = sum(len(names) for names in self.burst_names.values())
-        self.log.info("burst", outcome="started", pending=size)
-        self.burst_upto = self.state.record("burst", pending=size)
+        self.pool.burst(queues)
+        self.burst_triggers.add(trigger)
+        size = sum(len(self.burst_names.get(q, ())) for q in queues)
+        where = {"queue": queues[0]} if trigger == "schedule" else {}
+        self.log.info("burst", outcome="started", trigger=trigger, pending=size, **where)
         if self.burst_task is None or self.burst_task.done():
             self.burst_task = asyncio.create_task(self.finish_burst())
+        return size
 
     async def finish_burst(self) -> None:
         """Wait until every message pending at the signal(s) has been worked, then report.
@@ -356,8 +380,11 @@ class Master:
         self.burst_waiting.clear()
         self.burst_marks.clear()
         self.burst_counts = {}
-        self.bursts.finished.value = self.burst_upto
-        self.log.info("burst", outcome="done", **outcome)
+        for index in self.queue_index.values():
+            self.bursts.finished[index] = self.bursts.started[index]
+        trigger = ",".join(sorted(self.burst_triggers))
+        self.burst_triggers.clear()
+        self.log.info("burst", outcome="done", trigger=trigger, **outcome)
         self.state.record("burst_done", generation=self.burst_upto, **outcome)
 
     def redis_bursts_worked(self) -> bool:
@@ -409,6 +436,9 @@ class Master:
                 self.pool.check_timeouts()
                 for name in self.spool_queues():
                     self.spool.release_due(name)
+            with self.duty("schedules"):
+                for name in self.scheduler.due():
+                    self.begin_burst([name], "schedule")
             now = time.monotonic()
             if now >= next_second:
                 next_second = now + 1.0
@@ -465,6 +495,7 @@ class Master:
                 "reloads": self.reloads,
                 "workers_target": self.pool.size,
                 "draining": self.draining,
+                "schedules": self.scheduler.report(),
             },
         )
 

@@ -23,6 +23,7 @@ from typing import Any
 import structlog
 
 from msgd.config import Config
+from msgd.ratelimit import RateLimits
 from msgd.spool import AckLog, Spool, split_name
 from msgd.stats import FAILED, RETRIED, TIMED_OUT, Counters, running
 from msgd.worker import DUMP_SIGNAL, Bursts, Worker
@@ -67,6 +68,7 @@ class Pool:
         counters: Counters,
         queue_index: dict[str, int],
         bursts: Bursts,
+        limits: RateLimits,
         close_in_child: list[int],
     ) -> None:
         self.config = config
@@ -74,6 +76,7 @@ class Pool:
         self.counters = counters
         self.queue_index = queue_index
         self.bursts = bursts
+        self.limits = limits
         self.close_in_child = close_in_child
         self.size = config.daemon.workers
         self.workers: dict[int, WorkerHandle] = {}  # slot -> live worker
@@ -125,6 +128,7 @@ class Pool:
             counters=self.counters.writer(slot),
             conn=conn,
             bursts=self.bursts,
+            limits=self.limits,
         ).run()
 
     # -- death -----------------------------------------------------------------------------------
@@ -260,19 +264,22 @@ class Pool:
         self.retired.add(handle)
         handle.send("stop")
 
-    def replace_all(self, config: Config) -> None:
+    def replace_all(self, config: Config, limits: RateLimits) -> None:
         """A reload: new workers (new code, new queues) start now, the old ones finish and go."""
         old = list(self.workers.values())
         self.config = config
+        self.limits = limits
         self.size = config.daemon.workers
         for handle in old:
             self.retire(handle)
         self._refill()
 
-    def burst(self) -> None:
-        self.bursts.started.value += 1
+    def burst(self, queues: list[str]) -> None:
+        """Start a burst of these queues in every worker (queue names hold no comma)."""
+        for queue in queues:
+            self.bursts.started[self.queue_index[queue]] += 1
         for handle in self.workers.values():
-            handle.send("burst")
+            handle.send("burst:" + ",".join(queues))
 
     def check_timeouts(self) -> None:
         """Kill workers whose handler runs past its queue's timeout, after a traceback dump."""

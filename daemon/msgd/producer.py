@@ -10,19 +10,34 @@ from typing import Protocol
 from msgd.config import ConfigError, default_path
 from msgd.config import load as load_config
 from msgd.spool import Spool
+from msgd.when import NOW, SendOptions
 
 
 class Producer(Protocol):
     def send_many(self, queue: str, bodies: Iterable[bytes]) -> list[str]: ...
 
 
-def producer_for(config_path: str | None, queue: str) -> Producer:
+class _Timed:
+    """Until the stores take SendOptions (the store seam): plain sends only."""
+
+    def __init__(self, producer: Producer) -> None:
+        self.producer = producer
+
+    def send_many(
+        self, queue: str, bodies: Iterable[bytes], options: SendOptions = NOW
+    ) -> list[str]:
+        if not options.plain:
+            raise ConfigError(f"queues.{queue}: delay, at, ttl and priority are not supported yet")
+        return self.producer.send_many(queue, bodies)
+
+
+def producer_for(config_path: str | None, queue: str) -> _Timed:
     path = os.path.abspath(config_path or default_path())
     try:
         mtime = os.stat(path).st_mtime_ns
     except OSError as e:
         raise ConfigError(f"{path}: {e.strerror}") from None
-    return _cached(path, mtime, queue)
+    return _Timed(_cached(path, mtime, queue))
 
 
 @lru_cache(maxsize=16)

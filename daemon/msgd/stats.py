@@ -22,6 +22,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from msgd import schedule
 from msgd.config import MAX_QUEUES, MAX_RUNNERS
 
 OUTCOMES = ("succeeded", "retried", "failed", "rejected", "timed_out")
@@ -301,6 +302,8 @@ def table(snap: Mapping[str, Any]) -> str:
             f"{q['succeeded']:>9} {q['retried']:>8} {q['failed']:>7} | "
             f"{_ms(q['latency_ms']['p50']):>9} {_ms(q['latency_ms']['p99']):>9}"
         )
+    if snap.get("schedules"):
+        lines += ["", *schedule.describe(snap["schedules"], snap.get("time", time.time()))]
     lines += ["", f"{'SLOT':>4} {'PID':>8} {'STATE':<5} {'SUCCEEDED':>9} {'FAILED':>7}  CURRENT"]
     for w in snap["workers"]:
         current = ", ".join(f"{c['queue']} {c['id']} {c['seconds']:.1f}s" for c in w["current"])

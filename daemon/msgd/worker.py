@@ -5,7 +5,7 @@ runner loops over its queue's inbox: claim the oldest message, run the handler, 
 through the inbox (a spool inbox renames into cur/<slot>/ to claim, unlinks on background threads
 on success, renames into defer/ or failed/ on failure; a Redis inbox reads from its consumer group
 and settles with XACK). The main thread only listens to the master: "stop" (or EOF, or SIGTERM)
-means stop claiming, finish what is in hand, and exit 0; "burst" wakes the burst-mode queues.
+means stop claiming, finish what is in hand, and exit 0; "burst:<queues>" wakes those queues.
 """
 
 from __future__ import annotations
@@ -25,23 +25,26 @@ import setproctitle
 import structlog
 
 from msgd import handlers
-from msgd.config import Config, QueueConfig
+from msgd.config import MAX_QUEUES, Config, QueueConfig
 from msgd.handlers import CommandFailed, Handler, Message, Reject
+from msgd.ratelimit import RateLimits
 from msgd.spool import Acker, Spool, SpoolError, SpoolInbox
 from msgd.stats import FAILED, RETRIED, SUCCEEDED, SlotWriter
 from msgd.sysutil import set_parent_death_signal
 
 DUMP_SIGNAL = signal.SIGRTMIN + 1  # master -> worker: write all threads' tracebacks (timeouts)
+_fork = multiprocessing.get_context("fork")
 
 
 @dataclass
 class Bursts:
-    """Burst generations shared by master and workers: USR2 bumps `started`; `finished` catches
-    up once everything pending at the signal is worked. A burst-mode queue runs while they
-    differ, so a worker (re)started in the middle of a burst joins it."""
+    """Burst generations per queue index, shared by master and workers: a burst of a queue (USR2
+    bursts them all, a schedule one) bumps its `started`; `finished` catches up once everything
+    pending at the start is worked. A burst-mode queue runs while they differ, so a worker
+    (re)started in the middle of a burst joins it."""
 
-    started: Any = field(default_factory=lambda: multiprocessing.Value("Q", 0, lock=False))
-    finished: Any = field(default_factory=lambda: multiprocessing.Value("Q", 0, lock=False))
+    started: Any = field(default_factory=lambda: _fork.Array("Q", MAX_QUEUES, lock=False))
+    finished: Any = field(default_factory=lambda: _fork.Array("Q", MAX_QUEUES, lock=False))
 
 
 class Inbox(Protocol):
@@ -68,6 +71,7 @@ class Worker:
         counters: SlotWriter,
         conn: Any,
         bursts: Bursts,
+        limits: RateLimits,
     ) -> None:
         self.slot = slot
         self.config = config
@@ -75,6 +79,7 @@ class Worker:
         self.counters = counters
         self.conn = conn
         self.bursts = bursts
+        self.limits = limits
         self.spool = Spool.from_config(config)
         self.log = structlog.get_logger().bind(worker=slot)
         self.stopping = threading.Event()
@@ -144,9 +149,11 @@ class Worker:
                 word = "stop"
             if word == "stop":
                 self.stop()
-            elif word == "burst":
+            elif word.startswith("burst:"):
+                queues = word.removeprefix("burst:").split(",")
                 for inbox in self.inboxes:
-                    inbox.burst()
+                    if inbox.queue in queues:
+                        inbox.burst()
                 with self.burst:
                     self.burst.notify_all()
 
@@ -169,25 +176,32 @@ class Worker:
             os._exit(70)  # EX_SOFTWARE; the ack log covers the unlinks still queued
 
     def serve_queue(self, inbox: Inbox, runner: int) -> None:
-        """One runner: work the queue until told to stop. Burst-mode queues work only in bursts."""
+        """One runner: work the queue until told to stop. Burst-mode queues work only in bursts
+        of their own; a rate-limited queue starts a claimed message only when its gate allows."""
         policy = self.config.queues[inbox.queue]
         bursty = policy.mode == "burst"
-        seen_burst = self.bursts.finished.value  # a burst under way when we start: join it
+        index = self.queue_index[inbox.queue]
+        gate = self.limits.gate(inbox.queue)
+        seen_burst = self.bursts.finished[index]  # a burst under way when we start: join it
         while not self.stopping.is_set():
-            if bursty and self.bursts.started.value == seen_burst:
-                self.await_burst(seen_burst)
+            if bursty and self.bursts.started[index] == seen_burst:
+                self.await_burst(index, seen_burst)
                 continue
             name = inbox.claim()
             if name is not None:
+                if gate is not None:
+                    gate.take_turn()
                 self.work(inbox, name, runner)
             elif bursty:
-                seen_burst = self.bursts.started.value  # drained: wait for the next burst
+                seen_burst = self.bursts.started[index]  # drained: wait for the next burst
             else:
                 inbox.wait()
 
-    def await_burst(self, seen: int) -> None:
+    def await_burst(self, index: int, seen: int) -> None:
         with self.burst:
-            self.burst.wait_for(lambda: self.stopping.is_set() or self.bursts.started.value != seen)
+            self.burst.wait_for(
+                lambda: self.stopping.is_set() or self.bursts.started[index] != seen
+            )
 
     def work(self, inbox: Inbox, name: str, runner: int) -> None:
         queue = inbox.queue
