@@ -1,0 +1,200 @@
+"""Time: scheduled bursts, rate limits, and the producer's delay/at/ttl/priority words.
+
+Bounds are asserted on the start times the handlers record (tests/time_handlers.py), never by
+sleeping: each test waits for its messages with `wait_for`, then reads the recorded times.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import msgd
+import pytest
+from conftest import Msgd, wait_for
+from msgd.schedule import Scheduler
+
+# A start is recorded by the handler a moment after the rate limiter let it go: the two clocks
+# differ by the handler's own start-up (reading the file, counting), which a busy machine can
+# stretch to a few milliseconds. Windows are checked with this much slack.
+RECORDING_SLACK = 0.05
+
+
+@dataclass
+class Start:
+    id: str
+    body: str
+    wall: float
+    mono: float
+    pid: int
+    thread: int
+
+
+def starts(daemon: Msgd) -> list[Start]:
+    try:
+        lines = (daemon.out / "starts").read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    out = []
+    for line in lines:
+        mid, body, wall, mono, pid, thread = line.split()
+        out.append(Start(mid, body, float(wall), float(mono), int(pid), int(thread)))
+    return out
+
+
+def wait_starts(daemon: Msgd, n: int, timeout: float = 30.0) -> list[Start]:
+    wait_for(lambda: len(starts(daemon)) >= n, timeout, f"{n} handler starts")
+    return starts(daemon)
+
+
+def stamped(**queue: object) -> dict[str, object]:
+    return {"handler": "time_handlers:stamp", **queue}
+
+
+# -- scheduled bursts -----------------------------------------------------------------------------
+
+
+def test_every_2s_works_a_burst_mode_queue_with_no_signal(daemon: Msgd) -> None:
+    daemon.queues["ticking"] = stamped(mode="burst", schedule="@every 2s")
+    daemon.queues["manual"] = stamped(mode="burst")
+    daemon.write_config()
+    daemon.start()
+    manual = daemon.send(b"manual", queue="manual")
+    first = daemon.send_many([b"a", b"b", b"c"], queue="ticking")
+    wait_starts(daemon, 3, timeout=10)
+    later = daemon.send(b"d", queue="ticking")  # the next tick works it too
+    wait_for(lambda: later in [s.id for s in starts(daemon)], 10, "the second scheduled burst")
+    assert sorted(s.id for s in starts(daemon)) == sorted([*first, later])
+    bursts = [e for e in daemon.events("burst") if e["outcome"] == "started"]
+    assert bursts and all(e["trigger"] == "schedule" and e["queue"] == "ticking" for e in bursts)
+    assert daemon.generation("burst") == 0  # no USR2 was sent
+    assert daemon.files("manual", "new") == [manual]  # a schedule bursts its own queue alone
+    snap = daemon.stats()
+    next_run = snap["schedules"]["ticking"]["next_run"]
+    assert snap["schedules"]["ticking"]["schedule"] == "@every 2s"
+    assert snap["time"] - 1 < next_run <= snap["time"] + 2
+    status = daemon.msgctl("status")
+    assert "schedule ticking: '@every 2s', next run " in status.stdout
+
+
+def test_ticks_missed_while_stopped_make_one_run_at_start(daemon: Msgd) -> None:
+    daemon.queues["hourly"] = stamped(mode="burst", schedule="@every 1h")
+    daemon.write_config()
+    state = daemon.root / "spool/.msgd/schedule.json"
+    state.parent.mkdir(parents=True)
+    three_hours_ago = time.time() - 3 * 3600  # three ticks missed while msgd was not running
+    state.write_text(json.dumps({"hourly": {"expression": "@every 1h", "at": three_hours_ago}}))
+    ids = daemon.send_many([b"x", b"y"], queue="hourly")
+    daemon.start()
+    wait_for(lambda: any(e["outcome"] == "done" for e in daemon.events("burst")), 10, "the burst")
+    assert sorted(s.id for s in starts(daemon)) == sorted(ids)
+    started = [e for e in daemon.events("burst") if e["outcome"] == "started"]
+    assert len(started) == 1  # coalesced: one run, not three
+    next_run = daemon.stats()["schedules"]["hourly"]["next_run"]
+    assert next_run > time.time() + 3500  # the next tick counts from that run
+    assert json.loads(state.read_text())["hourly"]["at"] > three_hours_ago
+
+
+def test_scheduler_coalesces_a_busy_loops_missed_ticks(tmp_path: Path) -> None:
+    scheduler = Scheduler(str(tmp_path), {"q": "@every 10s"})
+    first = scheduler.next_runs["q"]
+    assert scheduler.due(first - 1) == []
+    assert scheduler.due(first + 35) == ["q"]  # three ticks late: one run
+    assert scheduler.due(first + 36) == []
+    assert scheduler.next_runs["q"] == first + 45
+
+
+def test_cron_schedules_follow_local_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TZ", "Europe/Paris")
+    scheduler = Scheduler(str(tmp_path), {"q": "30 3 * * *"})
+    at = datetime.fromtimestamp(scheduler.next_runs["q"], ZoneInfo("Europe/Paris"))
+    assert (at.hour, at.minute, at.second) == (3, 30, 0)
+    assert 0 < scheduler.next_runs["q"] - time.time() <= 86400
+
+
+@pytest.mark.parametrize(
+    ("queue", "error"),
+    [
+        ({"schedule": "@every 1s"}, 'queues.q.schedule: only for mode = "burst"'),
+        ({"mode": "burst", "schedule": "61 * * * *"}, "queues.q.schedule: bad cron expression"),
+        ({"mode": "burst", "schedule": "0 3 * *"}, "queues.q.schedule: bad cron expression"),
+        ({"mode": "burst", "schedule": "@daily"}, "queues.q.schedule: expected a cron"),
+        ({"mode": "burst", "schedule": "@every 0s"}, "queues.q.schedule: @every needs"),
+        ({"rate_limit": -1}, "queues.q.rate_limit: Expected `int` >= 0"),
+    ],
+)
+def test_bad_schedules_and_limits_are_config_errors(
+    daemon: Msgd, queue: dict[str, object], error: str
+) -> None:
+    daemon.queues = {"q": stamped(**queue)}
+    daemon.write_config()
+    check = daemon.msgctl("check")
+    assert check.returncode == 1
+    assert check.stderr.startswith(f"msgctl: {error}"), check.stderr
+    assert len(check.stderr.splitlines()) == 1
+
+
+# -- rate limits ----------------------------------------------------------------------------------
+
+
+def test_rate_limit_holds_in_every_second_across_workers_and_threads(daemon: Msgd) -> None:
+    daemon.queues = {
+        "limited": stamped(rate_limit=20, threads=2),
+        "free": {"handler": "handlers:record"},
+    }
+    daemon.write_config()
+    daemon.start()
+    ids = daemon.send_many([b"l"] * 60, queue="limited")
+    free = daemon.send_many([b"f"] * 10, queue="free")
+    got = wait_starts(daemon, 60, timeout=20)
+    assert sorted(s.id for s in got) == sorted(ids)
+    assert len({(s.pid, s.thread) for s in got}) >= 3  # both workers, their threads too
+    times = sorted(s.mono for s in got)
+    for i in range(len(times) - 20):  # any 21 consecutive starts span at least a second
+        assert times[i + 20] - times[i] >= 1.0 - RECORDING_SLACK, (i, times[i : i + 21])
+    # The other queue's runners did not wait behind the limited one's turns.
+    wait_for(lambda: len(daemon.succeeded()) == 10, 10, "the unlimited queue worked")
+    assert sorted(daemon.succeeded()) == sorted(free)
+    assert (daemon.out / "succeeded").stat().st_mtime < max(s.wall for s in got)
+
+
+# -- producing: bad words -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (["--priority", "10"], "msgctl: send --priority: expected 0-9, got 10"),
+        (["--priority", "-1"], "msgctl: send --priority: expected 0-9, got -1"),
+        (["--delay", "-1"], "msgctl: send --delay: expected seconds >= 0, got -1.0"),
+        (["--delay", "nan"], "msgctl: send --delay: expected a number of seconds, got nan"),
+        (["--ttl", "0"], "msgctl: send --ttl: expected seconds > 0, got 0.0"),
+        (["--at", "tomorrow"], "msgctl: send --at: not an ISO 8601 time: 'tomorrow'"),
+    ],
+)
+def test_msgctl_send_refuses_bad_time_words(daemon: Msgd, args: list[str], error: str) -> None:
+    sent = daemon.msgctl("send", *args, input=b"body")
+    assert (sent.returncode, sent.stderr.strip(), sent.stdout) == (2, error, "")
+    assert daemon.files("default", "new") == []  # nothing half-sent
+
+
+def test_msgctl_send_delay_and_at_exclude_each_other(daemon: Msgd) -> None:
+    sent = daemon.msgctl("send", "--delay", "1", "--at", "2030-01-01T00:00", input=b"x")
+    assert sent.returncode == 2
+    assert "not allowed with argument" in sent.stderr
+    assert daemon.files("default", "new") == []
+
+
+def test_python_send_refuses_bad_time_words(daemon: Msgd) -> None:
+    config = str(daemon.config_path)
+    with pytest.raises(ValueError, match="priority: expected an integer 0-9, got True"):
+        msgd.send(b"x", config=config, priority=True)
+    with pytest.raises(ValueError, match="delay and at: give one or the other"):
+        msgd.send(b"x", config=config, delay=1, at=time.time())
+    with pytest.raises(ValueError, match="ttl: expected seconds > 0"):
+        msgd.send_many([b"x"], config=config, ttl=-5)
+    assert daemon.files("default", "new") == []
