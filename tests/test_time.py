@@ -198,3 +198,31 @@ def test_python_send_refuses_bad_time_words(daemon: Msgd) -> None:
     with pytest.raises(ValueError, match="ttl: expected seconds > 0"):
         msgd.send_many([b"x"], config=config, ttl=-5)
     assert daemon.files("default", "new") == []
+
+
+def test_schedules_and_limits_follow_reloads(daemon: Msgd) -> None:
+    daemon.queues = {"q": stamped(mode="burst")}
+    daemon.write_config()
+    daemon.start()
+    first = daemon.send_many([b"1"] * 6, queue="q")
+    assert daemon.stats()["schedules"] == {}
+    daemon.queues = {"q": stamped(mode="burst", schedule="@every 1s", rate_limit=5)}
+    daemon.write_config()
+    reload = daemon.msgctl("reload")
+    assert reload.returncode == 0, reload.stderr
+    got = wait_starts(daemon, 6, timeout=10)  # the new schedule works the queue, 5 a second
+    assert sorted(s.id for s in got) == sorted(first)
+    times = sorted(s.mono for s in got)
+    assert times[5] - times[0] >= 1.0 - RECORDING_SLACK
+    table = daemon.msgctl("stats")
+    assert "schedule q: '@every 1s', next run" in table.stdout
+    daemon.queues = {"q": stamped(mode="burst")}
+    daemon.write_config()
+    assert daemon.msgctl("reload").returncode == 0
+    wait_for(lambda: daemon.stats()["schedules"] == {}, 5, "the schedule gone from the stats")
+    late = daemon.send(b"2", queue="q")
+    assert daemon.msgctl("burst", "--wait").returncode == 0  # only a signal works it now
+    assert late in [s.id for s in starts(daemon)]
+    assert [e["trigger"] for e in daemon.events("burst") if e["outcome"] == "started"][-1] == (
+        "signal"
+    )
