@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import datetime
+from typing import Any
 
 __version__ = "0.1.0"
 
@@ -22,23 +23,10 @@ from msgd.handlers import Message, Reject
 __all__ = ["Message", "Reject", "send", "send_many"]
 
 
-def send(
-    body: bytes,
-    queue: str = "default",
-    config: str | None = None,
-    *,
-    delay: float | None = None,
-    at: datetime | str | float | None = None,
-    ttl: float | None = None,
-    priority: int = 0,
-) -> str:
-    """Enqueue one message durably; returns its id. The daemon need not be running.
-
-    `delay` (seconds) or `at` (a datetime, ISO 8601 text, local time without a zone, or epoch
-    seconds): not started before then. `ttl` (seconds, from when it is due): never started
-    after that, a dead letter instead. `priority` 0-9: higher first. ValueError for bad values.
-    """
-    return send_many([body], queue, config, delay=delay, at=at, ttl=ttl, priority=priority)[0]
+def send(body: bytes, queue: str = "default", config: str | None = None, **when: Any) -> str:
+    """Enqueue one message durably; returns its id. The daemon need not be running. `when`:
+    send_many's delay, at, ttl and priority."""
+    return send_many([body], queue, config, **when)[0]
 
 
 def send_many(
@@ -51,8 +39,12 @@ def send_many(
     ttl: float | None = None,
     priority: int = 0,
 ) -> list[str]:
-    """Enqueue a batch durably with one flush; returns the ids in order. The keywords are
-    send's, for the whole batch."""
+    """Enqueue a batch durably with one flush; returns the ids in order.
+
+    `delay` (seconds) or `at` (a datetime, ISO 8601 text, local time without a zone, or epoch
+    seconds): not started before then. `ttl` (seconds, from when it is due): never started
+    after that, a dead letter instead. `priority` 0-9: higher first. ValueError for bad values.
+    """
     from msgd.producer import producer_for
     from msgd.when import send_options
 
