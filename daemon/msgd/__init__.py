@@ -45,8 +45,8 @@ def send_many(
     seconds): not started before then. `ttl` (seconds, from when it is due): never started
     after that, a dead letter instead. `priority` 0-9: higher first. ValueError for bad values.
     """
-    from msgd.producer import producer_for
+    from msgd.producer import store_for
     from msgd.when import send_options
 
     options = send_options(delay=delay, at=at, ttl=ttl, priority=priority)
-    return producer_for(config, queue).send_many(queue, bodies, options)
+    return store_for(config, queue).send_many(list(bodies), options)

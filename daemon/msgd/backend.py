@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 
+from msgd.when import NOW, SendOptions
+
 if TYPE_CHECKING:
     from msgd.config import DaemonConfig, QueueConfig
     from msgd.handlers import Message
@@ -37,6 +39,10 @@ class BackendError(Exception):
     cannot be worked; the text names the queue and says why."""
 
 
+class Expired(BackendError):
+    """A claimed message past its TTL: the worker makes it a dead letter without running it."""
+
+
 class Outcome(enum.IntEnum):
     """How one handler run ended. The values index the shared counters (counters.py)."""
 
@@ -45,6 +51,7 @@ class Outcome(enum.IntEnum):
     FAILED = 2
     REJECTED = 3  # counted with FAILED: a handler's msgd.Reject
     TIMED_OUT = 4  # counted with RETRIED or FAILED: the master killed the worker
+    EXPIRED = 5  # counted with FAILED: not started within its TTL (a dead letter, never run)
 
     @property
     def label(self) -> str:
@@ -57,8 +64,17 @@ class Depths(msgspec.Struct, kw_only=True):
     new: int = 0  # waiting to be claimed
     cur: int = 0  # claimed by a worker, not settled yet
     defer: int = 0  # failed, waiting for the retry's time
+    scheduled: int = 0  # sent with a delay or a time, waiting for it
     failed: int = 0  # dead letters
     detail: str = ""  # the store's own words for `msgctl queues` (stream length, consumers...)
+
+
+class BurstMark(msgspec.Struct):
+    """Where a queue stood when a burst began: how many messages the burst covers (as well as
+    the store can tell) and the store's own record of them."""
+
+    pending: int
+    state: Any = None
 
 
 class Death(msgspec.Struct, frozen=True, kw_only=True):
@@ -87,6 +103,13 @@ class Settled(msgspec.Struct, kw_only=True):
     failed: int = 0  # charged an attempt, dead letters now
     uncounted: list[Outcome] = []  # outcomes made durable that the worker did not count
 
+    def add(self, other: Settled) -> None:
+        self.finished += other.finished
+        self.returned += other.returned
+        self.retried += other.retried
+        self.failed += other.failed
+        self.uncounted += other.uncounted
+
 
 class Inbox(Protocol):
     """A worker's view of one queue, shared by that queue's runner threads in the worker.
@@ -108,7 +131,8 @@ class Inbox(Protocol):
         ...
 
     def read(self, handle: str, max_size: int) -> Message:
-        """The claimed message; raises BackendError if it cannot be worked (a dead letter)."""
+        """The claimed message; raises BackendError or OSError if it cannot be worked (it goes to
+        the dead letters with that error)."""
         ...
 
     def label(self, handle: str) -> tuple[str, int]:
@@ -138,8 +162,10 @@ class Store(Protocol):
 
     queue: str
 
-    def send_many(self, bodies: Sequence[bytes]) -> list[str]:
-        """Enqueue a batch; returns the new ids, in order, only once all of them are durable."""
+    def send_many(self, bodies: Sequence[bytes], options: SendOptions = NOW) -> list[str]:
+        """Enqueue a batch; returns the new ids, in order, only once all of them are durable.
+        `options`: when the batch may start, until when, and its priority (when.py); a store
+        that cannot honour one raises BackendError and sends nothing."""
         ...
 
     def check(self) -> None:
@@ -156,11 +182,11 @@ class Store(Protocol):
         `force`, a burst). A no-op where the broker or the workers keep that time."""
         ...
 
-    def burst_mark(self) -> object:
-        """A mark of everything claimable now (what a burst must see worked). Opaque."""
+    def burst_mark(self) -> BurstMark:
+        """A mark of everything claimable now (what a burst must see worked)."""
         ...
 
-    def burst_worked(self, mark: object) -> bool:
+    def burst_worked(self, mark: BurstMark) -> bool:
         """Whether every message pending at `mark` has been settled (False while unknown)."""
         ...
 

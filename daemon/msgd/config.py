@@ -200,6 +200,15 @@ def _check_backend(where: str, q: QueueConfig) -> None:
         )
 
 
+def check_reloadable(old: Config, new: Config, names_since_start: set[str]) -> None:
+    """What cannot change under a running daemon (a restart can): raise ConfigError naming it."""
+    for key in ("pidfile", "spool", "user", "group"):
+        if getattr(new.daemon, key) != getattr(old.daemon, key):
+            raise ConfigError(f"daemon.{key}: cannot change on reload (restart msgd)")
+    if len(names_since_start | set(new.queues)) > MAX_QUEUES:
+        raise ConfigError(f"queues: more than {MAX_QUEUES} queue names since start (restart)")
+
+
 def _check_schedule(where: str, q: QueueConfig) -> None:
     """A schedule runs bursts: only for burst-mode queues, and only one that parses."""
     if not q.schedule:

@@ -20,11 +20,20 @@ import time
 from datetime import datetime, tzinfo
 from typing import Any
 
+import msgspec
+
 from msgd.sysutil import atomic_write
 
 EVERY = re.compile(r"@every\s+(\d+(?:\.\d+)?)\s*([smhd])")
 UNIT_SECONDS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 STATE_FILE = "schedule.json"
+
+
+class NextRun(msgspec.Struct, kw_only=True):
+    """One schedule as the stats show it."""
+
+    schedule: str
+    next_run: float  # epoch seconds
 
 
 class ScheduleError(ValueError):
@@ -112,10 +121,10 @@ class Scheduler:
             atomic_write(self.path, json.dumps(self.last_runs).encode(), 0o600)
         return queues
 
-    def report(self) -> dict[str, dict[str, Any]]:
-        """For stats and `msgctl status`: each schedule and its next run (epoch seconds)."""
+    def report(self) -> dict[str, NextRun]:
+        """For stats and `msgctl status`: each schedule and its next run."""
         return {
-            queue: {"schedule": plan.expression, "next_run": round(self.next_runs[queue], 3)}
+            queue: NextRun(schedule=plan.expression, next_run=round(self.next_runs[queue], 3))
             for queue, plan in self.plans.items()
         }
 
@@ -132,14 +141,14 @@ class Scheduler:
         }
 
 
-def describe(report: dict[str, dict[str, Any]], now: float) -> list[str]:
+def describe(report: dict[str, NextRun], now: float) -> list[str]:
     """One line per schedule for people (`msgctl status`, `msgctl stats`), in local time."""
     lines = []
     for queue, entry in sorted(report.items()):
-        at = datetime.fromtimestamp(entry["next_run"]).astimezone()
-        wait = max(0, round(entry["next_run"] - now))
+        at = datetime.fromtimestamp(entry.next_run).astimezone()
+        wait = max(0, round(entry.next_run - now))
         lines.append(
-            f"schedule {queue}: {entry['schedule']!r}, next run {at:%Y-%m-%d %H:%M:%S %z} "
+            f"schedule {queue}: {entry.schedule!r}, next run {at:%Y-%m-%d %H:%M:%S %z} "
             f"(in {wait // 3600}h{wait % 3600 // 60:02}m{wait % 60:02}s)"
         )
     return lines
