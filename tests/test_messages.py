@@ -76,7 +76,7 @@ def test_sending_works_without_the_daemon_and_is_durable_on_disk(daemon: Msgd) -
     assert daemon.files("default", "tmp") == []
     queues = daemon.msgctl("queues")
     assert queues.returncode == 0
-    assert queues.stdout.splitlines()[1].split() == ["default", "5", "0", "0", "0"]
+    assert queues.stdout.splitlines()[1].split() == ["default", "5", "0", "0", "0", "0"]
     daemon.start()
     wait_for(lambda: len(daemon.succeeded()) == 5, what="backlog worked at start")
     assert_settled(daemon, ids)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -229,3 +230,117 @@ def test_schedules_and_limits_follow_reloads(daemon: Msgd) -> None:
     assert [e["trigger"] for e in daemon.events("burst") if e["outcome"] == "started"][-1] == (
         "signal"
     )
+
+
+# -- delays, expiry and priority, per store -------------------------------------------------------
+
+DELAY = 1.5
+ON_TIME = 0.5  # the spec's bound: a delayed message starts within this of its time
+
+
+def sched_column(daemon: Msgd, queue: str) -> int:
+    """SCHEDULED in `msgctl queues` (the last column)."""
+    listing = daemon.msgctl("queues")
+    assert listing.returncode == 0, listing.stderr
+    line = next(x for x in listing.stdout.splitlines() if x.startswith(f"{queue} "))
+    return int(line.split()[5])
+
+
+def check_delayed_runs_on_time(daemon: Msgd, queue: str) -> None:
+    """A delayed send and an `at` send: not started before their time, started within ON_TIME
+    of it, not pulled forward by a burst; counted as scheduled meanwhile."""
+    at = time.time() + DELAY
+    before = time.time()
+    delayed = msgd.send(b"delayed", queue=queue, config=str(daemon.config_path), delay=DELAY)
+    after = time.time()
+    local = datetime.fromtimestamp(at).isoformat()  # no zone: local time
+    sent = daemon.msgctl("send", "-q", queue, "--at", local, input=b"at")
+    assert sent.returncode == 0, sent.stderr
+    assert sched_column(daemon, queue) == 2
+    burst = daemon.msgctl("burst", "--wait")  # forces retries, not delayed sends
+    assert burst.returncode == 0, burst.stderr
+    assert starts(daemon) == []
+    got = {s.id: s for s in wait_starts(daemon, 2, timeout=10)}
+    assert set(got) == {delayed, sent.stdout.strip()}
+    first = got[delayed].wall
+    assert before + DELAY <= first <= after + DELAY + ON_TIME, (before, first)
+    second = got[sent.stdout.strip()].wall
+    assert at <= second <= at + ON_TIME, (at, second)
+    assert sched_column(daemon, queue) == 0
+
+
+def check_expired_never_runs(daemon: Msgd, queue: str, dead: Callable[[], list[dict]]) -> None:
+    """A message sent with a short TTL to a queue nobody works: a dead letter marked expired
+    within a few seconds, counted, and never run."""
+    mid = msgd.send(b"stale", queue=queue, config=str(daemon.config_path), ttl=0.3)
+    records = wait_for(dead, 5, "the expired message in the dead letters")
+    assert [r["id"] for r in records] == [mid]
+    assert records[0]["error_type"] == "Expired"
+    assert "not started within its TTL" in records[0]["error"]
+    wait_for(lambda: daemon.stats()["queues"][queue]["expired"] == 1, 5, "expired counted")
+    q = daemon.stats()["queues"][queue]
+    assert (q["failed"], q["expired"], q["succeeded"]) == (1, 1, 0)
+    prom = daemon.msgctl("stats", "--prometheus").stdout
+    assert f'msgd_expired_total{{queue="{queue}"}} 1' in prom
+    assert daemon.msgctl("burst", "--wait").returncode == 0
+    assert starts(daemon) == []  # never run, not even by a burst
+
+
+def check_priority_overtakes(daemon: Msgd, queue: str) -> None:
+    """One runner busy on a slow message, with older priority 0 messages waiting: a priority 9
+    message sent later runs next; equal priorities keep oldest first."""
+    config = str(daemon.config_path)
+    slow, *low = msgd.send_many([b"sleep:1", b"0", b"0", b"0"], queue=queue, config=config)
+    wait_starts(daemon, 1)
+    high = msgd.send_many([b"9", b"9"], queue=queue, config=config, priority=9)
+    mid = msgd.send(b"5", queue=queue, config=config, priority=5)
+    order = [s.id for s in wait_starts(daemon, 7)]
+    assert order == [slow, *high, mid, *low]
+
+
+def spool_dead_letters(daemon: Msgd, queue: str) -> Callable[[], list[dict]]:
+    def records() -> list[dict]:
+        base = daemon.root / "spool" / queue / "failed"
+        return [json.loads(p.read_text()) for p in sorted(base.glob("*.error.json"))]
+
+    return records
+
+
+def test_spool_delayed_message_runs_on_time(daemon: Msgd) -> None:
+    daemon.queues = {"q": stamped()}
+    daemon.write_config()
+    daemon.start()
+    check_delayed_runs_on_time(daemon, "q")
+
+
+def test_spool_expired_message_is_a_dead_letter_never_run(daemon: Msgd) -> None:
+    daemon.queues = {"q": stamped(mode="burst")}
+    daemon.write_config()
+    daemon.start()
+    check_expired_never_runs(daemon, "q", spool_dead_letters(daemon, "q"))
+
+
+def test_spool_priority_9_overtakes_older_priority_0(daemon: Msgd) -> None:
+    daemon.daemon["workers"] = 1
+    daemon.queues = {"q": stamped()}
+    daemon.write_config()
+    daemon.start()
+    check_priority_overtakes(daemon, "q")
+
+
+def test_spool_worker_never_runs_a_message_it_claims_expired(daemon: Msgd) -> None:
+    """A worker claims at once what arrives, long before the master's once-a-second look: the
+    worker itself must see the expiry in the name and make a dead letter of it."""
+    daemon.queues = {"q": stamped()}
+    daemon.write_config()
+    daemon.start()
+    spool = daemon.root / "spool/q"
+    mid = f"{time.time_ns():016x}0badf00d"
+    (spool / "tmp" / mid).write_bytes(b"stale")
+    expired_ms = int((time.time() - 1) * 1000)
+    (spool / "tmp" / mid).rename(spool / "new" / f"{mid}@0@x{expired_ms}")
+    records = wait_for(spool_dead_letters(daemon, "q"), 5, "the dead letter")
+    assert [(r["id"], r["error_type"]) for r in records] == [(mid, "Expired")]
+    wait_for(lambda: daemon.stats()["queues"]["q"]["expired"] == 1, 5, "expired counted")
+    done = daemon.send(b"fresh", queue="q")  # the queue goes on
+    assert [s.id for s in wait_starts(daemon, 1)] == [done]

@@ -14,7 +14,8 @@ OUT = os.environ.get("MSGD_TEST_OUT", "/tmp")
 
 
 def stamp(message: msgd.Message) -> None:
-    """One line per start: id, body, wall time, monotonic time, pid, thread."""
+    """One line per start: id, body, wall time, monotonic time, pid, thread. A body
+    `sleep:<s>` then takes that long."""
     line = (
         f"{message.id} {message.body.decode(errors='replace') or '-'} {time.time():.6f} "
         f"{time.monotonic():.6f} {os.getpid()} {threading.get_ident()}\n"
@@ -24,3 +25,5 @@ def stamp(message: msgd.Message) -> None:
         os.write(fd, line.encode())  # one O_APPEND write: lines never interleave
     finally:
         os.close(fd)
+    if message.body.startswith(b"sleep:"):
+        time.sleep(float(message.body[6:]))

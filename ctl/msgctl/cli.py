@@ -261,7 +261,7 @@ def cmd_queues(ctx: Context) -> int:
     server cannot be reached is reported on its line, not as a failure of the command."""
     config = ctx.config
     names = sorted(set(config.queues) | set(Spool.from_config(config.daemon).queues()))
-    print(f"{'QUEUE':<24} {'NEW':>8} {'CUR':>6} {'DEFER':>7} {'FAILED':>7}")
+    print(f"{'QUEUE':<24} {'NEW':>8} {'CUR':>6} {'DEFER':>7} {'FAILED':>7} {'SCHEDULED':>9}")
     for name in names:
         policy = config.queues.get(name, QueueConfig(handler="-"))
         try:
@@ -269,7 +269,7 @@ def cmd_queues(ctx: Context) -> int:
         except BackendError as e:
             print(f"{name:<24} unavailable: {e}")
             continue
-        line = f"{name:<24} {d.new:>8} {d.cur:>6} {d.defer:>7} {d.failed:>7}"
+        line = f"{name:<24} {d.new:>8} {d.cur:>6} {d.defer:>7} {d.failed:>7} {d.scheduled:>9}"
         print(f"{line}  {d.detail}" if d.detail else line)
     return 0
 

@@ -177,7 +177,7 @@ class Store(Protocol):
         """Messages per state; raises BackendError when the store cannot be asked."""
         ...
 
-    def release_due(self, force: bool) -> None:
+    def release_due(self, force: bool) -> int:
         """Called every tick by the master: make due retries claimable (all of them with
         `force`, a burst). A no-op where the broker or the workers keep that time."""
         ...

@@ -147,6 +147,13 @@ class Counters:
     """The master's side: allocates segments and reads every slot."""
 
     segments: list[Any] = field(default_factory=list)
+    own: bytearray = field(default_factory=lambda: bytearray(SLOT * 8))  # see `master`
+
+    def master(self) -> SlotWriter:
+        """The master's own slot, read after the workers' (never one of theirs): what it settles
+        itself, such as messages that expired with no worker claiming them. In its own memory:
+        no other process writes it."""
+        return SlotWriter(self.own, 0)
 
     def writer(self, slot: int) -> SlotWriter:
         while slot >= len(self.segments) * SLOTS_PER_SEGMENT:
@@ -159,6 +166,7 @@ class Counters:
         for segment in self.segments:
             data = array("Q", bytes(memoryview(segment)))
             slots.extend(data[i * SLOT : (i + 1) * SLOT] for i in range(SLOTS_PER_SEGMENT))
+        slots.append(array("Q", bytes(self.own)))
         return slots
 
 

@@ -32,7 +32,7 @@ import setproctitle
 import structlog
 
 from msgd import handlers, logs, stats
-from msgd.backend import BackendError, Store, open_store
+from msgd.backend import BackendError, Outcome, Store, open_store
 from msgd.burst import Burst, BurstFlags
 from msgd.config import Config, ConfigError, check_reloadable
 from msgd.config import load as load_config
@@ -76,6 +76,7 @@ class Master:
         self.notify = Notifier()
         self.pidfile = Pidfile(config.daemon.pidfile)
         self.counters = Counters()
+        self.own_counts = self.counters.master()
         self.index = QueueIndex(config.queues)
         self.stores = open_stores(config)
         self.reporter = Reporter(self.counters, self.index)
@@ -345,8 +346,14 @@ class Master:
                         await self.begin_burst({name: self.stores[name]}, "schedule")
 
     def release_due(self) -> None:
-        for store in self.stores.values():
-            store.release_due(force=False)
+        """In a thread: due retries and delayed sends claimable; expired messages counted (as
+        failed and expired) in the master's own counter slot."""
+        for name, store in self.stores.items():
+            expired = store.release_due(force=False)
+            if expired:
+                self.own_counts.count(self.index[name], Outcome.FAILED, expired)
+                self.own_counts.count(self.index[name], Outcome.EXPIRED, expired)
+                self.log.warning("messages expired", queue=name, count=expired)
 
     async def report(self) -> None:
         """Every second: depths, the stats file, the process title; STATUS to systemd."""

@@ -223,8 +223,9 @@ class RedisStore:
         """The spool's depth keys (new = not yet delivered, cur = pending) and the stream's own."""
         return self._call(lambda client: depths(client, self.stream, self.policy.group))
 
-    def release_due(self, force: bool) -> None:
+    def release_due(self, force: bool) -> int:
         """The workers move due retries back into the stream (RedisInbox.burst for `force`)."""
+        return 0
 
     def burst_mark(self) -> BurstMark:
         """The id of the stream's newest entry ("0-0" if none) and how many entries it holds."""

@@ -1,9 +1,9 @@
 """The durable on-disk queue store (backend "spool"), with maildir discipline.
 
     <spool>/<queue>/tmp/      producers write here first
-                   /new/      ready: `<id>` or `<id>@<attempts done>`
+                   /new/      ready: `<id>` or `<id>@<attempts done>[@p<priority>][@x<expiry>]`
                    /cur/<slot>/  claimed by the worker in that slot (renamed, never copied)
-                   /defer/    waiting to be retried: `<id>@<attempts done>@<not before, ms>`
+                   /defer/    waiting: retries `<...>@<not before, ms>`, delayed sends `<...>@t<ms>`
                    /failed/   dead letters `<id>`, each with `<id>.error.json` beside it
     <spool>/.msgd/ack.<slot>  names a worker finished but has not unlinked yet (spool_inbox.py)
 
@@ -11,7 +11,11 @@ Guarantees: `send_many` returns ids only once the files and their names in new/ 
 (with `daemon.fsync`, the default); every state change is a rename inside one filesystem, so a
 message is always in exactly one place and a crash at any instant loses nothing. Order: oldest
 first (ids are 16 hex digits of enqueue time in ns and 8 random hex digits: sorting them sorts by
-enqueue time). No priorities. The worker's side (claiming, acknowledging) is in spool_inbox.py.
+enqueue time), within a strict priority: a worker claims the highest priority waiting, and the
+oldest among equals. The names are spoolname.py's. A delayed send waits in defer/ until its time
+(a burst does not pull it forward); a message whose TTL passed before it started is made a dead
+letter by the master's release (once a second) or by the worker that claims it. The worker's side
+(claiming, acknowledging) is in spool_inbox.py.
 """
 
 from __future__ import annotations
@@ -28,11 +32,13 @@ from typing import Any
 from msgd.backend import BackendError, BurstMark, Death, Depths, Inbox, Outcome, Settled
 from msgd.config import DaemonConfig, QueueConfig, valid_queue_name
 from msgd.counters import crc
+from msgd.spoolname import SpoolName
 from msgd.sysutil import atomic_write, fsync_dir, make_dirs, syncfs
 from msgd.when import NOW, SendOptions
 
 STATES = ("new", "cur", "defer", "failed")
 ERROR_SUFFIX = ".error.json"
+SWEEP_EVERY = 1.0  # seconds between looks for expired messages in new/
 
 
 class SpoolError(BackendError):
@@ -51,28 +57,9 @@ def check_name(name: str, what: str = "message id") -> str:
 
 
 def split_name(name: str) -> tuple[str, int]:
-    """`<id>@<attempts>` -> (id, attempts done); a bare id has none done.
-
-    Parsed from the right, and a name that does not end in `@<digits>` is all id: a foreign
-    producer's `a@b` is message `a@b` with no attempts done, never an error that stalls a runner.
-    """
-    mid, at, attempts = name.rpartition("@")
-    if at and _is_count(attempts):
-        return mid, int(attempts)
-    return name, 0
-
-
-def split_deferred(name: str) -> tuple[str, int, int | None]:
-    """A defer/ name `<id>@<attempts>@<not before, ms>` -> its parts (None: no valid time)."""
-    parts = name.rsplit("@", 2)
-    if len(parts) == 3 and _is_count(parts[1]) and _is_count(parts[2]):
-        return parts[0], int(parts[1]), int(parts[2])
-    mid, attempts = split_name(name)
-    return mid, attempts, None
-
-
-def _is_count(text: str) -> bool:
-    return text.isascii() and text.isdigit()
+    """A name of new/ or cur/ -> (id, attempts done); a bare id has none done."""
+    parsed = SpoolName.parse(name)
+    return parsed.id, parsed.attempts
 
 
 def listdir(path: str) -> list[str]:
@@ -120,6 +107,7 @@ class SpoolStore:
         self.root = self.spool.root
         self.tmp, self.new = self.spool.dir(queue, "tmp"), self.spool.dir(queue, "new")
         self.defer, self.failed = self.spool.dir(queue, "defer"), self.spool.dir(queue, "failed")
+        self._next_sweep = 0.0  # time.monotonic() of the next look for expired messages
 
     def ensure(self) -> None:
         for state in ("tmp", *STATES):
@@ -128,13 +116,12 @@ class SpoolStore:
     # -- producing -------------------------------------------------------------------------------
 
     def send_many(self, bodies: Sequence[bytes], options: SendOptions = NOW) -> list[str]:
-        """Make a batch durable with one flush: write all to tmp/, sync once, rename, sync new/.
+        """Make a batch durable with one flush: write all to tmp/, sync once, rename, sync new/
+        (or defer/, for a delayed batch).
 
         Nothing is renamed into new/ until every body is written and flushed, so a failure (a full
         disk) leaves no partial message visible: the tmp files are removed and the error raised.
         """
-        if not options.plain:
-            raise SpoolError(f"{self.queue}: delay, at, ttl and priority are not supported yet")
         self.ensure()
         fsync = self.spool.fsync
         one_by_one = fsync and len(bodies) == 1  # an fsync is cheaper than a syncfs for one
@@ -151,10 +138,11 @@ class SpoolStore:
                 with contextlib.suppress(OSError):
                     os.unlink(os.path.join(self.tmp, mid))
             raise
+        into = self.defer if options.due else self.new
         for mid in ids:
-            os.rename(os.path.join(self.tmp, mid), os.path.join(self.new, mid))
+            os.rename(os.path.join(self.tmp, mid), os.path.join(into, _sent_name(mid, options)))
         if fsync and ids:
-            fsync_dir(self.new)
+            fsync_dir(into)
         return ids
 
     def _write(self, path: str, body: bytes, fsync: bool) -> None:
@@ -198,26 +186,47 @@ class SpoolStore:
     def depths(self) -> Depths:
         """Message counts per state. A USR1 dump pays for these listings (~0.2 µs a name), so
         only failed/, where each message has an .error.json beside it, is filtered."""
-        failed = self.names("failed")
+        failed, defer = self.names("failed"), self.names("defer")
+        scheduled = sum("@t" in n for n in defer)  # msgd's own names: an id holds no @
         return Depths(
             new=len(self.names("new")),
             cur=len(self.claimed()),
-            defer=len(self.names("defer")),
+            defer=len(defer) - scheduled,
+            scheduled=scheduled,
             failed=len(failed) - sum(n.endswith(ERROR_SUFFIX) for n in failed),
         )
 
     # -- retrying ------------------------------------------------------------------------------
 
-    def release_due(self, force: bool) -> None:
-        """Move deferred messages whose time has come (all of them with `force`) back to new/."""
+    def release_due(self, force: bool) -> int:
+        """Move deferred messages whose time has come back to new/: with `force` (a burst) every
+        retry, but a delayed send only at its time. Once a second, make the messages in new/
+        whose TTL passed dead letters; returns how many."""
         now_ms = time.time() * 1000
         for name in listdir(self.defer):
-            mid, attempts, not_before = split_deferred(name)
-            if force or not_before is None or not_before <= now_ms:
+            waiting = SpoolName.parse(name, deferred=True)
+            due = waiting.not_before_ms is None or waiting.not_before_ms <= now_ms
+            if due or (force and not waiting.scheduled):
                 with contextlib.suppress(FileNotFoundError):
                     os.rename(
-                        os.path.join(self.defer, name), os.path.join(self.new, f"{mid}@{attempts}")
+                        os.path.join(self.defer, name), os.path.join(self.new, waiting.ready())
                     )
+        if time.monotonic() < self._next_sweep:
+            return 0
+        self._next_sweep = time.monotonic() + SWEEP_EVERY
+        return self._expire(now_ms)
+
+    def _expire(self, now_ms: float) -> int:
+        """Dead letters of the messages in new/ whose TTL has passed (the `@x` in their name)."""
+        expired = 0
+        for name in listdir(self.new):
+            parsed = SpoolName.parse(name) if "@x" in name else None
+            if parsed is None or not parsed.expired(now_ms):
+                continue
+            with contextlib.suppress(FileNotFoundError):  # a worker claimed it meanwhile
+                self.dead_letter(os.path.join(self.new, name), expired_error(parsed))
+                expired += 1
+        return expired
 
     def retry_failed(self, ids: Sequence[str] | None) -> list[str]:
         """Give dead letters a fresh start: back to new/ with no attempts counted."""
@@ -239,25 +248,39 @@ class SpoolStore:
         return moved
 
     def fail(self, path: str, error: dict[str, Any], permanent: bool) -> Outcome:
-        """Move the claimed file at `path`, whose attempt just failed, to defer/ or, when done
-        trying, to failed/. The error record of a dead letter is written before the message
-        moves, so a dead letter is never without its reason."""
-        mid, done = split_name(os.path.basename(path))
-        attempt = done + 1
+        """Move the claimed file at `path`, whose attempt just failed, to defer/ (keeping its
+        priority; its TTL no longer applies: it has started) or, when done trying, to failed/."""
+        claimed = SpoolName.parse(os.path.basename(path))
+        attempt = claimed.attempts + 1
         if permanent or attempt >= self.policy.max_attempts:
-            record = {"id": mid, "queue": self.queue, "attempts": attempt, "failed_at": time.time()}
-            fd = os.open(
-                os.path.join(self.failed, mid + ERROR_SUFFIX),
-                os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
-                self.spool.file_mode,
-            )
-            with os.fdopen(fd, "w") as f:
-                json.dump({**record, **error}, f, indent=1)
-            os.rename(path, os.path.join(self.failed, mid))
+            self.dead_letter(path, {"attempts": attempt, **error})
             return Outcome.FAILED
         not_before = int((time.time() + self.policy.delay(attempt)) * 1000)
-        os.rename(path, os.path.join(self.defer, f"{mid}@{attempt}@{not_before}"))
+        retry = SpoolName(
+            id=claimed.id, attempts=attempt, priority=claimed.priority, not_before_ms=not_before
+        )
+        os.rename(path, os.path.join(self.defer, retry.waiting()))
         return Outcome.RETRIED
+
+    def dead_letter(self, path: str, error: dict[str, Any]) -> None:
+        """Move the message at `path` to failed/. Its error record is written first, so a dead
+        letter is never without its reason."""
+        parsed = SpoolName.parse(os.path.basename(path))
+        record = {
+            "id": parsed.id,
+            "queue": self.queue,
+            "attempts": parsed.attempts,
+            "failed_at": time.time(),
+            **error,
+        }
+        fd = os.open(
+            os.path.join(self.failed, parsed.id + ERROR_SUFFIX),
+            os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+            self.spool.file_mode,
+        )
+        with os.fdopen(fd, "w") as f:
+            json.dump(record, f, indent=1)
+        os.rename(path, os.path.join(self.failed, parsed.id))
 
     # -- bursts ----------------------------------------------------------------------------------
 
@@ -333,6 +356,24 @@ class SpoolStore:
 
     def close(self) -> None:
         """Nothing to close: a spool store holds no descriptors."""
+
+
+def _sent_name(mid: str, options: SendOptions) -> str:
+    """A new message's file name: in new/, or in defer/ (a delayed send) until its time."""
+    name = SpoolName(
+        id=mid,
+        priority=options.priority,
+        expires_ms=int(options.expires * 1000),
+        not_before_ms=int(options.due * 1000),
+        scheduled=True,
+    )
+    return name.waiting() if options.due else name.ready()
+
+
+def expired_error(name: SpoolName) -> dict[str, Any]:
+    """The error record of a message whose TTL passed before it started."""
+    at = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(name.expires_ms / 1000))
+    return {"error_type": "Expired", "error": f"not started within its TTL (expired {at})"}
 
 
 class AckLog:

@@ -8,16 +8,19 @@ the rest of a no-op message); failure renames it into defer/ or failed/ (SpoolSt
 from __future__ import annotations
 
 import contextlib
+import heapq
 import os
 import queue as queue_mod
 import select
 import threading
+import time
 from typing import Any
 
-from msgd.backend import Outcome
+from msgd.backend import Expired, Outcome
 from msgd.handlers import Message
-from msgd.spool import AckLog, SpoolError, SpoolStore, split_name
-from msgd.sysutil import drain, make_dirs, watch_arrivals
+from msgd.spool import AckLog, SpoolError, SpoolStore, expired_error, split_name
+from msgd.spoolname import SpoolName
+from msgd.sysutil import arrived, drain, make_dirs, watch_arrivals
 
 ACK_THREADS = 4  # concurrent unlinks: the filesystem overlaps their waits (~50 µs each)
 POLL_INTERVAL = 0.05  # only where inotify is unavailable
@@ -79,11 +82,13 @@ class Acker:
 
 
 class SpoolInbox:
-    """A worker's view of one spool queue: claim the oldest message, wait without polling.
+    """A worker's view of one spool queue: claim the highest priority, oldest first, and wait
+    without polling.
 
     Shared by the handler threads of one queue in one worker. Claiming renames new/<name> into
     this worker's cur/<slot>/; when another worker won the race the rename fails and the next
-    name is tried. Listing happens only when the local batch is used up.
+    name is tried. Listing happens only when the local batch is used up; arrivals since are
+    added to it from a second inotify watch, which names them.
     """
 
     def __init__(self, store: SpoolStore, slot: int, stop_fd: int) -> None:
@@ -93,31 +98,48 @@ class SpoolInbox:
         self.cur = os.path.join(store.spool.dir(store.queue, "cur"), str(slot)) + "/"
         make_dirs(self.cur, store.spool.dir_mode)
         self._stop_fd = stop_fd
-        self._batch: list[str] = []
+        self._batch: list[tuple[int, str, str]] = []  # a heap, in claim order
         self._lock = threading.Lock()
         self._wake = threading.Condition()
         self._watching = False
         try:
-            self._inotify: int | None = watch_arrivals(self.new)
+            self._inotify: int | None = watch_arrivals(self.new)  # for the waiting runner
+            self._arrivals: int | None = watch_arrivals(self.new)  # for claim's priorities
         except OSError:
-            self._inotify = None
+            self._inotify = self._arrivals = None
 
     def claim(self) -> str | None:
-        """Claim the next message into cur/; None when new/ is empty right now."""
+        """Claim the next message into cur/: the highest priority, the oldest among equals;
+        None when new/ is empty right now."""
         while True:
             with self._lock:
+                self._take_arrivals()
                 if not self._batch:
-                    self._batch = sorted(
-                        (n for n in os.listdir(self.new) if not n.startswith(".")), reverse=True
-                    )
+                    listed = (n for n in os.listdir(self.new) if not n.startswith("."))
+                    self._batch = [_claim_order(n) for n in listed]
+                    heapq.heapify(self._batch)
                     if not self._batch:
                         return None
-                name = self._batch.pop()
+                name = heapq.heappop(self._batch)[2]
             try:
                 os.rename(self.new + name, self.cur + name)
             except FileNotFoundError:
                 continue  # another worker took it
             return name
+
+    def _take_arrivals(self) -> None:
+        """Add what arrived in new/ since the batch was listed, so that a message of a higher
+        priority overtakes the batch at once. (A name listed and also reported is claimed once:
+        the second rename finds nothing.)"""
+        if self._arrivals is None:
+            return
+        names = arrived(self._arrivals)
+        if names is None or not self._batch:
+            self._batch = []  # list again
+            return
+        for name in names:
+            if not name.startswith("."):
+                heapq.heappush(self._batch, _claim_order(name))
 
     def wait(self) -> None:
         """Sleep until something arrives in new/ (or the worker is told to stop).
@@ -143,8 +165,12 @@ class SpoolInbox:
                 self._wake.notify_all()
 
     def read(self, name: str, max_size: int) -> Message:
-        """Open a claimed file; OSError, or SpoolError if it is not a file or too large."""
-        mid, done = split_name(name)
+        """Open a claimed file; OSError, or SpoolError if it is not a file or too large, or
+        Expired if its TTL passed before it started."""
+        parsed = SpoolName.parse(name)
+        if parsed.expired(time.time() * 1000):
+            raise Expired(expired_error(parsed)["error"])
+        mid, done = parsed.id, parsed.attempts
         fd = os.open(self.cur + name, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             st = os.fstat(fd)
@@ -181,6 +207,14 @@ def enqueued_at(mid: str, fd: int) -> float:
         with contextlib.suppress(ValueError):
             return int(mid[:16], 16) / 1e9
     return os.fstat(fd).st_mtime
+
+
+def _claim_order(name: str) -> tuple[int, str, str]:
+    """Heap order of a name in new/: highest priority first, then oldest (ids sort by time)."""
+    if "@" not in name:  # never retried, priority 0: most names, parsed for nothing
+        return (0, name, name)
+    parsed = SpoolName.parse(name)
+    return (-parsed.priority, parsed.id, name)
 
 
 def _read_all(fd: int, size: int) -> bytes:

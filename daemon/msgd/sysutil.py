@@ -9,6 +9,7 @@ import json
 import os
 import pwd
 import signal
+import struct
 from collections.abc import Iterable
 from typing import Any
 
@@ -21,7 +22,7 @@ def set_parent_death_signal(sig: int = signal.SIGKILL) -> None:
     _libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
 
 
-_IN_CLOSE_WRITE, _IN_MOVED_TO = 0x8, 0x80
+_IN_CLOSE_WRITE, _IN_MOVED_TO, _IN_Q_OVERFLOW = 0x8, 0x80, 0x4000
 _IN_NONBLOCK, _IN_CLOEXEC = os.O_NONBLOCK, os.O_CLOEXEC
 
 
@@ -39,6 +40,25 @@ def watch_arrivals(directory: str) -> int:
             os.close(fd)
         raise OSError(err, os.strerror(err), directory)
     return fd
+
+
+def arrived(fd: int) -> list[str] | None:
+    """The names that arrived on a non-blocking watch_arrivals() descriptor since the last call;
+    None if the kernel's queue overflowed (events were lost: list the directory instead)."""
+    names = []
+    while True:
+        try:
+            data = os.read(fd, 65536)
+        except BlockingIOError:
+            return names
+        pos = 0
+        while pos < len(data):
+            _, mask, _, size = struct.unpack_from("iIII", data, pos)
+            if mask & _IN_Q_OVERFLOW:
+                drain(fd)
+                return None
+            names.append(os.fsdecode(data[pos + 16 : pos + 16 + size].rstrip(b"\0")))
+            pos += 16 + size
 
 
 def drain(fd: int) -> None:
