@@ -59,27 +59,33 @@ def stamped(**queue: object) -> dict[str, object]:
 # -- scheduled bursts -----------------------------------------------------------------------------
 
 
+def check_every_2s(daemon: Msgd, queue: str) -> None:
+    """`queue` (burst mode, `@every 2s`) is worked by its schedule alone, tick after tick, and
+    a second burst-mode queue "manual" is not."""
+    manual = daemon.send(b"manual", queue="manual")
+    first = daemon.send_many([b"a", b"b", b"c"], queue=queue)
+    wait_starts(daemon, 3, timeout=10)
+    later = daemon.send(b"d", queue=queue)  # the next tick works it too
+    wait_for(lambda: later in [s.id for s in starts(daemon)], 10, "the second scheduled burst")
+    assert sorted(s.id for s in starts(daemon)) == sorted([*first, later])
+    bursts = [e for e in daemon.events("burst") if e["outcome"] == "started"]
+    assert bursts and all(e["trigger"] == "schedule" and e["queue"] == queue for e in bursts)
+    assert daemon.generation("burst") == 0  # no USR2 was sent
+    assert daemon.files("manual", "new") == [manual]  # a schedule bursts its own queue alone
+    snap = daemon.stats()
+    next_run = snap["schedules"][queue]["next_run"]
+    assert snap["schedules"][queue]["schedule"] == "@every 2s"
+    assert snap["time"] - 1 < next_run <= snap["time"] + 2
+    status = daemon.msgctl("status")
+    assert f"schedule {queue}: '@every 2s', next run " in status.stdout
+
+
 def test_every_2s_works_a_burst_mode_queue_with_no_signal(daemon: Msgd) -> None:
     daemon.queues["ticking"] = stamped(mode="burst", schedule="@every 2s")
     daemon.queues["manual"] = stamped(mode="burst")
     daemon.write_config()
     daemon.start()
-    manual = daemon.send(b"manual", queue="manual")
-    first = daemon.send_many([b"a", b"b", b"c"], queue="ticking")
-    wait_starts(daemon, 3, timeout=10)
-    later = daemon.send(b"d", queue="ticking")  # the next tick works it too
-    wait_for(lambda: later in [s.id for s in starts(daemon)], 10, "the second scheduled burst")
-    assert sorted(s.id for s in starts(daemon)) == sorted([*first, later])
-    bursts = [e for e in daemon.events("burst") if e["outcome"] == "started"]
-    assert bursts and all(e["trigger"] == "schedule" and e["queue"] == "ticking" for e in bursts)
-    assert daemon.generation("burst") == 0  # no USR2 was sent
-    assert daemon.files("manual", "new") == [manual]  # a schedule bursts its own queue alone
-    snap = daemon.stats()
-    next_run = snap["schedules"]["ticking"]["next_run"]
-    assert snap["schedules"]["ticking"]["schedule"] == "@every 2s"
-    assert snap["time"] - 1 < next_run <= snap["time"] + 2
-    status = daemon.msgctl("status")
-    assert "schedule ticking: '@every 2s', next run " in status.stdout
+    check_every_2s(daemon, "ticking")
 
 
 def test_ticks_missed_while_stopped_make_one_run_at_start(daemon: Msgd) -> None:
@@ -113,6 +119,7 @@ def test_scheduler_coalesces_a_busy_loops_missed_ticks(tmp_path: Path) -> None:
 
 
 def test_cron_schedules_follow_local_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("cronsim")
     monkeypatch.setenv("TZ", "Europe/Paris")
     scheduler = Scheduler(str(tmp_path), {"q": "30 3 * * *"})
     at = datetime.fromtimestamp(scheduler.next_runs["q"], ZoneInfo("Europe/Paris"))
@@ -145,14 +152,10 @@ def test_bad_schedules_and_limits_are_config_errors(
 # -- rate limits ----------------------------------------------------------------------------------
 
 
-def test_rate_limit_holds_in_every_second_across_workers_and_threads(daemon: Msgd) -> None:
-    daemon.queues = {
-        "limited": stamped(rate_limit=20, threads=2),
-        "free": {"handler": "handlers:record"},
-    }
-    daemon.write_config()
-    daemon.start()
-    ids = daemon.send_many([b"l"] * 60, queue="limited")
+def check_rate_limit(daemon: Msgd, queue: str) -> None:
+    """60 messages at rate_limit = 20 on 2 workers x 2 threads: no 21 starts within a second;
+    meanwhile the unlimited queue "free" is worked without waiting."""
+    ids = daemon.send_many([b"l"] * 60, queue=queue)
     free = daemon.send_many([b"f"] * 10, queue="free")
     got = wait_starts(daemon, 60, timeout=20)
     assert sorted(s.id for s in got) == sorted(ids)
@@ -164,6 +167,16 @@ def test_rate_limit_holds_in_every_second_across_workers_and_threads(daemon: Msg
     wait_for(lambda: len(daemon.succeeded()) == 10, 10, "the unlimited queue worked")
     assert sorted(daemon.succeeded()) == sorted(free)
     assert (daemon.out / "succeeded").stat().st_mtime < max(s.wall for s in got)
+
+
+def test_rate_limit_holds_in_every_second_across_workers_and_threads(daemon: Msgd) -> None:
+    daemon.queues = {
+        "limited": stamped(rate_limit=20, threads=2),
+        "free": {"handler": "handlers:record"},
+    }
+    daemon.write_config()
+    daemon.start()
+    check_rate_limit(daemon, "limited")
 
 
 # -- producing: bad words -------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """Queues kept in Redis Streams, so that several msgd daemons (on several hosts) share them.
 
-    <stream>          entries {id, body[, attempts]}: waiting, or pending in the consumer group
+    <stream>          entries {id, body[, attempts][, expires]}: waiting, or pending in the group
     <stream>:defer    sorted set of retries, scored by their not-before time (ms)
+    <stream>:scheduled  sorted set of delayed sends, scored by their time (ms): like :defer, but
+                      a burst leaves it alone; the master moves what is due into the stream
     <stream>:failed   dead letters: the entry's fields and the reason (error, traceback...)
 
 Only workers and producers of a Redis queue import this module (and redis-py with it): a daemon
@@ -21,6 +23,11 @@ handler returned; a failure moves it to `:defer` or `:failed` in one Lua script 
 it in the same step, so nothing is acknowledged before its next home holds it. Due retries move
 back to the stream in another script, run by any worker that is reading the queue. The stream
 belongs to msgd's group alone (entries are deleted once acknowledged).
+
+Time: an entry's `expires` (ms, from a TTL) is checked by the worker that reads it, and once a
+second by the master over the first SWEEP_LIMIT entries not yet delivered, so a queue nobody
+works still expires them; either makes a dead letter whose error_type is "Expired". A stream
+keeps arrival order: priorities are refused, not ignored.
 
 `claim_idle` must be longer than the queue's `timeout` (config.py refuses it otherwise): an entry
 whose handler still ran after `claim_idle` seconds could be claimed by another daemon and run twice.
@@ -42,7 +49,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from msgd.backend import BackendError, BurstMark, Death, Depths, Inbox, Outcome, Settled
+from msgd.backend import BackendError, BurstMark, Death, Depths, Expired, Inbox, Outcome, Settled
 from msgd.config import DaemonConfig, QueueConfig
 from msgd.handlers import Message
 from msgd.spool import new_id
@@ -54,6 +61,8 @@ MAX_BATCH = 100  # entries per XREADGROUP at most
 BATCH_SECONDS = 0.5  # a fetched batch should be worked within this (and within claim_idle / 4)
 RELEASE_EVERY = 0.1  # seconds between moves of due retries back to the stream
 RELEASE_LIMIT = 100  # due retries moved per script run
+SWEEP_EVERY = 1.0  # seconds between looks for expired entries (the master's)
+SWEEP_LIMIT = 1000  # entries not yet delivered looked at per look, oldest first
 CLEAN_EVERY = 60.0  # seconds between removals of consumers with nothing pending
 BACKOFF = (0.1, 5.0)  # first and longest wait between attempts to reach Redis
 
@@ -75,19 +84,61 @@ if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 1 then
 end
 return 0
 """
-# KEYS: stream, defer. ARGV: up to this score (ms, or +inf), how many. Members are
-# "<attempts>:<length of id>:<id><body>" (see _defer_member).
+# KEYS: stream, defer (or scheduled). ARGV: up to this score (ms, or +inf), how many. Members
+# are "<attempts>[x<expires, ms>]:<length of id>:<id><body>" (see _defer_member).
 _RELEASE = """
 local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
 for _, m in ipairs(due) do
   local a = string.find(m, ':', 1, true)
   local b = string.find(m, ':', a + 1, true)
   local n = tonumber(string.sub(m, a + 1, b - 1))
-  redis.call('XADD', KEYS[1], '*', 'id', string.sub(m, b + 1, b + n),
-             'attempts', string.sub(m, 1, a - 1), 'body', string.sub(m, b + n + 1))
+  local head = string.sub(m, 1, a - 1)
+  local fields = {'id', string.sub(m, b + 1, b + n), 'attempts', string.match(head, '^%d+'),
+                  'body', string.sub(m, b + n + 1)}
+  local expires = string.match(head, 'x(%d+)')
+  if expires then
+    table.insert(fields, 'expires')
+    table.insert(fields, expires)
+  end
+  redis.call('XADD', KEYS[1], '*', unpack(fields))
   redis.call('ZREM', KEYS[2], m)
 end
 return #due
+"""
+# KEYS: stream, failed. ARGV: group, now (ms), how many entries to look at, the time (s), the
+# queue. The entries not yet delivered to the group whose `expires` has passed: dead letters.
+_EXPIRE = """
+local last = '0-0'
+local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', KEYS[1])
+if not ok then return 0 end
+for _, g in ipairs(groups) do
+  local name, delivered = nil, nil
+  for i = 1, #g, 2 do
+    if g[i] == 'name' then name = g[i + 1] end
+    if g[i] == 'last-delivered-id' then delivered = g[i + 1] end
+  end
+  if name == ARGV[1] then last = delivered end
+end
+local expired = 0
+for _, entry in ipairs(redis.call('XRANGE', KEYS[1], '(' .. last, '+', 'COUNT', ARGV[3])) do
+  local fields, record = entry[2], {}
+  local at = nil
+  for i = 1, #fields, 2 do
+    if fields[i] == 'expires' then at = tonumber(fields[i + 1]) end
+    if fields[i] == 'id' or fields[i] == 'body' then
+      table.insert(record, fields[i])
+      table.insert(record, fields[i + 1])
+    end
+  end
+  if at and at <= tonumber(ARGV[2]) then
+    redis.call('XADD', KEYS[2], '*', 'queue', ARGV[5], 'attempts', '0', 'failed_at', ARGV[4],
+               'error_type', 'Expired', 'error', 'not started within its TTL (expired at ' ..
+               at .. ' ms)', unpack(record))
+    redis.call('XDEL', KEYS[1], entry[1])
+    expired = expired + 1
+  end
+end
+return expired
 """
 # KEYS: failed, stream. ARGV: dead letters' entry ids. Each goes back to the stream with its id
 # and body only (no attempts: a fresh start) and leaves :failed in the same step.
@@ -152,8 +203,9 @@ def safe_url(url: str) -> str:
     return f"{scheme}{sep}{rest.rpartition('@')[2]}"
 
 
-def _defer_member(mid: bytes, attempts: int, body: bytes) -> bytes:
-    return b"%d:%d:%s%s" % (attempts, len(mid), mid, body)
+def _defer_member(mid: bytes, attempts: int, body: bytes, expires_ms: int = 0) -> bytes:
+    expires = b"x%d" % expires_ms if expires_ms else b""
+    return b"%d%s:%d:%s%s" % (attempts, expires, len(mid), mid, body)
 
 
 def _text(value: bytes | str) -> str:
@@ -186,6 +238,7 @@ class RedisStore:
         self.stream = stream_name(queue, policy)
         self.url = url_of(policy)
         self._client: redis.Redis | None = None
+        self._next_sweep = 0.0  # time.monotonic() of the next look for expired entries
 
     def _redis(self) -> redis.Redis:
         if self._client is None:
@@ -200,16 +253,24 @@ class RedisStore:
             raise RedisQueueError(f"{self.queue}: {safe_url(self.url)}: {e}") from None
 
     def send_many(self, bodies: Sequence[bytes], options: SendOptions = NOW) -> list[str]:
-        if not options.plain:
+        """To the stream; a delayed batch to the `:scheduled` sorted set until its time. A
+        priority is refused: a stream keeps arrival order."""
+        if options.priority:
             raise RedisQueueError(
-                f"{self.queue}: delay, at, ttl and priority are not supported yet"
+                f"{self.queue}: a Redis stream keeps arrival order: priority is not supported"
             )
         ids = [new_id() for _ in bodies]
+        expires = int(options.expires * 1000)
 
         def add(client: redis.Redis) -> None:
             pipe = client.pipeline(transaction=False)
             for mid, body in zip(ids, bodies, strict=True):
-                pipe.xadd(self.stream, {"id": mid, "body": body})
+                if options.due:
+                    member = _defer_member(mid.encode(), 0, body, expires)
+                    pipe.zadd(f"{self.stream}:scheduled", {member: int(options.due * 1000)})
+                else:
+                    fields = {"id": mid, "body": body, **({"expires": expires} if expires else {})}
+                    pipe.xadd(self.stream, fields)
             pipe.execute()
 
         if ids:
@@ -224,8 +285,24 @@ class RedisStore:
         return self._call(lambda client: depths(client, self.stream, self.policy.group))
 
     def release_due(self, force: bool) -> int:
-        """The workers move due retries back into the stream (RedisInbox.burst for `force`)."""
-        return 0
+        """Delayed sends whose time has come into the stream, at once (the workers may be
+        blocked reading, and move retries only between reads); once a second, the entries not
+        yet delivered whose TTL passed become dead letters: returns how many. Retries are the
+        workers' (RedisInbox.burst for `force`)."""
+
+        def release(client: redis.Redis) -> int:
+            now_ms = int(time.time() * 1000)
+            keys = [self.stream, f"{self.stream}:scheduled"]
+            while client.eval(_RELEASE, 2, *keys, now_ms, RELEASE_LIMIT) >= RELEASE_LIMIT:
+                pass
+            if time.monotonic() < self._next_sweep:
+                return 0
+            self._next_sweep = time.monotonic() + SWEEP_EVERY
+            keys = [self.stream, f"{self.stream}:failed"]
+            args = [self.policy.group, now_ms, SWEEP_LIMIT, time.time(), self.queue]
+            return int(client.eval(_EXPIRE, 2, *keys, *args))
+
+        return self._call(release)
 
     def burst_mark(self) -> BurstMark:
         """The id of the stream's newest entry ("0-0" if none) and how many entries it holds."""
@@ -315,8 +392,9 @@ def depths(client: redis.Redis, stream: str, group: str) -> Depths:
     pipe.zcard(f"{stream}:defer")
     pipe.xlen(f"{stream}:failed")
     pipe.xinfo_groups(stream)
-    length, deferred, failed, groups = pipe.execute(raise_on_error=False)
-    for result in (length, deferred, failed):
+    pipe.zcard(f"{stream}:scheduled")
+    length, deferred, failed, groups, scheduled = pipe.execute(raise_on_error=False)
+    for result in (length, deferred, failed, scheduled):
         if isinstance(result, Exception):
             raise result
     if isinstance(groups, Exception):  # no stream yet: nothing sent, no daemon started
@@ -327,6 +405,7 @@ def depths(client: redis.Redis, stream: str, group: str) -> Depths:
         new=max(0, length - pending),
         cur=pending,
         defer=deferred,
+        scheduled=scheduled,
         failed=failed,
         detail=f"redis stream {stream}: length {length}, pending {pending}, "
         f"consumers {int(ours.get('consumers', 0))}",
@@ -432,6 +511,9 @@ class RedisInbox:
             raise RedisQueueError(
                 f"delivered {held.attempt} times without being settled (its workers died)"
             )
+        expires = int(fields.get(b"expires", 0))
+        if expires and expires <= time.time() * 1000:
+            raise Expired(f"not started within its TTL (expired at {expires} ms)")
         body = fields[b"body"]
         if max_size and len(body) > max_size:
             raise RedisQueueError(f"message of {len(body)} bytes exceeds max_message_size")
