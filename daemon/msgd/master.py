@@ -349,7 +349,7 @@ class Master:
     async def watchdog(self) -> None:
         """WATCHDOG=1 while the loop turns and the pool has the workers it should have."""
         while self.notify.watchdog_interval:
-            if self.pool.workers or self.pool.size == 0:
+            if not self.draining and (self.pool.workers or self.pool.size == 0):
                 self.notify.watchdog()
             await asyncio.sleep(self.notify.watchdog_interval)
 
