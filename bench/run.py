@@ -3,6 +3,7 @@
     .venv/bin/python bench/run.py [--quick] [--only SCENARIO,...]   # make bench / make bench-quick
     .venv/bin/python bench/run.py --smoke   # tiny sizes, msgd + bare loop only, no peers:
                                             # exit 0 when every scenario produced a figure
+    .venv/bin/python bench/run.py --quick --only send,send-4   # some scenarios, every system
 
 Run it with the interpreter that has msgd installed. The peers (Huey, Celery, matplotlib) live in
 their own venv, .venv-bench at the repo root, created from bench/requirements.txt when missing;
@@ -18,12 +19,11 @@ import os
 import platform
 import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -45,19 +45,23 @@ REQUIREMENTS = os.path.join(BENCH_DIR, "requirements.txt")
 STAMP = os.path.join(BENCH_VENV, ".bench-requirements")
 SCENARIOS = [
     "drain", "stream", "idle-latency", "cpu", "usr1", "hup", "hup-code", "counters", "memory",
-    "start", "send", "nocounters",
+    "start", "send", "send-4", "nocounters", "subscribers",
 ]  # fmt: skip
 EXIT_SKIPPED = 3
 
-# Sizes per mode: full, --quick, --smoke.
+# Sizes per mode: full, --quick, --smoke. Every scenario runs `repeats` times per system, in rounds;
+# the counters-off drain runs `rounds` rounds inside one run of its own.
 SIZES = {
-    "full": dict(drain=20_000, stream=10_000, latency=500, cpu=2_000, usr1=200, hup=30,
-                 counters=1_000_000, start=10, send=5_000, send_one=2_000, repeats=3),
-    "quick": dict(drain=5_000, stream=2_000, latency=100, cpu=400, usr1=30, hup=10,
-                  counters=200_000, start=5, send=5_000, send_one=500, repeats=1),
-    "smoke": dict(drain=300, stream=200, latency=10, cpu=20, usr1=5, hup=3, counters=20_000,
-                  start=2, send=200, send_one=50, repeats=1),
+    "full": dict(drain=20_000, stream=1_000, rate=200, latency=500, cpu=2_000, usr1=200, hup=30,
+                 counters=1_000_000, start=10, send=5_000, send_one=2_000, disk=1_000,
+                 repeats=3, rounds=9),
+    "quick": dict(drain=5_000, stream=400, rate=200, latency=100, cpu=400, usr1=30, hup=10,
+                  counters=200_000, start=5, send=5_000, send_one=500, disk=300, repeats=1,
+                  rounds=3),
+    "smoke": dict(drain=300, stream=40, rate=200, latency=10, cpu=20, usr1=5, hup=3,
+                  counters=20_000, start=2, send=200, send_one=40, disk=40, repeats=1, rounds=3),
 }  # fmt: skip
+PRODUCERS = 4  # the send-4 scenario
 
 
 @dataclass
@@ -68,55 +72,67 @@ class Run:
     argv: list[str]
     peer: bool = False  # needs the bench venv
     redis: bool = False  # needs redis-server
-    repeats: int = 1
-    extra: dict = field(default_factory=dict)
 
 
 def plan(mode: str, iterations: int, unit: float) -> list[Run]:
+    """Every (scenario, system) run, msgd's and the bare loop's first (smoke keeps only those)."""
     z = SIZES[mode]
-    cpu = ["--iterations", str(iterations), "--unit", str(unit)]
-    m = "msgd_bench.py"
+    m, huey = "msgd_bench.py", "peers/huey_peer.py"
     runs: list[Run] = []
 
     def add(scenario, system, script, argv, **kw):
         runs.append(Run(scenario, system, script, [str(a) for a in argv], **kw))
 
-    def peers(scenario, n, argv=(), textbook=None, repeats=1):
-        for kind in textbook or ():
-            add(scenario, f"mp-{kind}", "peers/textbook.py", [f"{kind}-{textbook[kind]}", "--n", n,
-                *argv], repeats=repeats)  # fmt: skip
-        add(scenario, "huey-sqlite", "peers/huey_peer.py", [scenario, "--backend", "sqlite",
-            "--n", n, *argv], peer=True, repeats=repeats)  # fmt: skip
-        add(scenario, "huey-redis", "peers/huey_peer.py", [scenario, "--backend", "redis",
-            "--n", n, *argv], peer=True, redis=True, repeats=repeats)  # fmt: skip
-        add(scenario, "celery", "peers/celery_peer.py", [scenario, "--n", n, *argv], peer=True,
-            redis=True, repeats=repeats)  # fmt: skip
+    def peers(scenario, argv, huey_nofsync=True):
+        for kind in ("queue", "pool"):
+            add(scenario, f"mp-{kind}", "peers/textbook.py", [f"{kind}-{scenario}", *argv])
+        sqlite = [scenario, "--backend", "sqlite", *argv]
+        add(scenario, "huey-sqlite", huey, sqlite, peer=True)
+        if huey_nofsync:
+            add(scenario, "huey-sqlite-nofsync", huey, [*sqlite, "--no-fsync"], peer=True)
+        add(scenario, "huey-redis", huey, [scenario, "--backend", "redis", *argv], peer=True,
+            redis=True)  # fmt: skip
+        add(scenario, "celery", "peers/celery_peer.py", [scenario, *argv], peer=True, redis=True)
 
-    r = z["repeats"]
-    add("drain", "msgd", m, ["drain", "--n", z["drain"]], repeats=r)
-    add("drain", "bare", m, ["bare", "--n", z["drain"]], repeats=r)
-    peers("drain", z["drain"], textbook={"queue": "drain", "pool": "drain"}, repeats=r)
-    add("stream", "msgd", m, ["stream", "--n", z["stream"]])
-    peers("stream", z["stream"], textbook={"queue": "stream", "pool": "stream"})
+    drain = ["--n", z["drain"]]
+    for system in ("msgd", "bare", "bare-1"):
+        add("drain", system, m, [system if system != "msgd" else "drain", *drain])
+    peers("drain", drain)
+    stream = ["--n", z["stream"], "--rate", z["rate"]]
+    add("stream", "msgd", m, ["stream", *stream])
+    add("stream", "msgd-nofsync", m, ["stream", "--no-fsync", *stream])
+    peers("stream", stream)
     add("idle-latency", "msgd", m, ["idle-latency", "--samples", z["latency"]])
-    add("cpu", "msgd", m, ["cpu", "--n", z["cpu"], *cpu], repeats=r)
-    add("cpu", "bare", m, ["cpu-bare", "--n", z["cpu"], *cpu], repeats=r)
-    peers("cpu", z["cpu"], cpu, textbook={"queue": "cpu", "pool": "cpu"}, repeats=r)
-    add("usr1", "msgd", m, ["usr1", "--samples", z["usr1"], *cpu])
+    add(
+        "idle-latency", "msgd-nofsync", m, ["idle-latency", "--no-fsync", "--samples", z["latency"]]
+    )
+    cpu = ["--n", z["cpu"], "--iterations", iterations, "--unit", unit]
+    add("cpu", "msgd", m, ["cpu", *cpu])
+    add("cpu", "bare", m, ["bare", *cpu])
+    peers("cpu", cpu, huey_nofsync=False)
+    add("usr1", "msgd", m, ["usr1", "--samples", z["usr1"], *cpu[2:]])
     add("hup", "msgd", m, ["hup", "--samples", z["hup"]])
     add("hup-code", "msgd", m, ["hup-code", "--samples", z["hup"]])
     add("counters", "msgd", m, ["counters", "--n", z["counters"]])
     add("memory", "msgd", m, ["memory"])
-    add("memory", "huey-sqlite", "peers/huey_peer.py", ["memory", "--backend", "sqlite"], peer=True)
+    add("memory", "huey-sqlite", huey, ["memory", "--backend", "sqlite"], peer=True)
     add("memory", "celery", "peers/celery_peer.py", ["memory"], peer=True, redis=True)
     add("start", "msgd", m, ["start", "--samples", z["start"]])
-    add("send", "msgd", m, ["send", "--n", z["send"], "--samples", z["send_one"]])
-    add("send", "huey-sqlite", "peers/huey_peer.py", ["enqueue", "--backend", "sqlite",
-        "--n", z["send"]], peer=True)  # fmt: skip
-    rounds = 3 * r  # a multiple of 3: each way of starting msgd goes first equally often
-    add("nocounters", "msgd", m, ["nocounters", "--n", z["drain"], "--samples", rounds])
-    if mode == "smoke":  # msgd and the bare loop only: no peers, no bench venv
-        runs = [x for x in runs if x.system in ("msgd", "bare")]
+    sends = ["--n", z["send"], "--samples", z["send_one"]]
+    add("send", "disk", "disk.py", ["floors", "--samples", z["disk"]])
+    add("send", "msgd", m, ["send", *sends])
+    add("send", "msgd-nofsync", m, ["send", "--no-fsync", *sends])
+    add("send", "huey-sqlite", huey, ["send", "--backend", "sqlite", *sends], peer=True)
+    add("send", "huey-sqlite-nofsync", huey, ["send", "--backend", "sqlite", "--no-fsync", *sends],
+        peer=True)  # fmt: skip
+    four = ["send", "--n", z["send_one"], "--producers", PRODUCERS]
+    add("send-4", "msgd", m, four)
+    add("send-4", "huey-sqlite", huey, [*four, "--backend", "sqlite"], peer=True)
+    add("nocounters", "msgd", m, ["nocounters", "--n", z["drain"], "--samples", z["rounds"]])
+    add("subscribers", "msgd", "subscribers.py", ["drain", "--n", z["drain"], "--samples",
+        z["usr1"]])  # fmt: skip
+    if mode == "smoke":  # msgd, the bare loop and the disk only: no peers, no bench venv
+        runs = [x for x in runs if not x.peer and not x.script.startswith("peers/")]
     return runs
 
 
@@ -227,8 +243,8 @@ def busy_share(interval: float) -> float:
     return 1 - (idle1 - idle0) / max(total1 - total0, 1)
 
 
-def execute(run: Run, redis_url: str, index: int, timeout: float) -> dict:
-    """Run one scenario script once; its result, or why there is none."""
+def execute(run: Run, redis_url: str, index: int, timeout: float, settle: float) -> dict:
+    """Run one scenario script once (after up to `settle` s of quiet); its result, or why not."""
     python = BENCH_PY if run.peer else sys.executable
     workdir = os.path.join(OUT, f"{index:02d}-{run.scenario}-{run.system}")
     shutil.rmtree(workdir, ignore_errors=True)
@@ -238,7 +254,7 @@ def execute(run: Run, redis_url: str, index: int, timeout: float) -> dict:
     argv += ["--workdir", workdir, "--out", out]
     if run.redis:
         argv += ["--redis-url", redis_url]
-    quiet()
+    quiet(settle)
     with open(os.path.join(workdir, "stderr.log"), "w") as err:
         try:
             done = subprocess.run(argv, stdout=err, stderr=err, timeout=timeout)
@@ -259,13 +275,10 @@ def failed(entry: dict) -> bool:
     return "error" in entry or "skipped" in entry
 
 
-def median_run(results: list[dict]) -> dict:
-    """Of a system's repeated runs, the median one by msgs/s (the failure, if one failed)."""
-    if len(results) == 1 or failed(results[-1]):
-        return results[-1]
-    rates = [r.get("msgs_per_s", 0) for r in results]
-    chosen = results[rates.index(statistics.median_low(rates))]
-    return {**chosen, "runs_msgs_per_s": rates}
+def collect(entries: list[dict]) -> dict:
+    """A system's repeated runs as {"runs": [...]} (report.py takes medians and ranges), or the
+    failure or skip if one run had it: a figure with a failed repeat is not shown as measured."""
+    return next((e for e in entries if failed(e)), None) or {"runs": entries}
 
 
 def has_number(entry: dict) -> bool:
@@ -280,6 +293,44 @@ def has_number(entry: dict) -> bool:
         elif isinstance(x, int | float) and not isinstance(x, bool) and x == x:
             return True
     return False
+
+
+def run_rounds(runs: list[Run], mode: str, redis_url: str) -> dict[int, list[dict]]:
+    """Each run `repeats` times, in rounds: every system once, then again, so that no system
+    always runs right after another one, and the k-th runs of two systems ran side by side."""
+    repeats = SIZES[mode]["repeats"]
+    timeout = {"full": 900, "quick": 180, "smoke": 60}[mode]
+    settle = 0.0 if mode == "smoke" else 10.0  # smoke: no waiting for a quiet machine
+    order = sorted(((i, n) for n in range(repeats) for i in range(len(runs))),
+                   key=lambda x: (SCENARIOS.index(runs[x[0]].scenario), x[1], x[0]))  # fmt: skip
+    outcomes: dict[int, list[dict]] = {i: [] for i in range(len(runs))}
+    for i, n in order:
+        run = runs[i]
+        if outcomes[i] and failed(outcomes[i][-1]):
+            continue  # a run that failed or was skipped once is not tried again
+        label = f"{run.scenario}/{run.system}" + (f" #{n + 1}" if repeats > 1 else "")
+        print(f"bench: {label} ...", end=" ", flush=True)
+        t = time.time()
+        if run.redis and not redis_url:
+            entry = {"skipped": "redis-server not installed (make system-deps)"}
+        else:
+            entry = execute(run, redis_url, i, timeout, settle)
+        outcomes[i].append(entry)
+        print(entry.get("error") or entry.get("skipped") or f"{time.time() - t:.1f} s", flush=True)
+    return outcomes
+
+
+def write_readme(results: dict, meta: dict) -> None:
+    """The README's performance paragraph, between its markers, from this run (full runs only:
+    a partial or quick run does not speak for the project)."""
+    if meta["partial"] or meta["mode"] != "full":
+        print("bench: README.md left as it is (only a full run rewrites its paragraph)")
+        return
+    path = os.path.join(REPO_DIR, "README.md")
+    with open(path) as f:
+        text = f.read()
+    with open(path, "w") as f:
+        f.write(report.update_readme(text, report.readme_paragraph(results, meta)))
 
 
 def command_line(argv: list[str]) -> str:
@@ -309,32 +360,13 @@ def main() -> int:
         ensure_bench_venv()
     redis = Redis()
     redis_up = any(r.redis for r in runs) and redis.start()
-    results: dict[str, dict] = {}
-    timeout = {"full": 600, "quick": 120, "smoke": 60}[mode]
-    # Repeated runs go in rounds (every system once, then again), so that no system always runs
-    # right after another one, or first after a change of scenario.
-    rounds = [(i, run, n) for n in range(max(r.repeats for r in runs)) for i, run in
-              enumerate(runs) if n < run.repeats]  # fmt: skip
-    rounds.sort(key=lambda x: (SCENARIOS.index(x[1].scenario), x[2], x[0]))
-    outcomes: dict[int, list[dict]] = {i: [] for i in range(len(runs))}
     try:
-        for i, run, n in rounds:
-            if outcomes[i] and failed(outcomes[i][-1]):
-                continue  # a repeated run that failed once is not tried again
-            label = f"{run.scenario}/{run.system}" + (f" #{n + 1}" if run.repeats > 1 else "")
-            print(f"bench: {label} ...", end=" ", flush=True)
-            t = time.time()
-            if run.redis and not redis_up:
-                entry = {"skipped": "redis-server not installed (make system-deps)"}
-            else:
-                entry = execute(run, redis.url, i, timeout)
-            outcomes[i].append(entry)
-            shown = entry.get("error") or entry.get("skipped") or f"{time.time() - t:.1f} s"
-            print(shown, flush=True)
+        outcomes = run_rounds(runs, mode, redis.url if redis_up else "")
     finally:
         redis.stop()
+    results: dict[str, dict] = {}
     for i, run in enumerate(runs):
-        results.setdefault(run.scenario, {})[run.system] = median_run(outcomes[i])
+        results.setdefault(run.scenario, {})[run.system] = collect(outcomes[i])
 
     total = time.time() - began
     meta = {
@@ -353,13 +385,16 @@ def main() -> int:
         "unit_ms": unit * 1e3,
         "iterations": iterations,
         "drain_n": SIZES[mode]["drain"],
+        "rate": SIZES[mode]["rate"],
         "repeats": SIZES[mode]["repeats"],
     }
     name = "smoke-results.json" if mode == "smoke" else "results.json"
     with open(os.path.join(OUT, name), "w") as f:
         json.dump({"meta": meta, "results": results}, f, indent=1)
 
-    if mode == "smoke":
+    if mode == "smoke":  # the report is rendered too (to bench/out/), so that its code runs
+        with open(os.path.join(OUT, "smoke-BENCHMARKS.md"), "w") as f:
+            f.write(report.markdown(results, meta) + "\n" + report.readme_paragraph(results, meta))
         bad = [f"{sc}/{sy}" for sc, runs_ in results.items() for sy, e in runs_.items()
                if "skipped" not in e and not has_number(e)]  # fmt: skip
         print(f"bench: smoke run took {total:.1f} s; " + (f"no figure from {bad}" if bad else "ok"))
@@ -367,6 +402,7 @@ def main() -> int:
 
     with open(os.path.join(REPO_DIR, "BENCHMARKS.md"), "w") as f:
         f.write(report.markdown(results, meta))
+    write_readme(results, meta)
     if os.path.exists(BENCH_PY):
         chart = subprocess.run(
             [BENCH_PY, os.path.join(BENCH_DIR, "chart.py"), os.path.join(OUT, name),
