@@ -17,7 +17,7 @@ from figures import LABELS, get
 
 def bars(ax, scenario: str, keys: tuple[str, ...], results: dict, title: str, unit: str) -> None:
     systems = [s for s in LABELS if get(results, scenario, s, *keys) is not None]
-    values = [get(results, scenario, s, *keys) for s in systems]
+    values = [get(results, scenario, s, *keys) or 0.0 for s in systems]  # all measured
     colors = ["tab:red" if s == "msgd" else "tab:gray" for s in systems]
     ax.barh([LABELS[s] for s in systems], values, color=colors)
     ax.set_xscale("log")

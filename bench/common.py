@@ -142,7 +142,7 @@ def ssl_pss_kib(pid: int) -> int:
 
 def tree_memory(pid: int) -> dict[str, object]:
     """Summed PSS and RSS (MiB) of `pid` and its descendants, with each process's figures."""
-    procs = []
+    procs: list[dict] = []
     for p in process_tree(pid):
         try:
             with open(f"/proc/{p}/cmdline", "rb") as f:

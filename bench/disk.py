@@ -24,7 +24,7 @@ from common import write_result
 BODY = b"x" * 100
 
 
-def new_file(directory: str, name: str, flush_dir: bool) -> None:
+def new_file(directory: str, name: str, flush_dir: bool) -> str:
     """One message as its own file: write tmp/NAME, fsync it, rename into new/ (fsync new/)."""
     tmp, new = os.path.join(directory, "tmp", name), os.path.join(directory, "new", name)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -40,6 +40,7 @@ def new_file(directory: str, name: str, flush_dir: bool) -> None:
             os.fsync(dfd)
         finally:
             os.close(dfd)
+    return new
 
 
 class Appender:

@@ -33,7 +33,7 @@ def values(results: dict, scenario: str, system: str, *keys: str) -> list[float]
     """The figure at `keys` in each run that has it, in run order."""
     out = []
     for run in runs(results, scenario, system):
-        value = run
+        value: object = run
         for key in keys:
             value = value.get(key) if isinstance(value, dict) else None
         if isinstance(value, int | float) and not isinstance(value, bool):
@@ -64,6 +64,11 @@ def per_round(a: list[float], b: list[float], how: Callable[[float, float], floa
 def ratios(results: dict, left: tuple[str, ...], right: tuple[str, ...]) -> list[float]:
     """Per-round ratios of the figure `left` = (scenario, system, *keys) to `right`."""
     return per_round(values(results, *left), values(results, *right), lambda x, y: x / y)
+
+
+def known(*figures: float | None) -> list[float] | None:
+    """The figures, if every one was measured (None otherwise): a sentence needs them all."""
+    return None if any(f is None for f in figures) else [f for f in figures if f is not None]
 
 
 def median(found: list[float]) -> float | None:

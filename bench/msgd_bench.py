@@ -416,7 +416,9 @@ def usr1_samples(d: Daemon, samples: int) -> tuple[list[float], list[float]]:
             rewritten.append(time.monotonic() - t0)
             acked = lambda s, b=before: s["generations"]["stats"] > b  # noqa: E731
             state.until(acked, 5, "stats acknowledged")
-            running.append(read_json(d.state_file)["last"]["stats"]["began_monotonic"] - t0)
+            acknowledged = read_json(d.state_file)
+            assert acknowledged is not None  # it was just read by the wait above
+            running.append(acknowledged["last"]["stats"]["began_monotonic"] - t0)
             spaced()
     finally:
         stats.close()
@@ -603,6 +605,7 @@ def memory(args) -> dict:
     with d.warmed(probe_dir):
         wait_for(lambda: d.proc and len(tree_pids(d.proc.pid)) >= 1 + WORKERS, 10, "workers")
         time.sleep(1.0)  # measured idle: 1 s after the last message (a condition, not a sync)
+        assert d.proc is not None
         return tree_memory(d.proc.pid)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import statistics
 import textwrap
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import targets as goals
@@ -59,7 +60,10 @@ def table(head: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def system_rows(
-    results: dict, scenario: str, columns: list[tuple[tuple[str, ...], int]], versus: bool = True
+    results: dict,
+    scenario: str,
+    columns: Sequence[tuple[tuple[str, ...], int]],
+    versus: bool = True,
 ) -> list[list[str]]:
     """One row per system in the scenario: its figures (median and range), then msgd ÷ it."""
     rows = []
@@ -173,11 +177,16 @@ def machine(meta: dict) -> list[str]:
     return out
 
 
+def intro(title: str, text: str) -> list[str]:
+    """A section's heading and its opening paragraph."""
+    return [title + "\n", text]
+
+
 def drain_section(results: dict, meta: dict) -> list[str]:
-    out = ["## Drain (pre-enqueued no-op messages)\n"]
-    out.append(
+    out = intro(
+        "## Drain (pre-enqueued no-op messages)",
         f"{fmt(meta.get('drain_n'))} messages sent durably before the consumers start; "
-        f"{meta.get('repeats', 1)} run(s) per system.\n"
+        f"{meta.get('repeats', 1)} run(s) per system.\n",
     )
     cols = [(("msgs_per_s",), 0), (("seconds",), 3)]
     out += table(
@@ -225,21 +234,14 @@ def sustained(results: dict, system: str, meta: dict) -> str:
 
 
 def latency_section(results: dict, meta: dict) -> list[str]:
-    out = ["## send → handler start, idle daemon\n"]
-    out.append(
+    out = intro(
+        "## send → handler start, idle daemon",
         "One `msgd.send` at a time, 10-30 ms apart. Beside each: the `msgd.send` call alone, and "
         "one flush of this disk measured in the same minutes (100 bytes appended to an open file "
-        "+ fdatasync).\n"
+        "+ fdatasync).\n",
     )
-    head = [
-        "msgd",
-        "p50 ms",
-        "p99 ms",
-        "max ms",
-        "send call p99 ms",
-        "flush p50 ms",
-        "flush p99 ms",
-    ]
+    head = ["msgd", "p50 ms", "p99 ms", "max ms", "send call p99 ms", "flush p50 ms",
+            "flush p99 ms"]  # fmt: skip
     rows = []
     for system in ("msgd-nofsync", "msgd"):
         if not runs(results, "idle-latency", system):
@@ -254,12 +256,12 @@ def latency_section(results: dict, meta: dict) -> list[str]:
 
 
 def cpu_section(results: dict, meta: dict) -> list[str]:
-    out = ["## CPU-bound (~5 ms of pure-Python work per message)\n"]
-    out.append(
+    out = intro(
+        "## CPU-bound (~5 ms of pure-Python work per message)",
         "The unit of work is timed inside the workers (each `burn()` in the process that runs it); "
         "efficiency = messages x the median unit ÷ (2 x the measured span): the share of two "
         "workers' time spent in the work. The ceiling is the bare claim loop in 2 processes on "
-        "the same flushed files.\n"
+        "the same flushed files.\n",
     )
     cols = [(("efficiency",), 3), (("unit_ms",), 2), (("msgs_per_s",), 0), (("seconds",), 2)]
     head = ["system", "efficiency", "unit ms", "msgs/s", "seconds", "msgd ÷ system (msgs/s)"]
@@ -333,12 +335,12 @@ SIGNALS = (
 
 def counters_section(results: dict, meta: dict) -> list[str]:
     out = ["## Counters\n"]
-    rows = [
-        ["lock-free `Array('Q', lock=False)` slot `+= 1` (msgd)", ("lockfree_ns",)],
-        ["locked `Value`: `with v.get_lock(): v.value += 1`", ("locked_ns",)],
-        ["msgd's per-message `SlotWriter.start` + `intend` + `finish`", ("per_message_ns",)],
-    ]
-    body = [[label, cell(results, "counters", "msgd", keys, 1)] for label, keys in rows]
+    rows = (
+        ("lock-free `Array('Q', lock=False)` slot `+= 1` (msgd)", "lockfree_ns"),
+        ("locked `Value`: `with v.get_lock(): v.value += 1`", "locked_ns"),
+        ("msgd's per-message `SlotWriter.start` + `intend` + `finish`", "per_message_ns"),
+    )
+    body = [[label, cell(results, "counters", "msgd", (key,), 1)] for label, key in rows]
     out += table(["update", "ns"], body)
     out.append("\nEmpty-loop overhead subtracted; best of 5 per run.\n")
     out.append("### Drain with counters on vs off (measured)\n")

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from figures import fmt, get, median, per_round, pick, process_name, ratios, runs, values
+from figures import fmt, get, known, median, per_round, pick, process_name, ratios, runs, values
 
 Figures = Callable[[dict], list[float]]
 MIB_TO_MB = 1.048576
@@ -67,8 +67,10 @@ def why_send(r: dict) -> str:
         f"{fmt(two)}/s, a new file flushed alone {fmt(one)}/s, an append + fdatasync "
         f"{fmt(append)}/s."
     )
-    if None in (mine, huey, two, one, append):
+    measured = known(mine, huey, two, one, append)
+    if measured is None:
         return text
+    mine, huey, two, one, append = measured
     if mine <= 1.15 * two:
         return text + (
             f" msgd.send runs at the two-flush new-file floor ({mine / two:.0%} of it): it pays a "
@@ -102,8 +104,10 @@ def why_producers(r: dict) -> str:
         f"With 4 producers msgd made {fmt(m4)} msgs/s and Huey {fmt(h4)}; one producer alone made "
         f"{fmt(m1)} (msgd) and {fmt(h1)} (Huey)."
     )
-    if None in (m4, m1, h4, h1):
+    measured = known(m4, m1, h4, h1)
+    if measured is None:
         return text
+    m4, m1, h4, h1 = measured
     shared = "shared flushes" if m4 / m1 >= 1.5 else "each send still paid its own flushes"
     return text + (
         f" msgd gained {m4 / m1:.2f}x from the 3 extra producers ({shared}), Huey {h4 / h1:.2f}x."
@@ -130,8 +134,10 @@ def why_latency(system: str) -> Callable[[dict], str]:
             f"msgd.send call alone took {fmt(call, 2)} ms at p99; one flush of this disk in the "
             f"same minutes: p50 {fmt(f50, 2)}, p99 {fmt(f99, 2)} ms."
         )
-        if None in (p99, call, f50) or not f50:
+        measured = known(p99, call, f50)
+        if measured is None or not f50:
             return text
+        p99, call, f50 = measured
         text += f" The latency's p99 is {p99 / f50:.1f} flushes' worth (at the flush's p50)"
         if call >= 0.8 * p99:  # a worker may start before the call returns (the last flush)
             return text + "; its tail follows the send call's: the time goes in the producer."
@@ -169,9 +175,10 @@ def why_start(r: dict) -> str:
         + (f", loading {', '.join(loaded)}" if loaded else "")
         + "."
     )
-    if None in (ready, python, imports):
+    measured = known(ready, python, imports)
+    if measured is None:
         return text
-    rest = ready - python - imports
+    rest = measured[0] - measured[1] - measured[2]
     return text + f" The rest, {rest:.1f} ms, is config, pidfile, forking the workers and READY."
 
 
@@ -257,14 +264,15 @@ def counters_rounds(r: dict) -> tuple[list[float], list[float]]:
 def why_counters(r: dict) -> str:
     on_off, control = counters_rounds(r)
     cost, rate = get(r, "counters", "msgd", "per_message_ns"), get(r, "drain", "msgd", "msgs_per_s")
-    text = (
-        f"On ÷ off per round: median {fmt(median(on_off), 3)}, range {fmt(min(on_off), 3)}-"
-        f"{fmt(max(on_off), 3)}; the control (the same code twice) ranged "
-        f"{fmt(min(control, default=None), 3)}-{fmt(max(control, default=None), 3)}"
-    )
-    if control and median(on_off) is not None:
-        inside = min(control) <= median(on_off)
-        text += " (the gap is within that noise)" if inside else " (the gap is beyond that noise)"
+    middle = median(on_off)
+    text = f"On ÷ off per round: {', '.join(fmt(v, 3) for v in on_off)}"
+    if control and middle:
+        gap, noise = apart(middle), max(apart(c) for c in control)
+        text += (
+            f"; the control (the same code twice) differed by up to {noise:.1%} in a round, the "
+            f"median on ÷ off by {gap:.1%}: "
+            + ("within that noise" if gap <= noise else "beyond that noise")
+        )
     if cost is not None and rate:
         per_message = 2 / rate * 1e9  # ns a worker spends per message in the drain
         text += (
@@ -273,6 +281,11 @@ def why_counters(r: dict) -> str:
             "larger gap is not their instructions but something they share (cache lines)"
         )
     return text + "."
+
+
+def apart(ratio: float) -> float:
+    """How far a ratio of two rates is from 1, the same either way round (0.9 and 1/0.9 alike)."""
+    return max(ratio, 1 / ratio) - 1
 
 
 def why_figure(scenario: str, *keys: str, unit: str = "ms") -> Callable[[dict], str]:

@@ -10,6 +10,7 @@ import multiprocessing as mp
 import os
 import sys
 import time
+from collections.abc import Iterable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -59,6 +60,7 @@ def queue_scenario(kind: str, args) -> dict:
 def pool_scenario(kind: str, args) -> dict:
     with mp.Pool(WORKERS) as pool:
         pool.map(run_item, [(-1, 0.0, 0)] * WORKERS)  # workers up and warm
+        items: Iterable[tuple[int, float, int]]
         if kind == "stream":
             first = time.time()
             items = ((i, ts, 0) for i, ts in scenario.paced(args.n, args.rate))
