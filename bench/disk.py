@@ -2,10 +2,12 @@
 
     python bench/disk.py floors --samples N --workdir D --out F
 
-Three ways to make 100 bytes durable, each `--samples` times in D (on the spools' filesystem):
+Four ways to make 100 bytes durable, each `--samples` times in D (on the spools' filesystem):
 a new file flushed and renamed into place with its directory flushed too (two flushes), the same
-with the file's flush only, and an append to one open file + fdatasync (no new metadata). The
-first is the floor of any one-file-per-message send, the last the floor of a durable write.
+with the file's flush only, an append to one open file + fdatasync (no new file, but the size
+changes), and an overwrite in place in a file written before + fdatasync (no metadata at all:
+what a write-ahead log that reuses its file pays, SQLite's WAL among them). The first is the
+floor of any one-file-per-message send, the last the floor of a durable write.
 Standard library only: the bench venv and msgd's venv both run it.
 """
 
@@ -66,6 +68,26 @@ class Appender:
         os.close(self.fd)
 
 
+def overwrite(fd: int, n: int) -> None:
+    """`n` durable writes of 100 bytes in place, over a file that already holds them."""
+    for i in range(n):
+        os.pwrite(fd, BODY, i * len(BODY))
+        os.fdatasync(fd)
+
+
+def in_place(directory: str, n: int) -> dict:
+    """The overwrite floor: the file is written and flushed once first, then timed."""
+    fd = os.open(
+        os.path.join(directory, "in-place.log"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+    )
+    try:
+        os.write(fd, BODY * n)
+        os.fsync(fd)
+        return scenario.timed(lambda: overwrite(fd, n), n)
+    finally:
+        os.close(fd)
+
+
 def floors(directory: str, n: int) -> dict:
     """msgs/s for each way of making a message durable, one after the other, `n` times each."""
     for sub in ("tmp", "new"):
@@ -80,6 +102,7 @@ def floors(directory: str, n: int) -> dict:
                 lambda: [new_file(directory, f"b{i}", False) for i in range(n)], n
             ),
             "append_fdatasync": scenario.timed(lambda: [append() for _ in range(n)], n),
+            "overwrite_fdatasync": in_place(directory, n),
         }
 
 

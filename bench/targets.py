@@ -50,43 +50,38 @@ def n(r: dict, scenario: str, system: str, *keys: str, digits: int = 0) -> str:
 # --- sending ------------------------------------------------------------------------------------
 
 
-def floors(r: dict) -> tuple[float | None, float | None, float | None]:
-    return tuple(  # type: ignore[return-value]
-        get(r, "send", "disk", key, "msgs_per_s")
-        for key in ("file_two_flushes", "file_one_flush", "append_fdatasync")
-    )
+FLOORS = ("file_two_flushes", "file_one_flush", "append_fdatasync", "overwrite_fdatasync")
+
+
+def floors(r: dict) -> list[float | None]:
+    """This disk's durable writes per second, each way (bench/disk.py), medians of the run."""
+    return [get(r, "send", "disk", key, "msgs_per_s") for key in FLOORS]
 
 
 def why_send(r: dict) -> str:
     mine = get(r, "send", "msgd", "send", "msgs_per_s")
     huey = get(r, "send", "huey-sqlite", "send", "msgs_per_s")
-    two, one, append = floors(r)
+    two, one, append, in_place = floors(r)
     text = (
         f"msgd.send made {fmt(mine)} durable sends/s, Huey {fmt(huey)} task calls/s (one WAL "
         f"commit each). This disk in the same rounds: a new file flushed with its directory "
         f"{fmt(two)}/s, a new file flushed alone {fmt(one)}/s, an append + fdatasync "
-        f"{fmt(append)}/s."
+        f"{fmt(append)}/s, an overwrite in place + fdatasync {fmt(in_place)}/s."
     )
-    measured = known(mine, huey, two, one, append)
+    measured = known(mine, huey, two, one, in_place)
     if measured is None:
         return text
-    mine, huey, two, one, append = measured
-    if mine <= 1.15 * two:
-        return text + (
-            f" msgd.send runs at the two-flush new-file floor ({mine / two:.0%} of it): it pays a "
-            "new file and two flushes per message, while Huey's commit reaches "
-            f"{huey / append:.0%} of the append floor; no ordering of the flushes closes that, "
-            "only another intake shape."
-        )
-    if mine <= 1.15 * one:
-        return text + (
-            f" msgd.send runs at the one-flush new-file floor ({mine / one:.0%} of it): a new "
-            "file's metadata commit per message costs more than Huey's WAL append."
-        )
-    return text + (
-        f" msgd.send is past the new-file floors but at {mine / append:.0%} of the append floor, "
-        f"Huey at {huey / append:.0%}: the rest of the cost is in the send path, not the disk."
+    mine, huey, two, one, in_place = measured
+    text += (
+        f" Huey's commit reaches {huey / in_place:.0%} of the overwrite floor, msgd.send "
+        f"{mine / in_place:.0%}"
     )
+    if mine <= 1.15 * max(two, one):
+        return text + (
+            " and it runs at the new-file floors: a new file (and its directory's flush) per "
+            "message; no ordering of the flushes closes that, only another intake shape."
+        )
+    return text + ": past the new-file floors, so the rest of the cost is in the send path."
 
 
 def why_send_many(r: dict) -> str:
