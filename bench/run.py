@@ -74,66 +74,90 @@ class Run:
     redis: bool = False  # needs redis-server
 
 
-def plan(mode: str, iterations: int, unit: float) -> list[Run]:
-    """Every (scenario, system) run, msgd's and the bare loop's first (smoke keeps only those)."""
-    z = SIZES[mode]
-    m, huey = "msgd_bench.py", "peers/huey_peer.py"
-    runs: list[Run] = []
+MSGD, HUEY, CELERY, TEXTBOOK = (
+    "msgd_bench.py", "peers/huey_peer.py", "peers/celery_peer.py", "peers/textbook.py"
+)  # fmt: skip
 
-    def add(scenario, system, script, argv, **kw):
-        runs.append(Run(scenario, system, script, [str(a) for a in argv], **kw))
 
-    def peers(scenario, argv, huey_nofsync=True):
+class Plan:
+    """The runs of one mode, added scenario by scenario."""
+
+    def __init__(self) -> None:
+        self.runs: list[Run] = []
+
+    def add(self, scenario: str, system: str, script: str, argv: list, **kw: bool) -> None:
+        self.runs.append(Run(scenario, system, script, [str(a) for a in argv], **kw))
+
+    def peers(self, scenario: str, argv: list, huey_nofsync: bool = True) -> None:
+        """The textbook pair, Huey (SQLite with both fsync settings, Redis) and Celery."""
         for kind in ("queue", "pool"):
-            add(scenario, f"mp-{kind}", "peers/textbook.py", [f"{kind}-{scenario}", *argv])
+            self.add(scenario, f"mp-{kind}", TEXTBOOK, [f"{kind}-{scenario}", *argv])
         sqlite = [scenario, "--backend", "sqlite", *argv]
-        add(scenario, "huey-sqlite", huey, sqlite, peer=True)
+        self.add(scenario, "huey-sqlite", HUEY, sqlite, peer=True)
         if huey_nofsync:
-            add(scenario, "huey-sqlite-nofsync", huey, [*sqlite, "--no-fsync"], peer=True)
-        add(scenario, "huey-redis", huey, [scenario, "--backend", "redis", *argv], peer=True,
-            redis=True)  # fmt: skip
-        add(scenario, "celery", "peers/celery_peer.py", [scenario, *argv], peer=True, redis=True)
+            self.add(scenario, "huey-sqlite-nofsync", HUEY, [*sqlite, "--no-fsync"], peer=True)
+        redis = [scenario, "--backend", "redis", *argv]
+        self.add(scenario, "huey-redis", HUEY, redis, peer=True, redis=True)
+        self.add(scenario, "celery", CELERY, [scenario, *argv], peer=True, redis=True)
 
+
+def plan(mode: str, iterations: int, unit: float) -> list[Run]:
+    """Every (scenario, system) run of the mode (smoke: msgd, the bare loop and the disk only)."""
+    z, p = SIZES[mode], Plan()
+    cpu = ["--n", z["cpu"], "--iterations", iterations, "--unit", unit]
+    consuming(p, z, cpu)
+    steering(p, z, cpu)
+    producing(p, z)
+    if mode == "smoke":  # no peers, no bench venv
+        return [x for x in p.runs if not x.peer and not x.script.startswith("peers/")]
+    return p.runs
+
+
+def consuming(p: Plan, z: dict, cpu: list) -> None:
+    """Drain, stream, idle latency, CPU-bound: msgd, the bare claim loop and the peers."""
     drain = ["--n", z["drain"]]
     for system in ("msgd", "bare", "bare-1"):
-        add("drain", system, m, [system if system != "msgd" else "drain", *drain])
-    peers("drain", drain)
+        p.add("drain", system, MSGD, [system if system != "msgd" else "drain", *drain])
+    p.peers("drain", drain)
     stream = ["--n", z["stream"], "--rate", z["rate"]]
-    add("stream", "msgd", m, ["stream", *stream])
-    add("stream", "msgd-nofsync", m, ["stream", "--no-fsync", *stream])
-    peers("stream", stream)
-    add("idle-latency", "msgd", m, ["idle-latency", "--samples", z["latency"]])
-    add(
-        "idle-latency", "msgd-nofsync", m, ["idle-latency", "--no-fsync", "--samples", z["latency"]]
-    )
-    cpu = ["--n", z["cpu"], "--iterations", iterations, "--unit", unit]
-    add("cpu", "msgd", m, ["cpu", *cpu])
-    add("cpu", "bare", m, ["bare", *cpu])
-    peers("cpu", cpu, huey_nofsync=False)
-    add("usr1", "msgd", m, ["usr1", "--samples", z["usr1"], *cpu[2:]])
-    add("hup", "msgd", m, ["hup", "--samples", z["hup"]])
-    add("hup-code", "msgd", m, ["hup-code", "--samples", z["hup"]])
-    add("counters", "msgd", m, ["counters", "--n", z["counters"]])
-    add("memory", "msgd", m, ["memory"])
-    add("memory", "huey-sqlite", huey, ["memory", "--backend", "sqlite"], peer=True)
-    add("memory", "celery", "peers/celery_peer.py", ["memory"], peer=True, redis=True)
-    add("start", "msgd", m, ["start", "--samples", z["start"]])
-    sends = ["--n", z["send"], "--samples", z["send_one"]]
-    add("send", "disk", "disk.py", ["floors", "--samples", z["disk"]])
-    add("send", "msgd", m, ["send", *sends])
-    add("send", "msgd-nofsync", m, ["send", "--no-fsync", *sends])
-    add("send", "huey-sqlite", huey, ["send", "--backend", "sqlite", *sends], peer=True)
-    add("send", "huey-sqlite-nofsync", huey, ["send", "--backend", "sqlite", "--no-fsync", *sends],
-        peer=True)  # fmt: skip
+    p.add("stream", "msgd", MSGD, ["stream", *stream])
+    p.add("stream", "msgd-nofsync", MSGD, ["stream", "--no-fsync", *stream])
+    p.peers("stream", stream)
+    latency = ["idle-latency", "--samples", z["latency"]]
+    p.add("idle-latency", "msgd", MSGD, latency)
+    p.add("idle-latency", "msgd-nofsync", MSGD, [*latency, "--no-fsync"])
+    p.add("cpu", "msgd", MSGD, ["cpu", *cpu])
+    p.add("cpu", "bare", MSGD, ["bare", *cpu])
+    p.peers("cpu", cpu, huey_nofsync=False)
+
+
+def steering(p: Plan, z: dict, cpu: list) -> None:
+    """Signals, counters, memory, start, and the listener with 50 subscribers."""
+    p.add("usr1", "msgd", MSGD, ["usr1", "--samples", z["usr1"], *cpu[2:]])
+    p.add("hup", "msgd", MSGD, ["hup", "--samples", z["hup"]])
+    p.add("hup-code", "msgd", MSGD, ["hup-code", "--samples", z["hup"]])
+    p.add("counters", "msgd", MSGD, ["counters", "--n", z["counters"]])
+    p.add("memory", "msgd", MSGD, ["memory"])
+    p.add("memory", "huey-sqlite", HUEY, ["memory", "--backend", "sqlite"], peer=True)
+    p.add("memory", "celery", CELERY, ["memory"], peer=True, redis=True)
+    p.add("start", "msgd", MSGD, ["start", "--samples", z["start"]])
+    p.add("nocounters", "msgd", MSGD, ["nocounters", "--n", z["drain"], "--samples", z["rounds"]])
+    listener = ["drain", "--n", z["drain"], "--samples", z["usr1"]]
+    p.add("subscribers", "msgd", "subscribers.py", listener)
+
+
+def producing(p: Plan, z: dict) -> None:
+    """The producer side: the disk's floors, one by one and batches, 4 producers."""
+    sends = ["send", "--n", z["send"], "--samples", z["send_one"]]
+    p.add("send", "disk", "disk.py", ["floors", "--samples", z["disk"]])
+    p.add("send", "msgd", MSGD, sends)
+    p.add("send", "msgd-nofsync", MSGD, [*sends, "--no-fsync"])
+    p.add("send", "huey-sqlite", HUEY, [*sends, "--backend", "sqlite"], peer=True)
+    p.add("send", "huey-sqlite-nofsync", HUEY, [*sends, "--backend", "sqlite", "--no-fsync"],
+          peer=True)  # fmt: skip
     four = ["send", "--n", z["send_one"], "--producers", PRODUCERS]
-    add("send-4", "msgd", m, four)
-    add("send-4", "huey-sqlite", huey, [*four, "--backend", "sqlite"], peer=True)
-    add("nocounters", "msgd", m, ["nocounters", "--n", z["drain"], "--samples", z["rounds"]])
-    add("subscribers", "msgd", "subscribers.py", ["drain", "--n", z["drain"], "--samples",
-        z["usr1"]])  # fmt: skip
-    if mode == "smoke":  # msgd, the bare loop and the disk only: no peers, no bench venv
-        runs = [x for x in runs if not x.peer and not x.script.startswith("peers/")]
-    return runs
+    p.add("send-4", "msgd", MSGD, four)
+    p.add("send-4", "huey-sqlite", HUEY, [*four, "--backend", "sqlite"], peer=True)
 
 
 # --- environment --------------------------------------------------------------------------------
@@ -342,7 +366,7 @@ def command_line(argv: list[str]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smaller sizes, < 2 minutes")
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, 1 run each")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, msgd + bare loop only")
     parser.add_argument("--only", default="", help=f"comma-separated subset of {SCENARIOS}")
     args = parser.parse_args()
@@ -367,51 +391,68 @@ def main() -> int:
     results: dict[str, dict] = {}
     for i, run in enumerate(runs):
         results.setdefault(run.scenario, {})[run.system] = collect(outcomes[i])
+    meta = describe(mode, only, time.time() - began, redis.version(), (iterations, unit))
+    return smoke_verdict(results, meta) if mode == "smoke" else publish(results, meta)
 
-    total = time.time() - began
-    meta = {
+
+def describe(mode: str, only: list[str], total: float, redis: str, work: tuple) -> dict:
+    """The machine, the command and the sizes, for the report's head."""
+    return {
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
         "cores": os.cpu_count(),
         "cpu": cpu_model(),
         "python": platform.python_version() + f" ({platform.python_implementation()})",
         "kernel": platform.release(),
         "spool_fs": f"{filesystem_type(OUT)} (spools under bench/out/)",
-        "redis": redis.version(),
+        "redis": redis,
         "peers": peer_versions() if os.path.exists(BENCH_PY) else "not installed",
         "mode": mode,
         "command": command_line(sys.argv[1:]),
         "total_seconds": total,
         "partial": ",".join(only),
-        "unit_ms": unit * 1e3,
-        "iterations": iterations,
+        "iterations": work[0],
+        "unit_ms": work[1] * 1e3,
         "drain_n": SIZES[mode]["drain"],
         "rate": SIZES[mode]["rate"],
         "repeats": SIZES[mode]["repeats"],
     }
-    name = "smoke-results.json" if mode == "smoke" else "results.json"
-    with open(os.path.join(OUT, name), "w") as f:
+
+
+def save(name: str, results: dict, meta: dict) -> str:
+    path = os.path.join(OUT, name)
+    with open(path, "w") as f:
         json.dump({"meta": meta, "results": results}, f, indent=1)
+    return path
 
-    if mode == "smoke":  # the report is rendered too (to bench/out/), so that its code runs
-        with open(os.path.join(OUT, "smoke-BENCHMARKS.md"), "w") as f:
-            f.write(report.markdown(results, meta) + "\n" + report.readme_paragraph(results, meta))
-        bad = [f"{sc}/{sy}" for sc, runs_ in results.items() for sy, e in runs_.items()
-               if "skipped" not in e and not has_number(e)]  # fmt: skip
-        print(f"bench: smoke run took {total:.1f} s; " + (f"no figure from {bad}" if bad else "ok"))
-        return 1 if bad else 0
 
+def smoke_verdict(results: dict, meta: dict) -> int:
+    """0 when every scenario produced a figure; the report is rendered too (into bench/out/),
+    so that its code runs."""
+    save("smoke-results.json", results, meta)
+    with open(os.path.join(OUT, "smoke-BENCHMARKS.md"), "w") as f:
+        f.write(report.markdown(results, meta) + "\n" + report.readme_paragraph(results, meta))
+    bad = [f"{sc}/{sy}" for sc, runs_ in results.items() for sy, e in runs_.items()
+           if "skipped" not in e and not has_number(e)]  # fmt: skip
+    total = meta["total_seconds"]
+    print(f"bench: smoke run took {total:.1f} s; " + (f"no figure from {bad}" if bad else "ok"))
+    return 1 if bad else 0
+
+
+def publish(results: dict, meta: dict) -> int:
+    """BENCHMARKS.md, the chart, and (full runs) the README's paragraph; 1 if a run failed."""
+    path = save("results.json", results, meta)
     with open(os.path.join(REPO_DIR, "BENCHMARKS.md"), "w") as f:
         f.write(report.markdown(results, meta))
     write_readme(results, meta)
     if os.path.exists(BENCH_PY):
         chart = subprocess.run(
-            [BENCH_PY, os.path.join(BENCH_DIR, "chart.py"), os.path.join(OUT, name),
+            [BENCH_PY, os.path.join(BENCH_DIR, "chart.py"), path,
              os.path.join(BENCH_DIR, "chart.png")],
             env=dict(os.environ, PYTHONPATH=BENCH_DIR), capture_output=True, text=True,
         )  # fmt: skip
         if chart.returncode != 0:
             print(f"bench: chart failed: {chart.stderr.strip()[-500:]}", file=sys.stderr)
-    print(f"bench: wrote BENCHMARKS.md and bench/chart.png in {total:.0f} s")
+    print(f"bench: wrote BENCHMARKS.md and bench/chart.png in {meta['total_seconds']:.0f} s")
     broken = [f"{sc}/{sy}" for sc, r in results.items() for sy, e in r.items() if "error" in e]
     if broken:
         print(f"bench: failed: {broken}", file=sys.stderr)
