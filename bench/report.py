@@ -172,6 +172,10 @@ def machine(meta: dict) -> list[str]:
     for key in ("date", "cores", "cpu", "python", "kernel", "spool_fs", "peers", "redis", "mode"):
         out.append(f"| {key.replace('_', ' ')} | {meta.get(key, '—')} |")
     out.append(f"\nCommand: `{meta.get('command')}` (total {meta.get('total_seconds', 0):.0f} s)\n")
+    out.append(
+        "One scenario alone, every system: `.venv/bin/python bench/run.py --only SCENARIO[,...]` "
+        f"(`--quick`: smaller sizes, one run each); scenarios: {', '.join(meta.get('scenarios', []))}.\n"
+    )
     if meta.get("partial"):
         out.append(f"**Partial run** (`--only {meta['partial']}`): other scenarios were not run.\n")
     return out
@@ -507,7 +511,7 @@ METHOD = """\
 - Drain and CPU-bound: the messages are enqueued first, then the consumers start; time runs from
   the first handler start to the last handler end, so start-up is not counted for anyone. msgd
   unlinks finished files on background threads, so its time runs on until no message file is left
-  in `new/` or `cur/`, as the bare loop's runs until its processes have exited.
+  in `new/` or `cur/` (the bare loop unlinks as it goes: its time ends with its last handler).
 - Stream: consumers started and warmed up first; one producer offers {rate} msgs/s on a fixed
   schedule (`msgd.send`, Huey task call, Celery `delay`, `Queue.put`, a generator fed to `imap`)
   with `time.time()` in the body; latency = handler start - that time.

@@ -415,6 +415,7 @@ def describe(mode: str, only: list[str], total: float, redis: str, work: tuple) 
         "drain_n": SIZES[mode]["drain"],
         "rate": SIZES[mode]["rate"],
         "repeats": SIZES[mode]["repeats"],
+        "scenarios": SCENARIOS,
     }
 
 
