@@ -174,7 +174,8 @@ def machine(meta: dict) -> list[str]:
     out.append(f"\nCommand: `{meta.get('command')}` (total {meta.get('total_seconds', 0):.0f} s)\n")
     out.append(
         "One scenario alone, every system: `.venv/bin/python bench/run.py --only SCENARIO[,...]` "
-        f"(`--quick`: smaller sizes, one run each); scenarios: {', '.join(meta.get('scenarios', []))}.\n"
+        "(`--quick`: smaller sizes, one run each); scenarios: "
+        f"{', '.join(meta.get('scenarios', []))}.\n"
     )
     if meta.get("partial"):
         out.append(f"**Partial run** (`--only {meta['partial']}`): other scenarios were not run.\n")
