@@ -258,24 +258,26 @@ def counters_rounds(r: dict) -> tuple[list[float], list[float]]:
 
 def why_counters(r: dict) -> str:
     on_off, control = counters_rounds(r)
-    cost, rate = get(r, "counters", "msgd", "per_message_ns"), get(r, "drain", "msgd", "msgs_per_s")
     middle = median(on_off)
     text = f"On ÷ off per round: {', '.join(fmt(v, 3) for v in on_off)}"
-    if control and middle:
-        gap, noise = apart(middle), max(apart(c) for c in control)
-        text += (
-            f"; the control (the same code twice) differed by up to {noise:.1%} in a round, the "
-            f"median on ÷ off by {gap:.1%}: "
-            + ("within that noise" if gap <= noise else "beyond that noise")
+    if not control or not middle:
+        return text + "."
+    gap, noise = apart(middle), max(apart(c) for c in control)
+    text += (
+        f"; the control (the same code twice) differed by up to {noise:.1%} in a round, the "
+        f"median on ÷ off by {gap:.1%}"
+    )
+    cost, rate = get(r, "counters", "msgd", "per_message_ns"), get(r, "drain", "msgd", "msgs_per_s")
+    share = cost / (2 / rate * 1e9) if cost is not None and rate else 0.0  # of a worker's time
+    text += f"; the updates' own instructions are {share:.1%} of a worker's time per message"
+    if gap <= noise:
+        return text + ": the gap is within the noise (more rounds would resolve it)."
+    if gap > 2 * share:
+        return text + (
+            ": the gap is beyond the noise and beyond their instructions, so it comes from what "
+            "the updates touch, not what they execute (shared cache lines are the suspect)."
         )
-    if cost is not None and rate:
-        per_message = 2 / rate * 1e9  # ns a worker spends per message in the drain
-        text += (
-            f". The updates cost {cost:.0f} ns per message in isolation, "
-            f"{cost / per_message:.1%} of a worker's {per_message / 1e3:.0f} µs per message: a "
-            "larger gap is not their instructions but something they share (cache lines)"
-        )
-    return text + "."
+    return text + ": the gap is beyond the noise and of the order of the updates' own cost."
 
 
 def apart(ratio: float) -> float:
