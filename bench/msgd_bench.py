@@ -254,7 +254,7 @@ def presend_run(args, iterations: int, launcher: tuple[str, ...] | None = None) 
         status = d.stop()
     handled = scenario.drain_result(s, args.n)
     # msgd unlinks finished files on background threads: the headline figure runs until the spool
-    # holds no message file, as the bare loop's does; the handler-only span is kept beside it.
+    # holds no message file (the bare loop unlinks as it goes); the handler-only span beside it.
     result = scenario.drain_result(s, args.n, end=clean)
     result.update(
         handlers_seconds=handled["seconds"],
