@@ -3,6 +3,8 @@
     .venv/bin/python bench/run.py [--quick] [--only SCENARIO,...]   # make bench / make bench-quick
     .venv/bin/python bench/run.py --smoke   # tiny sizes, msgd + bare loop only, no peers:
                                             # exit 0 when every scenario produced a figure
+    .venv/bin/python bench/run.py --tiny    # the same sizes with every peer: the whole pipeline
+                                            # checked in a minute or two (bench/out/ only)
     .venv/bin/python bench/run.py --quick --only send,send-4   # some scenarios, every system
 
 Run it with the interpreter that has msgd installed. The peers (Huey, Celery, matplotlib) live in
@@ -49,8 +51,8 @@ SCENARIOS = [
 ]  # fmt: skip
 EXIT_SKIPPED = 3
 
-# Sizes per mode: full, --quick, --smoke. Every scenario runs `repeats` times per system, in rounds;
-# the counters-off drain runs `rounds` rounds inside one run of its own.
+# Sizes per mode: full, --quick, --smoke (--tiny: smoke's sizes). Every scenario runs `repeats`
+# times per system, in rounds; the counters-off drain runs `rounds` rounds inside one run of its own.
 SIZES = {
     "full": dict(drain=20_000, stream=1_000, rate=200, latency=500, cpu=2_000, usr1=200, hup=30,
                  counters=1_000_000, start=10, send=5_000, send_one=2_000, disk=1_000,
@@ -61,6 +63,7 @@ SIZES = {
     "smoke": dict(drain=300, stream=40, rate=200, latency=10, cpu=20, usr1=5, hup=3,
                   counters=20_000, start=2, send=200, send_one=40, disk=40, repeats=1, rounds=3),
 }  # fmt: skip
+SIZES["tiny"] = SIZES["smoke"]
 PRODUCERS = 4  # the send-4 scenario
 
 
@@ -323,8 +326,8 @@ def run_rounds(runs: list[Run], mode: str, redis_url: str) -> dict[int, list[dic
     """Each run `repeats` times, in rounds: every system once, then again, so that no system
     always runs right after another one, and the k-th runs of two systems ran side by side."""
     repeats = SIZES[mode]["repeats"]
-    timeout = {"full": 900, "quick": 180, "smoke": 60}[mode]
-    settle = 0.0 if mode == "smoke" else 10.0  # smoke: no waiting for a quiet machine
+    timeout = {"full": 900, "quick": 180, "smoke": 60, "tiny": 60}[mode]
+    settle = 10.0 if mode in ("full", "quick") else 0.0  # tiny sizes: no waiting for quiet
     order = sorted(((i, n) for n in range(repeats) for i in range(len(runs))),
                    key=lambda x: (SCENARIOS.index(runs[x[0]].scenario), x[1], x[0]))  # fmt: skip
     outcomes: dict[int, list[dict]] = {i: [] for i in range(len(runs))}
@@ -368,9 +371,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes, 1 run each")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, msgd + bare loop only")
+    parser.add_argument("--tiny", action="store_true", help="tiny sizes, every system")
     parser.add_argument("--only", default="", help=f"comma-separated subset of {SCENARIOS}")
     args = parser.parse_args()
-    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+    mode = next((m for m in ("smoke", "tiny", "quick") if getattr(args, m)), "full")
     only = [s for s in args.only.split(",") if s]
     unknown = set(only) - set(SCENARIOS)
     if unknown:
@@ -392,7 +396,7 @@ def main() -> int:
     for i, run in enumerate(runs):
         results.setdefault(run.scenario, {})[run.system] = collect(outcomes[i])
     meta = describe(mode, only, time.time() - began, redis.version(), (iterations, unit))
-    return smoke_verdict(results, meta) if mode == "smoke" else publish(results, meta)
+    return publish(results, meta) if mode in ("full", "quick") else smoke_verdict(results, meta)
 
 
 def describe(mode: str, only: list[str], total: float, redis: str, work: tuple) -> dict:
@@ -429,13 +433,14 @@ def save(name: str, results: dict, meta: dict) -> str:
 def smoke_verdict(results: dict, meta: dict) -> int:
     """0 when every scenario produced a figure; the report is rendered too (into bench/out/),
     so that its code runs."""
-    save("smoke-results.json", results, meta)
-    with open(os.path.join(OUT, "smoke-BENCHMARKS.md"), "w") as f:
+    mode = meta["mode"]
+    save(f"{mode}-results.json", results, meta)
+    with open(os.path.join(OUT, f"{mode}-BENCHMARKS.md"), "w") as f:
         f.write(report.markdown(results, meta) + "\n" + report.readme_paragraph(results, meta))
     bad = [f"{sc}/{sy}" for sc, runs_ in results.items() for sy, e in runs_.items()
            if "skipped" not in e and not has_number(e)]  # fmt: skip
     total = meta["total_seconds"]
-    print(f"bench: smoke run took {total:.1f} s; " + (f"no figure from {bad}" if bad else "ok"))
+    print(f"bench: {mode} run took {total:.1f} s; " + (f"no figure from {bad}" if bad else "ok"))
     return 1 if bad else 0
 
 
