@@ -52,7 +52,7 @@ SCENARIOS = [
 EXIT_SKIPPED = 3
 
 # Sizes per mode: full, --quick, --smoke (--tiny: smoke's sizes). Every scenario runs `repeats`
-# times per system, in rounds; the counters-off drain runs `rounds` rounds inside one run of its own.
+# times per system, in rounds; the counters-off drain runs `rounds` rounds in one run of its own.
 SIZES = {
     "full": dict(drain=20_000, stream=1_000, rate=200, latency=500, cpu=2_000, usr1=200, hup=30,
                  counters=1_000_000, start=10, send=5_000, send_one=2_000, disk=1_000,
