@@ -34,7 +34,7 @@ def remote(daemon: Msgd, backend: str) -> str:
     daemon.queues["remote"] = {"handler": "handlers:record", "backend": backend}
     daemon.queues["remote"]["url"] = URL[backend]
     daemon.write_config()
-    library, what = OPTIONAL[backend]
+    what = OPTIONAL[backend][1]
     return f"queues.remote.backend: \"{backend}\" needs {what}: pip install 'msgd[{backend}]'"
 
 
