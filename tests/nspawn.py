@@ -73,8 +73,10 @@ def unavailable() -> str | None:
         return f"{', '.join(missing)} not installed (systemd-nspawn: Debian's systemd-container)"
     if not any(p.exists() for p in SYSTEMD):
         return "systemd is not installed on this machine: nothing to boot"
-    if "overlay" not in Path("/proc/filesystems").read_text().split():
-        return "this kernel has no overlayfs (not in /proc/filesystems)"
+    built_in = "overlay" in Path("/proc/filesystems").read_text().split()
+    module = any(Path("/lib/modules", os.uname().release).glob("kernel/fs/overlayfs/overlay.ko*"))
+    if not (built_in or module):  # a module is loaded by the first overlay mount
+        return "this kernel has no overlayfs (not in /proc/filesystems, no module)"
     return None
 
 

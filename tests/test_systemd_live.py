@@ -244,7 +244,7 @@ def test_security_exposure_of_the_live_unit(unit: Unit) -> None:
 def test_watchdog_restarts_a_frozen_master(unit: Unit) -> None:
     unit.m.sh(
         f"mkdir -p {Path(WATCHDOG_DROP_IN).parent}\n"
-        f"printf '[Service]\\nWatchdogSec=1s\\nRestartSec=100ms\\n' > {WATCHDOG_DROP_IN}\n"
+        f"printf '[Service]\\nWatchdogSec=3s\\nRestartSec=100ms\\n' > {WATCHDOG_DROP_IN}\n"
         "systemctl daemon-reload && systemctl restart msgd.service"
     )
     try:
