@@ -12,7 +12,7 @@ they are masked on the container's command line. Commands run inside with
 
 nspawn reports through the notify socket its caller gives it: the container's PID 1
 (X_NSPAWN_LEADER_PID=), then READY=1 once systemd in the container finished booting
-(--notify-ready=yes). Nothing polls.
+(--notify-ready=yes). The boot is awaited on that socket, waking only to notice nspawn dying.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from pathlib import Path
 
 from msgd.sysutil import set_parent_death_signal
 
-BOOT_TIMEOUT = 60.0  # seconds: boots take 1-3 s; a machine this slow is broken
+BOOT_TIMEOUT = 60.0  # seconds: a boot takes about 0.5 s here; a machine this slow is broken
 STOP_TIMEOUT = 20.0
 # What a root shell in the container sees (this process's own environment stays outside).
 ENV = {
