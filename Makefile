@@ -39,6 +39,7 @@ system-deps:
 lint: $(STAMP)
 	$(PY) -m ruff check daemon ctl tests bench
 	$(PY) -m ruff format --check daemon ctl tests bench
+	$(PY) -m mypy
 
 format: $(STAMP)
 	$(PY) -m ruff format daemon ctl tests bench

@@ -73,10 +73,10 @@ class Daemon:
     def generation(self, action: str) -> int:
         return self.state()["generations"].get(action, 0)
 
-    def signal(self, sig: signal.Signals) -> None:
+    def signal(self, sig: int) -> None:
         signal.pidfd_send_signal(self.pidfd, sig)
 
-    def ask(self, sig: signal.Signals, action: str, timeout: float) -> dict[str, Any]:
+    def ask(self, sig: int, action: str, timeout: float) -> dict[str, Any]:
         """Send `sig` and wait until the daemon's `action` generation moves; its last outcome."""
         before = self.generation(action)
         self.signal(sig)

@@ -207,10 +207,11 @@ class Master:
                 continue
             began = time.monotonic()
             try:
-                outcome = await run()
+                outcome = {"outcome": "ok", **await run()}
             except Exception as e:
                 outcome = self.failed(name, e)
-            self.state.record(name, began=began, **{"outcome": "ok", **outcome})
+            with self.duty(f"acknowledging {name}"):
+                self.state.record(name, outcome, began=began)
 
     def failed(self, action: str, error: Exception) -> dict[str, Any]:
         """An action that raised: logged once with its traceback, and reported to msgctl."""
@@ -266,7 +267,7 @@ class Master:
         self.dumps += 1
         await off_loop(self.reporter.gather, self.stores)
         self.log_stats(self.publish())
-        return {"generation": self.dumps}
+        return {}
 
     def log_stats(self, snap: Snapshot) -> None:
         fields = msgspec.to_builtins(snap)
@@ -288,17 +289,20 @@ class Master:
     async def finish_burst(self) -> None:
         """Wait until every message pending at the signal(s) has been worked, then report."""
         burst = self.burst_now
+        outcome: dict[str, Any]
         try:
             while not await off_loop(burst.worked, self.stores):
                 await asyncio.sleep(BURST_POLL)
-            outcome = {"outcome": "ok", **burst.report(self.reporter.queue_totals(self.snapshot()))}
-            self.log.info("burst", **{**outcome, "outcome": "done"})
+            counts = burst.report(self.reporter.queue_totals(self.snapshot()))
+            self.log.info("burst", outcome="done", **counts)
+            outcome = {"outcome": "ok", **counts}
         except Exception as e:
             outcome = self.failed("burst", e)
         self.burst_now = Burst()
         generation = self.state.generation("burst")
         self.flags.finished.value = generation
-        self.state.record("burst_done", generation=generation, **outcome)
+        with self.duty("acknowledging burst_done"):
+            self.state.record("burst_done", outcome, generation=generation)
 
     async def scale(self, delta: int) -> dict[str, Any]:
         size = self.pool.scale(delta)
