@@ -23,7 +23,9 @@ def main() -> int:
     writer = getattr(stats, "SlotWriter", None)
     missing = [n for n in PATCHED if not callable(getattr(writer, n, None))]
     if missing:
-        print(f"msgd.counters.SlotWriter lacks {missing}: counters-off run skipped", file=sys.stderr)
+        print(
+            f"msgd.counters.SlotWriter lacks {missing}: counters-off run skipped", file=sys.stderr
+        )
         return 3
     args = sys.argv[1:]
     if args == ["--check-names"]:
