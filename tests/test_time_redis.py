@@ -7,11 +7,11 @@ than silently ignored; everything else behaves as on the spool.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import msgd
 import pytest
+import test_redis
 from conftest import Msgd, wait_for
 from test_redis import RedisServer, new_stream
 from test_time import (
@@ -23,14 +23,7 @@ from test_time import (
     starts,
 )
 
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    """A redis-server of this module's own (test_redis.py starts and stops one the same way)."""
-    started = RedisServer(tmp_path_factory.mktemp("redis-time"))
-    started.start()
-    yield started
-    started.kill()
+server = test_redis.redis_server  # test_redis.py's redis-server fixture, as `server`
 
 
 def redis_queue(server: RedisServer, **queue: Any) -> dict[str, Any]:

@@ -48,6 +48,7 @@ from typing import Any, TypeVar
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+from redis.typing import EncodableT, FieldT
 
 from msgd.backend import BackendError, BurstMark, Death, Depths, Expired, Inbox, Outcome, Settled
 from msgd.config import DaemonConfig, QueueConfig
@@ -286,7 +287,9 @@ class RedisStore:
                     member = _defer_member(mid.encode(), 0, body, expires)
                     pipe.zadd(f"{self.stream}:scheduled", {member: int(options.due * 1000)})
                 else:
-                    fields = {"id": mid, "body": body, **({"expires": expires} if expires else {})}
+                    fields: dict[FieldT, EncodableT] = {"id": mid, "body": body}
+                    if expires:
+                        fields["expires"] = expires
                     pipe.xadd(self.stream, fields)
             pipe.execute()
 
@@ -316,7 +319,13 @@ class RedisStore:
                 return 0
             self._next_sweep = time.monotonic() + SWEEP_EVERY
             keys = [self.stream, f"{self.stream}:failed"]
-            args = [self.policy.group, now_ms, SWEEP_LIMIT, time.time(), self.queue]
+            args: list[EncodableT] = [
+                self.policy.group,
+                now_ms,
+                SWEEP_LIMIT,
+                time.time(),
+                self.queue,
+            ]
             return int(client.eval(_EXPIRE, 2, *keys, *args))
 
         return self._call(release)

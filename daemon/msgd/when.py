@@ -24,10 +24,6 @@ class SendOptions(msgspec.Struct, frozen=True, kw_only=True):
     expires: float = 0.0  # epoch seconds after which it is never started (a dead letter); 0: never
     priority: int = 0  # 0-9, higher first
 
-    @property
-    def plain(self) -> bool:
-        return self == NOW
-
 
 NOW = SendOptions()
 

@@ -32,7 +32,10 @@ from msgd.handlers import CommandFailed, Handler, Reject
 from msgd.ratelimit import RateLimits
 from msgd.sysutil import set_parent_death_signal
 
-AMONG = {Reject: Outcome.REJECTED, Expired: Outcome.EXPIRED}  # failures counted twice
+AMONG: dict[type[BaseException], Outcome] = {  # failures also counted as these
+    Reject: Outcome.REJECTED,
+    Expired: Outcome.EXPIRED,
+}
 DUMP_SIGNAL = signal.SIGRTMIN + 1  # master -> worker: write all threads' tracebacks (timeouts)
 
 
