@@ -22,7 +22,7 @@ import multiprocessing.sharedctypes  # noqa: F401 - once privileges are dropped:
 import os
 import resource  # noqa: F401 - the same, for the workers
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import msgspec
@@ -80,6 +80,8 @@ class Master:
         self.dumps = 0
         self.draining = False
         self.duties = Duties()
+        self.releasing: dict[str, asyncio.Task[None]] = {}  # per queue: its release_due run
+        self.background: set[asyncio.Task[None]] = set()  # scheduled bursts being begun
 
     # -- life cycle ------------------------------------------------------------------------------
 
@@ -320,28 +322,43 @@ class Master:
     # -- periodic duties -------------------------------------------------------------------------
 
     async def keep_time(self) -> None:
-        """Every tick: handlers past their timeout, and retries whose time has come."""
+        """Every tick: handlers past their timeout, retries and delayed sends whose time has
+        come, scheduled bursts. What may wait on a store runs in tasks of its own, so a slow
+        broker delays neither the timeouts nor the other queues."""
         while True:
             await asyncio.sleep(TICK)
             if self.draining:
                 continue
-            with self.duties.duty("timeouts and retries"):
+            with self.duties.duty("timeouts"):
                 self.pool.check_timeouts()
-                await off_loop(self.release_due)
+            for name, store in self.stores.items():
+                if name not in self.releasing or self.releasing[name].done():
+                    self.releasing[name] = asyncio.create_task(self.release_due(name, store))
             with self.duties.duty("schedules"):
                 for name in await off_loop(self.scheduler.due):
                     if name in self.stores:
-                        await self.begin_burst({name: self.stores[name]}, "schedule")
+                        self.in_background(self.scheduled_burst(name))
 
-    def release_due(self) -> None:
-        """In a thread: due retries and delayed sends claimable; expired messages counted (as
-        failed and expired) in the master's own counter slot."""
-        for name, store in self.stores.items():
-            expired = store.release_due(force=False)
+    async def release_due(self, name: str, store: Store) -> None:
+        """One queue's due retries and delayed sends claimable; the messages it made dead
+        letters because their TTL passed are counted (failed and expired) in the master's own
+        counter slot."""
+        with self.duties.duty(f"retries of {name}"):
+            expired = await off_loop(store.release_due, False)
             if expired:
                 self.own_counts.count(self.index[name], Outcome.FAILED, expired)
                 self.own_counts.count(self.index[name], Outcome.EXPIRED, expired)
                 self.log.warning("messages expired", queue=name, count=expired)
+
+    async def scheduled_burst(self, name: str) -> None:
+        with self.duties.duty(f"schedule of {name}"):
+            await self.begin_burst({name: self.stores[name]}, "schedule")
+
+    def in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run `work` as a task the loop keeps a reference to until it ends."""
+        task = asyncio.create_task(work)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
 
     async def report(self) -> None:
         """Every second: depths, the stats file, the process title; STATUS to systemd."""
