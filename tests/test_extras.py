@@ -82,3 +82,22 @@ def test_spool_queues_import_no_optional_library(daemon: Msgd) -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.skipif(not missing("cronsim"), reason="cronsim is installed (runs in the plain venv)")
+def test_a_cron_schedule_needs_cronsim_and_every_does_not(daemon: Msgd) -> None:
+    daemon.queues["nightly"] = {"handler": "handlers:record", "mode": "burst"}
+    daemon.queues["nightly"]["schedule"] = "0 3 * * *"
+    daemon.write_config()
+    check = subprocess.run(
+        [str(BIN / "msgd"), "-c", str(daemon.config_path), "--check"],
+        capture_output=True,
+        text=True,
+    )
+    error = "queues.nightly.schedule: cron expressions need cronsim: pip install 'msgd[cron]'"
+    assert (check.returncode, check.stderr.strip()) == (1, f"msgd: {error}")
+    daemon.queues["nightly"]["schedule"] = "@every 1s"  # no library needed
+    daemon.write_config()
+    daemon.start()
+    mid = daemon.send(b"x", queue="nightly")
+    wait_for(lambda: daemon.succeeded() == [mid], 10, "the scheduled burst")
