@@ -248,7 +248,8 @@ class RedisStore:
 
     Guarantees: `send_many` returns once Redis has the entries (as durable as the server's
     `appendfsync` makes them); order is the stream's, oldest first, with retries re-added at the
-    end; no priorities. Due retries are moved back by the workers (RedisInbox), not the master.
+    end; a priority is refused. Due retries are moved back by the workers (RedisInbox); delayed
+    sends and expiry are the master's (release_due).
     """
 
     def __init__(self, queue: str, policy: QueueConfig, daemon: DaemonConfig) -> None:
