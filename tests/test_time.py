@@ -357,3 +357,20 @@ def test_spool_worker_never_runs_a_message_it_claims_expired(daemon: Msgd) -> No
     wait_for(lambda: daemon.stats()["queues"]["q"]["expired"] == 1, 5, "expired counted")
     done = daemon.send(b"fresh", queue="q")  # the queue goes on
     assert [s.id for s in wait_starts(daemon, 1)] == [done]
+
+
+def test_spool_a_message_taken_to_expire_by_a_crashed_master_expires_after_restart(
+    daemon: Msgd,
+) -> None:
+    """The master takes an expired message out of new/ into tmp/ before it writes the dead
+    letter; if it died in between, the next start puts the message back and expires it."""
+    daemon.queues = {"q": stamped(mode="burst")}
+    daemon.write_config()
+    spool = daemon.root / "spool/q"
+    (spool / "tmp").mkdir(parents=True)
+    mid = f"{time.time_ns():016x}0badf00d"
+    (spool / "tmp" / f"{mid}@0@x{int((time.time() - 1) * 1000)}").write_bytes(b"stale")
+    daemon.start()
+    records = wait_for(spool_dead_letters(daemon, "q"), 5, "the dead letter")
+    assert [(r["id"], r["error_type"]) for r in records] == [(mid, "Expired")]
+    assert list((spool / "tmp").iterdir()) == []

@@ -217,15 +217,23 @@ class SpoolStore:
         return self._expire(now_ms)
 
     def _expire(self, now_ms: float) -> int:
-        """Dead letters of the messages in new/ whose TTL has passed (the `@x` in their name)."""
+        """Dead letters of the messages in new/ whose TTL has passed (the `@x` in their name).
+
+        Each is first taken out of new/ into tmp/ (a rename: a worker claiming it at the same
+        instant gets it, or does not), so its error record is written for a message nobody
+        else holds. One left in tmp/ by a crash goes back to new/ at the next start (recover)."""
         expired = 0
         for name in listdir(self.new):
             parsed = SpoolName.parse(name) if "@x" in name else None
             if parsed is None or not parsed.expired(now_ms):
                 continue
-            with contextlib.suppress(FileNotFoundError):  # a worker claimed it meanwhile
-                self.dead_letter(os.path.join(self.new, name), expired_error(parsed))
-                expired += 1
+            taken = os.path.join(self.tmp, name)
+            try:
+                os.rename(os.path.join(self.new, name), taken)
+            except FileNotFoundError:  # a worker claimed it: it sees the expiry itself
+                continue
+            self.dead_letter(taken, expired_error(parsed))
+            expired += 1
         return expired
 
     def retry_failed(self, ids: Sequence[str] | None) -> list[str]:
@@ -308,6 +316,10 @@ class SpoolStore:
         total = Settled()
         for slot in self.cur_slots():
             total.add(self.settle(Death(slot=slot, charged=False)))
+        for name in listdir(self.tmp):  # taken to expire (_expire): a producer's names hold no @
+            if "@x" in name:
+                os.rename(os.path.join(self.tmp, name), os.path.join(self.new, name))
+                total.returned += 1
         return total
 
     def settle(self, death: Death) -> Settled:
