@@ -178,8 +178,11 @@ class Store(Protocol):
         ...
 
     def release_due(self, force: bool) -> int:
-        """Called every tick by the master: make due retries claimable (all of them with
-        `force`, a burst). A no-op where the broker or the workers keep that time."""
+        """Called every tick by the master: make due retries and delayed sends claimable (every
+        retry with `force`, a burst; a delayed send only at its time). Without `force`, also
+        make dead letters of waiting messages whose TTL passed (as often as the store can
+        afford); returns how many, for the master to count. A no-op (0) where the broker or the
+        workers keep that time."""
         ...
 
     def burst_mark(self) -> BurstMark:

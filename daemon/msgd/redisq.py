@@ -316,7 +316,7 @@ class RedisStore:
             keys = [self.stream, f"{self.stream}:scheduled"]
             while client.eval(_RELEASE, 2, *keys, now_ms, RELEASE_LIMIT) >= RELEASE_LIMIT:
                 pass
-            if time.monotonic() < self._next_sweep:
+            if force or time.monotonic() < self._next_sweep:  # the periodic call counts them
                 return 0
             self._next_sweep = time.monotonic() + SWEEP_EVERY
             keys = [self.stream, f"{self.stream}:failed"]

@@ -200,8 +200,8 @@ class SpoolStore:
 
     def release_due(self, force: bool) -> int:
         """Move deferred messages whose time has come back to new/: with `force` (a burst) every
-        retry, but a delayed send only at its time. Once a second, make the messages in new/
-        whose TTL passed dead letters; returns how many."""
+        retry, but a delayed send only at its time. Once a second (not in a burst's call), make
+        the messages in new/ whose TTL passed dead letters; returns how many."""
         now_ms = time.time() * 1000
         for name in listdir(self.defer):
             waiting = SpoolName.parse(name, deferred=True)
@@ -211,7 +211,7 @@ class SpoolStore:
                     os.rename(
                         os.path.join(self.defer, name), os.path.join(self.new, waiting.ready())
                     )
-        if time.monotonic() < self._next_sweep:
+        if force or time.monotonic() < self._next_sweep:  # the master's periodic call counts
             return 0
         self._next_sweep = time.monotonic() + SWEEP_EVERY
         return self._expire(now_ms)

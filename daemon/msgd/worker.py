@@ -226,7 +226,7 @@ class Worker:
         if isinstance(error, CommandFailed | Reject) and str(error).startswith(("exit", "killed")):
             record["exit_status"] = str(error).split(":")[0]
         outcome = inbox.fail(name, record, permanent)
-        among = AMONG.get(type(error))
+        among = next((o for kind, o in AMONG.items() if isinstance(error, kind)), None)
         self.counters.finish(runner, self.index[queue], outcome, started, among)
         self.log.warning(
             "message " + outcome.label,
