@@ -45,7 +45,7 @@ def watch_arrivals(directory: str) -> int:
 def arrived(fd: int) -> list[str] | None:
     """The names that arrived on a non-blocking watch_arrivals() descriptor since the last call;
     None if the kernel's queue overflowed (events were lost: list the directory instead)."""
-    names = []
+    names: list[str] = []
     while True:
         try:
             data = os.read(fd, 65536)
