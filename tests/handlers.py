@@ -109,3 +109,11 @@ def pid_after_a_while(message: msgd.Message) -> None:
     time.sleep(0.2)
     _append("pids", f"{message.id} {os.getpid()}")
     _append("succeeded", message.id)
+
+
+def keep(message: msgd.Message) -> None:
+    """Succeed, keeping the body as bodies/<id> (the power-loss tests compare it byte for byte)."""
+    path = os.path.join(OUT, "bodies")
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, message.id), "wb") as f:
+        f.write(message.body)

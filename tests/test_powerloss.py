@@ -1,0 +1,238 @@
+"""Power loss: a message whose producer got its id survives a power cut, byte for byte.
+
+The spool lives on tests/powercut.py's disk, which keeps only what was flushed. Producers send
+through msgd's public ways in and write each id down (off that disk) only once the call returned;
+then the power is cut, and a fresh msgd started on what the disk held works every message,
+keeping each body. Every id acknowledged before the cut must come back with its exact body, and
+no message may come back torn. The checks go through msgd itself, not the spool's files, so they
+hold whatever the spool's layout.
+
+The same check catches a producer that skips its flushes (`daemon.fsync = false`): that test
+keeps the rig honest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import acked
+import powercut
+import pytest
+from conftest import Msgd, wait_for
+
+WHY_NOT = powercut.unavailable()
+pytestmark = pytest.mark.skipif(WHY_NOT is not None, reason=f"power-cut disk: {WHY_NOT}")
+
+TESTS = Path(__file__).parent
+
+
+@pytest.fixture
+def disk(tmp_path: Path) -> Iterator[powercut.PowerCutDisk]:
+    with powercut.PowerCutDisk(tmp_path / "disk") as d:
+        yield d
+
+
+def producer_config(root: Path, disk: powercut.PowerCutDisk, fsync: bool = True) -> str:
+    """A config whose spool is on the disk; everything else (pidfile, log) is off it."""
+    root.mkdir()
+    d = Msgd(root)
+    d.daemon.update(spool=str(disk.fs / "spool"), fsync=fsync)
+    d.write_config()
+    return str(d.config_path)
+
+
+@dataclass
+class Verdict:
+    """What became of the acknowledged messages at one instant of power loss."""
+
+    acked: int  # acknowledged before the cut
+    lost: list[str] = field(default_factory=list)  # of those, not delivered with their body
+    torn: list[str] = field(default_factory=list)  # delivered, but not a whole body
+    delivered: int = 0
+    moment: str = ""  # when the power was cut
+
+    def __str__(self) -> str:
+        return (
+            f"{self.moment}: {len(self.lost)} of {self.acked} acknowledged messages lost, "
+            f"{len(self.torn)} torn, {self.delivered} delivered"
+        )
+
+
+def judge(
+    acks: dict[str, acked.Ack], got: dict[str, bytes], before_ns: int, moment: str
+) -> Verdict:
+    """Judge what was delivered against what was acknowledged before the instant `before_ns`."""
+    due = {mid: ack for mid, ack in acks.items() if ack.at_ns < before_ns}
+    lost = [
+        mid
+        for mid, ack in due.items()
+        if mid not in got or hashlib.sha256(got[mid]).hexdigest() != ack.sha256
+    ]
+    torn = [mid for mid, data in got.items() if not acked.whole(data)]
+    return Verdict(len(due), sorted(lost), sorted(torn), len(got), moment)
+
+
+def delivered(image: Path, work: Path) -> dict[str, bytes]:
+    """What msgd delivers from a disk image after the reboot: mounted (which replays the ext4
+    journal, and changes the image), worked by a fresh msgd to the last message, body by body."""
+    work.mkdir()
+    daemon = Msgd(work)
+    with powercut.mounted(image, work / "fs") as fs:
+        daemon.daemon.update(spool=str(fs / "spool"), workers=1)
+        daemon.queues = {"default": {"handler": "handlers:keep"}}
+        daemon.write_config()
+        try:
+            daemon.start()
+            done = daemon.msgctl("burst", "--wait")
+            assert done.returncode == 0, done.stderr
+            assert daemon.stop() == 0
+        finally:
+            daemon.cleanup()
+    kept = daemon.out / "bodies"
+    return {p.name: p.read_bytes() for p in kept.iterdir()} if kept.exists() else {}
+
+
+def after_the_cut(disk: powercut.PowerCutDisk, work: Path) -> dict[str, bytes]:
+    """Delivered from what the disk held once its power was cut (call after leaving `disk`)."""
+    work.mkdir()
+    image = work / "disk.img"
+    shutil.copyfile(disk.durable, image)
+    return delivered(image, work / "msgd")
+
+
+# -- the rig itself ------------------------------------------------------------------------------
+
+
+def write(path: Path, data: bytes, flush: bool) -> None:
+    """Create a file; with `flush`, make it and its name durable (fsync the file, its directory)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, data)
+        if flush:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    if flush:
+        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        os.fsync(fd)
+        os.close(fd)
+
+
+def test_the_disk_keeps_flushed_writes_and_drops_the_rest(
+    disk: powercut.PowerCutDisk, tmp_path: Path
+) -> None:
+    """A known-bad writer (no fsync) loses its file; a good one keeps it, its fsync reaching the
+    server as a flush; nothing written after the cut lands; the journal replays to the image."""
+    before = disk.status()["flushes"]
+    write(disk.fs / "flushed", b"kept" * 1000, flush=True)
+    assert disk.status()["flushes"] > before
+    write(disk.fs / "unflushed", b"lost" * 1000, flush=False)
+    disk.cut()
+    write(disk.fs / "after-cut", b"late" * 1000, flush=True)
+    assert (disk.fs / "unflushed").read_bytes() == b"lost" * 1000  # the kernel carries on
+    disk.close()
+    last = b""
+    for _, image in powercut.flush_points(disk.base, disk.journal):
+        last = bytes(image)
+    assert last == disk.durable.read_bytes()
+    with powercut.mounted(disk.durable, tmp_path / "after") as fs:
+        assert sorted(os.listdir(fs)) == ["flushed", "lost+found"]
+        assert (fs / "flushed").read_bytes() == b"kept" * 1000
+
+
+# -- one producer after another, the power cut after every flush ---------------------------------
+
+
+def test_every_flush_point_keeps_what_was_acknowledged(
+    disk: powercut.PowerCutDisk, tmp_path: Path
+) -> None:
+    """msgd.send, send_many and msgctl send in turn, then the power cut right after the last
+    acknowledgement (a producer that skipped its last flush would lose that message), and also
+    at every flush of the run: each of those disks must hold what was acknowledged before it."""
+    config = producer_config(tmp_path / "producer", disk)
+    acks_file = tmp_path / "acks"
+    for how, count in (("send", 2), ("send_many", 6), ("msgctl", 1), ("send", 1)):
+        acked.produce(how, config, acks_file, how, count)
+    cut_ns = disk.cut()
+    disk.close()
+    acks = acked.acks(acks_file)
+    assert len(acks) == 10
+    verdict = judge(acks, after_the_cut(disk, tmp_path / "cut"), cut_ns, "after the last ack")
+    assert not verdict.lost and not verdict.torn, str(verdict)
+    image = tmp_path / "point.img"
+    points = 0
+    for points, (flushed_ns, data) in enumerate(powercut.flush_points(disk.base, disk.journal), 1):
+        image.write_bytes(data)
+        got = delivered(image, tmp_path / f"point{points}")
+        verdict = judge(acks, got, flushed_ns, f"at flush {points}")
+        assert not verdict.lost and not verdict.torn, str(verdict)
+    assert points > len(acks)
+
+
+# -- producers at once, the power cut at a random moment -----------------------------------------
+
+WAYS = ("send", "send_many", "msgctl", "send")
+
+
+def cut_while_producing(disk: powercut.PowerCutDisk, work: Path, fsync: bool) -> Verdict:
+    """Producer processes, one per way in WAYS, sending at once; the power cut after a random
+    number of acknowledgements; what msgd delivers after it, judged."""
+    config = producer_config(work / "producer", disk, fsync)
+    records = work / "acks"
+    records.mkdir()
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    for n, how in enumerate(WAYS):
+        name = f"{how}{n}"
+        argv = [sys.executable, str(TESTS / "acked.py"), how, config, str(records / name), name]
+        log = open(work / f"{name}.log", "wb")  # noqa: SIM115
+        procs[name] = subprocess.Popen(argv, stdout=log, stderr=log)
+        log.close()
+    target = random.randrange(20, 300)
+    try:
+        wait_for(lambda: _acknowledged(records, procs) >= target, 30, f"{target} acks")
+        cut_ns = disk.cut()
+    finally:
+        for proc in procs.values():
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs.values():
+            proc.wait(10)
+    disk.close()
+    got = after_the_cut(disk, work / "cut")
+    verdict = judge(acked.acks(*records.iterdir()), got, cut_ns, f"cut after {target} acks")
+    print(verdict)
+    return verdict
+
+
+def _acknowledged(records: Path, procs: dict[str, subprocess.Popen[bytes]]) -> int:
+    for name, proc in procs.items():
+        if proc.poll() is not None:
+            raise AssertionError(f"producer {name} exited {proc.returncode}")
+    return sum(p.read_bytes().count(b"\n") for p in records.iterdir())
+
+
+@pytest.mark.parametrize("run", [1, 2, 3])
+def test_producers_at_once_lose_nothing_acknowledged(
+    disk: powercut.PowerCutDisk, tmp_path: Path, run: int
+) -> None:
+    """Four producers (send, send_many, msgctl send, send) at once; the power cut at random."""
+    verdict = cut_while_producing(disk, tmp_path, fsync=True)
+    assert verdict.acked > 0
+    assert not verdict.lost and not verdict.torn, str(verdict)
+
+
+def test_producers_that_skip_flushes_lose_acknowledged_messages(
+    disk: powercut.PowerCutDisk, tmp_path: Path
+) -> None:
+    """The same test with `daemon.fsync = false` (a producer that skips its flushes) must fail:
+    otherwise the rig could not catch a broken producer."""
+    verdict = cut_while_producing(disk, tmp_path, fsync=False)
+    assert verdict.lost, f"a producer without flushes lost nothing: {verdict}"
