@@ -14,6 +14,7 @@ keeps the rig honest.
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 import random
 import shutil
@@ -33,6 +34,7 @@ WHY_NOT = powercut.unavailable()
 pytestmark = pytest.mark.skipif(WHY_NOT is not None, reason=f"power-cut disk: {WHY_NOT}")
 
 TESTS = Path(__file__).parent
+BLOCK = powercut.BLOCK
 
 
 @pytest.fixture
@@ -127,26 +129,48 @@ def write(path: Path, data: bytes, flush: bool) -> None:
         os.close(fd)
 
 
+def overwrite_on_disk(path: Path, data: bytes) -> None:
+    """Overwrite a file's blocks in place with O_DIRECT: the data goes to the disk at once, and
+    nothing asks the disk to flush it (nor the filesystem to journal anything)."""
+    buf = mmap.mmap(-1, len(data))  # O_DIRECT wants an aligned buffer: a page is
+    buf.write(data)
+    fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
+    try:
+        assert os.write(fd, buf) == len(data)
+    finally:
+        os.close(fd)
+        buf.close()
+
+
 def test_the_disk_keeps_flushed_writes_and_drops_the_rest(
     disk: powercut.PowerCutDisk, tmp_path: Path
 ) -> None:
     """A known-bad writer (no fsync) loses its file; a good one keeps it, its fsync reaching the
-    server as a flush; nothing written after the cut lands; the journal replays to the image."""
+    server as a flush; a block that reached the disk unflushed is lost too (the disk has a
+    volatile cache); nothing written after the cut lands; the journal replays to the image."""
     before = disk.status()["flushes"]
     write(disk.fs / "flushed", b"kept" * 1000, flush=True)
     assert disk.status()["flushes"] > before
+    write(disk.fs / "overwritten", b"A" * BLOCK, flush=True)
+    before = disk.status()
+    overwrite_on_disk(disk.fs / "overwritten", b"B" * BLOCK)
+    after = disk.status()
+    assert after["writes"] > before["writes"] and after["flushes"] == before["flushes"]
     write(disk.fs / "unflushed", b"lost" * 1000, flush=False)
     disk.cut()
     write(disk.fs / "after-cut", b"late" * 1000, flush=True)
     assert (disk.fs / "unflushed").read_bytes() == b"lost" * 1000  # the kernel carries on
     disk.close()
+    survived = tmp_path / "survived.img"
+    shutil.copyfile(disk.durable, survived)  # mounting changes an image
+    with powercut.mounted(survived, tmp_path / "after") as fs:
+        assert sorted(os.listdir(fs)) == ["flushed", "lost+found", "overwritten"]
+        assert (fs / "flushed").read_bytes() == b"kept" * 1000
+        assert (fs / "overwritten").read_bytes() == b"A" * BLOCK
     last = b""
     for _, image in powercut.flush_points(disk.base, disk.journal):
         last = bytes(image)
     assert last == disk.durable.read_bytes()
-    with powercut.mounted(disk.durable, tmp_path / "after") as fs:
-        assert sorted(os.listdir(fs)) == ["flushed", "lost+found"]
-        assert (fs / "flushed").read_bytes() == b"kept" * 1000
 
 
 # -- one producer after another, the power cut after every flush ---------------------------------
