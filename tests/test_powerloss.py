@@ -37,6 +37,15 @@ TESTS = Path(__file__).parent
 BLOCK = powercut.BLOCK
 
 
+@pytest.fixture(autouse=True)
+def nothing_left_mounted(tmp_path: Path) -> Iterator[None]:
+    """Every mount a test made is gone once its fixtures are torn down, whatever happened."""
+    yield
+    mounts = (line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines())
+    left = [m for m in mounts if m.startswith(f"{tmp_path}/")]
+    assert not left, f"left mounted: {left}"
+
+
 @pytest.fixture
 def disk(tmp_path: Path) -> Iterator[powercut.PowerCutDisk]:
     with powercut.PowerCutDisk(tmp_path / "disk") as d:
