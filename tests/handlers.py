@@ -112,8 +112,11 @@ def pid_after_a_while(message: msgd.Message) -> None:
 
 
 def keep(message: msgd.Message) -> None:
-    """Succeed, keeping the body as bodies/<id> (the power-loss tests compare it byte for byte)."""
+    """Succeed, keeping the body as bodies/<id> (the power-loss tests compare it byte for byte).
+    Written aside and renamed: a worker stopped mid-write leaves no partial body behind."""
     path = os.path.join(OUT, "bodies")
     os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, message.id), "wb") as f:
+    aside = os.path.join(path, f".{message.id}.{os.getpid()}")
+    with open(aside, "wb") as f:
         f.write(message.body)
+    os.replace(aside, os.path.join(path, message.id))

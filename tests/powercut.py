@@ -214,15 +214,21 @@ def attached(path: Path, *options: str) -> Iterator[str]:
 
 @contextlib.contextmanager
 def mounted_on(source: str, mountpoint: Path, *argv: str) -> Iterator[Path]:
-    """`mount source mountpoint`, unmounted afterwards (lazily, if something still holds it)."""
+    """`mount source mountpoint`, unmounted afterwards: retried while busy (a killed process
+    lets go of its files only once its last thread has exited), lazily if it stays busy."""
     mountpoint.mkdir(parents=True, exist_ok=True)
     run("mount", *argv, source, str(mountpoint))
     try:
         yield mountpoint
     finally:
+
+        def unmounted() -> bool:
+            umount = subprocess.run(["umount", str(mountpoint)], capture_output=True, check=False)
+            return umount.returncode == 0
+
         try:
-            run("umount", str(mountpoint))
-        except RuntimeError:
+            wait_for(unmounted, 10, f"{mountpoint} to be unmounted", interval=0.05)
+        except AssertionError:
             run("umount", "--lazy", str(mountpoint))
             raise
 

@@ -13,22 +13,23 @@ keeps the rig honest.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import mmap
 import os
 import random
 import shutil
 import signal
-import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from subprocess import Popen
 
 import acked
 import powercut
 import pytest
-from conftest import Msgd, wait_for
+from conftest import Msgd, alive, wait_for
 
 WHY_NOT = powercut.unavailable()
 pytestmark = pytest.mark.skipif(WHY_NOT is not None, reason=f"power-cut disk: {WHY_NOT}")
@@ -52,13 +53,21 @@ def disk(tmp_path: Path) -> Iterator[powercut.PowerCutDisk]:
         yield d
 
 
-def producer_config(root: Path, disk: powercut.PowerCutDisk, fsync: bool = True) -> str:
-    """A config whose spool is on the disk; everything else (pidfile, log) is off it."""
+def on_disk(root: Path, disk: powercut.PowerCutDisk, fsync: bool = True) -> Msgd:
+    """An msgd (not started) whose spool is on the disk; its pidfile, log and handler's output
+    are off it. Producers use its config."""
     root.mkdir()
     d = Msgd(root)
     d.daemon.update(spool=str(disk.fs / "spool"), fsync=fsync)
+    d.queues = {"default": {"handler": "handlers:keep"}}
     d.write_config()
-    return str(d.config_path)
+    return d
+
+
+def kept(daemon: Msgd) -> dict[str, bytes]:
+    """The bodies the daemon's handlers:keep received, by id."""
+    path = daemon.out / "bodies"
+    return {p.name: p.read_bytes() for p in path.glob("[!.]*")}
 
 
 @dataclass
@@ -68,13 +77,15 @@ class Verdict:
     acked: int  # acknowledged before the cut
     lost: list[str] = field(default_factory=list)  # of those, not delivered with their body
     torn: list[str] = field(default_factory=list)  # delivered, but not a whole body
-    delivered: int = 0
+    delivered: int = 0  # after the cut, or handled before it
+    handled: int = 0  # of those, by an msgd at work before the cut
     moment: str = ""  # when the power was cut
 
     def __str__(self) -> str:
+        before = f" ({self.handled} handled before the cut)" if self.handled else ""
         return (
             f"{self.moment}: {len(self.lost)} of {self.acked} acknowledged messages lost, "
-            f"{len(self.torn)} torn, {self.delivered} delivered"
+            f"{len(self.torn)} torn, {self.delivered} delivered{before}"
         )
 
 
@@ -89,7 +100,7 @@ def judge(
         if mid not in got or hashlib.sha256(got[mid]).hexdigest() != ack.sha256
     ]
     torn = [mid for mid, data in got.items() if not acked.whole(data)]
-    return Verdict(len(due), sorted(lost), sorted(torn), len(got), moment)
+    return Verdict(len(due), sorted(lost), sorted(torn), len(got), moment=moment)
 
 
 def delivered(image: Path, work: Path) -> dict[str, bytes]:
@@ -108,8 +119,7 @@ def delivered(image: Path, work: Path) -> dict[str, bytes]:
             assert daemon.stop() == 0
         finally:
             daemon.cleanup()
-    kept = daemon.out / "bodies"
-    return {p.name: p.read_bytes() for p in kept.iterdir()} if kept.exists() else {}
+    return kept(daemon)
 
 
 def after_the_cut(disk: powercut.PowerCutDisk, work: Path) -> dict[str, bytes]:
@@ -157,9 +167,9 @@ def test_the_disk_keeps_flushed_writes_and_drops_the_rest(
     """A known-bad writer (no fsync) loses its file; a good one keeps it, its fsync reaching the
     server as a flush; a block that reached the disk unflushed is lost too (the disk has a
     volatile cache); nothing written after the cut lands; the journal replays to the image."""
-    before = disk.status()["flushes"]
+    flushes = disk.status()["flushes"]
     write(disk.fs / "flushed", b"kept" * 1000, flush=True)
-    assert disk.status()["flushes"] > before
+    assert disk.status()["flushes"] > flushes
     write(disk.fs / "overwritten", b"A" * BLOCK, flush=True)
     before = disk.status()
     overwrite_on_disk(disk.fs / "overwritten", b"B" * BLOCK)
@@ -191,7 +201,7 @@ def test_every_flush_point_keeps_what_was_acknowledged(
     """msgd.send, send_many and msgctl send in turn, then the power cut right after the last
     acknowledgement (a producer that skipped its last flush would lose that message), and also
     at every flush of the run: each of those disks must hold what was acknowledged before it."""
-    config = producer_config(tmp_path / "producer", disk)
+    config = str(on_disk(tmp_path / "producer", disk).config_path)
     acks_file = tmp_path / "acks"
     for how, count in (("send", 2), ("send_many", 6), ("msgctl", 1), ("send", 1)):
         acked.produce(how, config, acks_file, how, count)
@@ -216,40 +226,90 @@ def test_every_flush_point_keeps_what_was_acknowledged(
 WAYS = ("send", "send_many", "msgctl", "send")
 
 
-def cut_while_producing(disk: powercut.PowerCutDisk, work: Path, fsync: bool) -> Verdict:
-    """Producer processes, one per way in WAYS, sending at once; the power cut after a random
-    number of acknowledgements; what msgd delivers after it, judged."""
-    config = producer_config(work / "producer", disk, fsync)
+def cut_while_producing(
+    disk: powercut.PowerCutDisk, work: Path, fsync: bool = True, worked: bool = False
+) -> Verdict:
+    """Producer processes, one per way in WAYS, sending at once (`worked`: while an msgd works
+    the queue); the power cut after a random number of acknowledgements; judged on what msgd
+    delivers after it, and what the working msgd had handled before it."""
+    daemon = on_disk(work / "producer", disk, fsync)
     records = work / "acks"
     records.mkdir()
-    procs: dict[str, subprocess.Popen[bytes]] = {}
-    for n, how in enumerate(WAYS):
-        name = f"{how}{n}"
-        argv = [sys.executable, str(TESTS / "acked.py"), how, config, str(records / name), name]
-        log = open(work / f"{name}.log", "wb")  # noqa: SIM115
-        procs[name] = subprocess.Popen(argv, stdout=log, stderr=log)
-        log.close()
     target = random.randrange(20, 300)
-    try:
+    with contextlib.ExitStack() as stack:
+        if worked:
+            stack.enter_context(running(daemon))
+        procs = stack.enter_context(producers(str(daemon.config_path), records, work))
         wait_for(lambda: _acknowledged(records, procs) >= target, 30, f"{target} acks")
+        if worked:
+            stop_dead(daemon)
         cut_ns = disk.cut()
+    disk.close()
+    handled = kept(daemon)
+    got = {**handled, **after_the_cut(disk, work / "cut")}
+    verdict = judge(acked.acks(*records.iterdir()), got, cut_ns, f"cut after {target} acks")
+    verdict.handled = len(handled)
+    print(verdict)
+    return verdict
+
+
+@contextlib.contextmanager
+def producers(config: str, records: Path, work: Path) -> Iterator[dict[str, Popen[bytes]]]:
+    """One producer process per way in WAYS, each recording into `records`, until the block
+    ends (then SIGTERM: what they acknowledge after the cut does not count)."""
+    procs: dict[str, Popen[bytes]] = {}
+    try:
+        for n, how in enumerate(WAYS):
+            name = f"{how}{n}"
+            argv = [sys.executable, str(TESTS / "acked.py"), how, config, str(records / name), name]
+            with open(work / f"{name}.log", "wb") as log:
+                procs[name] = Popen(argv, stdout=log, stderr=log)
+        yield procs
     finally:
         for proc in procs.values():
             proc.send_signal(signal.SIGTERM)
         for proc in procs.values():
             proc.wait(10)
-    disk.close()
-    got = after_the_cut(disk, work / "cut")
-    verdict = judge(acked.acks(*records.iterdir()), got, cut_ns, f"cut after {target} acks")
-    print(verdict)
-    return verdict
 
 
-def _acknowledged(records: Path, procs: dict[str, subprocess.Popen[bytes]]) -> int:
+def _acknowledged(records: Path, procs: dict[str, Popen[bytes]]) -> int:
     for name, proc in procs.items():
         if proc.poll() is not None:
             raise AssertionError(f"producer {name} exited {proc.returncode}")
     return sum(p.read_bytes().count(b"\n") for p in records.iterdir())
+
+
+@contextlib.contextmanager
+def running(daemon: Msgd) -> Iterator[Msgd]:
+    """The daemon working its spool on the disk; killed, workers and all, when the block ends."""
+    daemon.start()
+    try:
+        yield daemon
+    finally:
+        pids = family(daemon.pid)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        daemon.cleanup()
+        wait_for(lambda: not any(alive(pid) for pid in pids), 10, "msgd's processes to end")
+
+
+def stop_dead(daemon: Msgd) -> None:
+    """Freeze the master, then its workers, as the power cut would: nothing they do after it
+    counts (they are killed afterwards)."""
+    for pid in family(daemon.pid):
+        os.kill(pid, signal.SIGSTOP)
+
+
+def family(pid: int) -> list[int]:
+    """`pid` and its descendants, parents first (children of every thread: the master may
+    start a worker from any of its threads)."""
+    pids = [pid]
+    for children in Path(f"/proc/{pid}/task").glob("*/children"):
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            for child in children.read_text().split():
+                pids += family(int(child))
+    return pids
 
 
 @pytest.mark.parametrize("run", [1, 2, 3])
@@ -257,8 +317,18 @@ def test_producers_at_once_lose_nothing_acknowledged(
     disk: powercut.PowerCutDisk, tmp_path: Path, run: int
 ) -> None:
     """Four producers (send, send_many, msgctl send, send) at once; the power cut at random."""
-    verdict = cut_while_producing(disk, tmp_path, fsync=True)
+    verdict = cut_while_producing(disk, tmp_path)
     assert verdict.acked > 0
+    assert not verdict.lost and not verdict.torn, str(verdict)
+
+
+def test_nothing_acknowledged_is_lost_while_msgd_works_the_queue(
+    disk: powercut.PowerCutDisk, tmp_path: Path
+) -> None:
+    """The same, with msgd claiming and working the messages as they come: each acknowledged
+    message was handled before the cut or is delivered after it (perhaps both)."""
+    verdict = cut_while_producing(disk, tmp_path, worked=True)
+    assert verdict.acked > 0 and verdict.handled > 0
     assert not verdict.lost and not verdict.torn, str(verdict)
 
 
