@@ -114,7 +114,7 @@ def delivered(image: Path, work: Path) -> dict[str, bytes]:
         daemon.write_config()
         try:
             daemon.start()
-            done = daemon.msgctl("burst", "--wait")
+            done = daemon.msgctl("--timeout", "20", "burst", "--wait")
             assert done.returncode == 0, done.stderr
             assert daemon.stop() == 0
         finally:
@@ -238,6 +238,8 @@ def cut_while_producing(
     target = random.randrange(20, 300)
     with contextlib.ExitStack() as stack:
         if worked:
+            daemon.queues["default"]["handler"] = "handlers:keep_slowly"
+            daemon.write_config()
             stack.enter_context(running(daemon))
         procs = stack.enter_context(producers(str(daemon.config_path), records, work))
         wait_for(lambda: _acknowledged(records, procs) >= target, 30, f"{target} acks")
