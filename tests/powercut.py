@@ -127,7 +127,7 @@ def serve(image: str, journal: str, mountpoint: str) -> None:
     disk = Disk(image, journal)
     files = {"/disk": disk.size, "/ctl": CTL_SIZE}
 
-    class Server(Operations):  # type: ignore[misc]
+    class Server(Operations):
         def getattr(self, path: str, fh: Any = None) -> dict[str, Any]:
             if path == "/":
                 return {"st_mode": stat.S_IFDIR | 0o700, "st_nlink": 2}

@@ -90,17 +90,18 @@ class Verdict:
 
 
 def judge(
-    acks: dict[str, acked.Ack], got: dict[str, bytes], before_ns: int, moment: str
+    acks: dict[str, acked.Ack], before_ns: int, moment: str, *deliveries: dict[str, bytes]
 ) -> Verdict:
-    """Judge what was delivered against what was acknowledged before the instant `before_ns`."""
+    """Judge deliveries (id -> body) against what was acknowledged before the instant
+    `before_ns`: each such message delivered whole at least once, no delivery torn."""
+    bodies = {
+        (mid, hashlib.sha256(data).hexdigest()) for d in deliveries for mid, data in d.items()
+    }
     due = {mid: ack for mid, ack in acks.items() if ack.at_ns < before_ns}
-    lost = [
-        mid
-        for mid, ack in due.items()
-        if mid not in got or hashlib.sha256(got[mid]).hexdigest() != ack.sha256
-    ]
-    torn = [mid for mid, data in got.items() if not acked.whole(data)]
-    return Verdict(len(due), sorted(lost), sorted(torn), len(got), moment=moment)
+    lost = [mid for mid, ack in due.items() if (mid, ack.sha256) not in bodies]
+    torn = [mid for d in deliveries for mid, data in d.items() if not acked.whole(data)]
+    delivered = len({mid for mid, _ in bodies})
+    return Verdict(len(due), sorted(lost), sorted(torn), delivered, moment=moment)
 
 
 def delivered(image: Path, work: Path) -> dict[str, bytes]:
@@ -123,11 +124,10 @@ def delivered(image: Path, work: Path) -> dict[str, bytes]:
 
 
 def after_the_cut(disk: powercut.PowerCutDisk, work: Path) -> dict[str, bytes]:
-    """Delivered from what the disk held once its power was cut (call after leaving `disk`)."""
-    work.mkdir()
-    image = work / "disk.img"
-    shutil.copyfile(disk.durable, image)
-    return delivered(image, work / "msgd")
+    """Delivered from what the disk held once its power was cut (call after `disk.close()`)."""
+    image = work / "after-the-cut.img"
+    shutil.copyfile(disk.durable, image)  # keep the durable image as it was
+    return delivered(image, work / "after-the-cut")
 
 
 # -- the rig itself ------------------------------------------------------------------------------
@@ -209,14 +209,14 @@ def test_every_flush_point_keeps_what_was_acknowledged(
     disk.close()
     acks = acked.acks(acks_file)
     assert len(acks) == 10
-    verdict = judge(acks, after_the_cut(disk, tmp_path / "cut"), cut_ns, "after the last ack")
+    verdict = judge(acks, cut_ns, "after the last ack", after_the_cut(disk, tmp_path))
     assert not verdict.lost and not verdict.torn, str(verdict)
     image = tmp_path / "point.img"
     points = 0
     for points, (flushed_ns, data) in enumerate(powercut.flush_points(disk.base, disk.journal), 1):
         image.write_bytes(data)
         got = delivered(image, tmp_path / f"point{points}")
-        verdict = judge(acks, got, flushed_ns, f"at flush {points}")
+        verdict = judge(acks, flushed_ns, f"at flush {points}", got)
         assert not verdict.lost and not verdict.torn, str(verdict)
     assert points > len(acks)
 
@@ -247,9 +247,9 @@ def cut_while_producing(
             stop_dead(daemon)
         cut_ns = disk.cut()
     disk.close()
+    acks = acked.acks(*records.iterdir())
     handled = kept(daemon)
-    got = {**handled, **after_the_cut(disk, work / "cut")}
-    verdict = judge(acked.acks(*records.iterdir()), got, cut_ns, f"cut after {target} acks")
+    verdict = judge(acks, cut_ns, f"cut after {target} acks", handled, after_the_cut(disk, work))
     verdict.handled = len(handled)
     print(verdict)
     return verdict
