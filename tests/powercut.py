@@ -305,7 +305,7 @@ class PowerCutDisk:
     def cut(self) -> int:
         """Cut the power now; returns the instant (CLOCK_MONOTONIC ns) after which nothing that
         was written reached the disk."""
-        fd = os.open(self.work / "fuse/ctl", os.O_WRONLY)  # no O_TRUNC: the file has no length
+        fd = os.open(self.work / "fuse/ctl", os.O_WRONLY)  # no O_TRUNC: the server refuses it
         try:
             os.write(fd, b"cut")
         finally:
