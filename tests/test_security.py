@@ -97,6 +97,11 @@ def test_files_are_0600_and_directories_0700_by_default(daemon: Msgd) -> None:
     assert (spool / "default" / "failed" / f"{ids[0]}.error.json") in files
     assert any(p.name.startswith("dump.") for p in files)  # the workers' traceback files
     assert {str(p.relative_to(spool)): oct(mode(p)) for p in files if mode(p) != 0o600} == {}
+    # The run directory (pidfile, state and stats files, rewritten every second) and the log.
+    run = daemon.root / "run"
+    assert oct(mode(run)) == oct(0o700)
+    made = {p.name: oct(mode(p)) for p in [*run.iterdir(), daemon.root / "msgd.log"]}
+    assert made == dict.fromkeys(["msgd.pid", "msgd.state", "stats.json", "msgd.log"], oct(0o600))
 
 
 def test_privileges_drop_to_the_configured_user(tmp_path: Path) -> None:

@@ -124,7 +124,7 @@ class Master:
             self.spool.ensure_root()
             for name in self.config.queues:
                 self.spool.ensure(name)
-            make_dirs(os.path.dirname(d.stats_file), 0o755)
+            make_dirs(os.path.dirname(d.stats_file), 0o700)
         except OSError as e:
             raise StartError(f"daemon.spool: {e}") from None
         for slot in sorted(self.spool.slots_in_use()):
@@ -471,7 +471,7 @@ class Master:
     def publish(self) -> dict[str, Any]:
         """Rewrite the stats file (atomically) and return what was written."""
         snap = self.current_snapshot()
-        atomic_write(self.config.daemon.stats_file, json.dumps(snap).encode(), 0o644)
+        atomic_write(self.config.daemon.stats_file, json.dumps(snap).encode(), 0o600)
         return snap
 
     def summary(self) -> str:
