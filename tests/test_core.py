@@ -384,10 +384,20 @@ def test_root_without_user_is_refused(daemon: Msgd) -> None:
 
 def test_state_file_is_valid_json_throughout(daemon: Msgd) -> None:
     daemon.start()
+    files = (daemon.state_file, daemon.root / "run/stats.json")
+    readers = [open(p, "rb") for p in files]  # noqa: SIM115 - readers caught mid-read
+    seen = [r.read() for r in readers]
     for _ in range(20):
         daemon.kill(signal.SIGUSR1)
-        json.loads(daemon.state_file.read_text())  # atomic rewrites: never a partial file
+        json.loads(daemon.state_file.read_text())
     wait_for(lambda: daemon.generation("stats") >= 1, what="stats ack")
+    # Atomic rewrites: each one is a new file renamed into place, so a reader that opened the
+    # old one still reads it whole, never a truncated or half-written file.
+    for path, reader, old in zip(files, readers, seen, strict=True):
+        with reader:
+            assert os.fstat(reader.fileno()).st_ino != os.stat(path).st_ino, f"{path} in place"
+            reader.seek(0)
+            assert reader.read() == old and json.loads(old)
 
 
 def test_pidfile_lock_is_held(daemon: Msgd) -> None:
