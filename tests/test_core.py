@@ -283,9 +283,51 @@ def test_signal_storm_never_loses_the_hup(daemon: Msgd) -> None:
         os.kill(pid, signal.SIGHUP if i == 5_000 else signal.SIGUSR1)
     wait_for(lambda: daemon.generation("reload") == 1, what="the HUP sent mid-storm")
     gen = wait_for(lambda: daemon.generation("stats"), what="the coalesced USR1s to dump stats")
-    daemon.kill(signal.SIGUSR1)  # every action runs at least once after its last signal
+    daemon.kill(signal.SIGUSR1)  # and a signal after the storm still runs its action
     wait_for(lambda: daemon.generation("stats") > gen, what="stats after the storm")
     assert daemon.proc.poll() is None
+
+
+GATED = """# A handler whose import waits at a numbered gate, in the master's config check only.
+import os, time
+from pathlib import Path
+
+GATE = Path(os.environ["MSGD_TEST_OUT"]) / "gate"
+if GATE.is_dir() and Path("/proc/self/cmdline").read_bytes().startswith(b"msgd: master"):
+    N = len(list(GATE.glob("arrived.*"))) + 1
+    (GATE / f"arrived.{N}").touch()
+    while not (GATE / f"open.{N}").exists():
+        time.sleep(0.005)
+
+
+def handle(message):
+    pass
+"""
+
+
+def test_signals_during_an_action_make_exactly_one_more_run(daemon: Msgd, tmp_path: Path) -> None:
+    """50 HUPs that arrive while a reload runs make exactly one more reload: not none, not one
+    each. Each reload's handler check is held at a gate until the test opens it."""
+    (tmp_path / "gated.py").write_text(GATED)
+    daemon.daemon["pythonpath"] = [str(tmp_path)]
+    daemon.queues["default"] = {"handler": "gated:handle"}
+    daemon.write_config()
+    daemon.start()
+    gate = daemon.out / "gate"
+    gate.mkdir()
+    daemon.kill(signal.SIGHUP)
+    wait_for((gate / "arrived.1").exists, what="the first reload held at the gate")
+    for _ in range(50):
+        daemon.kill(signal.SIGHUP)
+    (gate / "open.1").touch()
+    wait_for((gate / "arrived.2").exists, what="one more reload")
+    (gate / "open.2").touch()
+    wait_for(lambda: daemon.generation("reload") == 2, what="both reloads acknowledged")
+    # A third reload would start at once and hold the master's loop at gate 3: no stats answer.
+    daemon.kill(signal.SIGUSR1)
+    wait_for(lambda: daemon.generation("stats") == 1, what="the master free after two reloads")
+    assert sorted(p.name for p in gate.iterdir()) == ["arrived.1", "arrived.2", "open.1", "open.2"]
+    assert daemon.generation("reload") == 2
 
 
 def test_hundred_hups_leave_a_coherent_daemon(daemon: Msgd) -> None:
