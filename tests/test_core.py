@@ -151,6 +151,7 @@ def test_second_instance_is_refused(daemon: Msgd) -> None:
 def test_stale_pidfile_is_taken_over(daemon: Msgd) -> None:
     daemon.pidfile.parent.mkdir(parents=True, exist_ok=True)
     daemon.pidfile.write_text("999999\n")
+    daemon.state_file.write_text('{"pid": 999999}')  # a killed daemon leaves both
     daemon.start()
     assert daemon.pid == daemon.proc.pid
     warnings = daemon.events("stale pidfile taken over")
