@@ -216,6 +216,17 @@ def test_daemon_mode_detaches_and_msgctl_stops_it(daemon: Msgd) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
+def test_daemon_mode_reports_a_start_error_of_the_detached_daemon(daemon: Msgd) -> None:
+    """The spool is made only once detached (the config itself is valid): the error comes back
+    to the command as its one line, with exit 1, and no daemon is left running."""
+    (daemon.root / "spool").write_text("a file where the spool directory must go")
+    assert run_msgd("-c", str(daemon.config_path), "--check").returncode == 0
+    done = run_msgd("-c", str(daemon.config_path), "--daemon")
+    assert done.returncode == 1
+    assert done.stderr.startswith("msgd: daemon.spool: ") and done.stderr.count("\n") == 1, done
+    assert daemon.msgctl("status").returncode != 0  # nobody holds the pidfile's lock
+
+
 # -- signals and acknowledgements -----------------------------------------------------------------
 
 
@@ -365,6 +376,17 @@ def test_msgctl_status_pid_and_exit_codes(daemon: Msgd) -> None:
     assert usage.returncode == 2
 
 
+def test_msgctl_status_is_1_when_the_daemon_died_and_left_its_pidfile(daemon: Msgd) -> None:
+    daemon.start()
+    pid = daemon.pid
+    daemon.proc.kill()  # kill -9: no clean-up, the pidfile stays behind (unlocked)
+    daemon.wait_exit()
+    status = daemon.msgctl("status")
+    assert status.returncode == 1
+    said = status.stdout + status.stderr
+    assert "stale pidfile" in said and f"pid {pid}" in said, said
+
+
 def test_msgctl_finds_the_daemon_while_the_config_is_broken(daemon: Msgd) -> None:
     daemon.start()
     daemon.write_config(daemon.config_path.read_text() + "\nnonsense = [\n")
@@ -413,6 +435,20 @@ def test_msgctl_stop_waits_for_exit(daemon: Msgd) -> None:
     done = daemon.msgctl("stop")
     assert done.returncode == 0 and f"stopped (pid {pid})" in done.stdout
     assert daemon.proc.poll() == 0
+
+
+def test_msgctl_stop_now_returns_in_flight_messages_untouched(daemon: Msgd) -> None:
+    daemon.queues["default"] = {"handler": "handlers:by_body"}
+    daemon.write_config()
+    daemon.start()
+    pid = daemon.pid
+    mid = daemon.send(b"sleep:30")
+    wait_for((daemon.out / "started").exists, what="the message started")
+    done = daemon.msgctl("stop", "--now")
+    assert done.returncode == 0 and f"stopped (pid {pid})" in done.stdout, done
+    assert daemon.proc.poll() == 0
+    assert [e["mode"] for e in daemon.events("stopping")] == ["now"]
+    assert daemon.files("default", "new") == [mid]  # back, its attempt not counted
 
 
 def test_root_without_user_is_refused(daemon: Msgd) -> None:
