@@ -408,12 +408,17 @@ def inotify_watching(pid: int, directory: Path) -> int | None:
     """The descriptor of `pid` that is an inotify instance watching arrivals in `directory`."""
     ino = os.stat(directory).st_ino
     for fd in os.listdir(f"/proc/{pid}/fd"):
-        if os.readlink(f"/proc/{pid}/fd/{fd}") != "anon_inode:inotify":
+        try:  # a descriptor may close while we look
+            if os.readlink(f"/proc/{pid}/fd/{fd}") != "anon_inode:inotify":
+                continue
+            info = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
+        except OSError:
             continue
-        for line in Path(f"/proc/{pid}/fdinfo/{fd}").read_text().splitlines():
-            watch = dict(f.split(":", 1) for f in line.split()[1:] if line.startswith("inotify"))
-            if watch and int(watch["ino"], 16) == ino and int(watch["mask"], 16) & IN_MOVED_TO:
-                return int(fd)
+        for line in info.splitlines():
+            if line.startswith("inotify "):  # inotify wd:1 ino:3b4c sdev:fd00001 mask:88 ...
+                watch = dict(field.split(":", 1) for field in line.split()[1:])
+                if int(watch["ino"], 16) == ino and int(watch["mask"], 16) & IN_MOVED_TO:
+                    return int(fd)
     return None
 
 
@@ -422,11 +427,16 @@ def asleep_on(pid: int, fd: int) -> bool:
     until `fd` (or another descriptor of the set) turns readable, however long that takes."""
     calls = SELECT_CALLS[os.uname().machine]
     for tid in os.listdir(f"/proc/{pid}/task"):
-        fields = Path(f"/proc/{pid}/task/{tid}/syscall").read_text().split()
-        if not fields[0].isdigit() or int(fields[0]) not in calls or int(fields[5], 16) != 0:
+        try:  # syscall: number, six arguments (hex), stack and instruction pointers
+            nr, _, readfds, _, _, timeout = (
+                Path(f"/proc/{pid}/task/{tid}/syscall").read_text().split()[:6]
+            )
+        except (OSError, ValueError):
+            continue  # gone, or "running"
+        if not nr.isdigit() or int(nr) not in calls or int(timeout, 16) != 0:
             continue
         with open(f"/proc/{pid}/mem", "rb") as mem:  # the fd_set the thread passed
-            mem.seek(int(fields[2], 16) + fd // 8)
+            mem.seek(int(readfds, 16) + fd // 8)
             if mem.read(1)[0] & (1 << fd % 8):
                 return True
     return False
