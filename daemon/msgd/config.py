@@ -179,10 +179,7 @@ def _check(config: Config) -> None:
 
 
 def _check_backend(where: str, q: QueueConfig) -> None:
-    """The backend's library is installed, and only its own keys are set."""
-    missing = missing_library(q.backend)
-    if missing:
-        raise ConfigError(f"{where}.backend: {missing}")
+    """Only the backend's own keys are set, they make sense, and its library is installed."""
     for key, backends in BACKEND_KEYS.items():
         if q.backend not in backends and getattr(q, key) != getattr(DEFAULT_QUEUE, key):
             raise ConfigError(f"{where}.{key}: only for backend = {' or '.join(backends)}")
@@ -193,6 +190,18 @@ def _check_backend(where: str, q: QueueConfig) -> None:
             f"{where}.claim_idle: must be longer than timeout ({q.timeout:g} s), or another "
             "host takes over a message whose handler is still running"
         )
+    missing = missing_library(q.backend)
+    if missing:
+        raise ConfigError(f"{where}.backend: {missing}")
+
+
+def check_reloadable(old: Config, new: Config, names_since_start: set[str]) -> None:
+    """What cannot change under a running daemon (a restart can): raise ConfigError naming it."""
+    for key in ("pidfile", "spool", "user", "group"):
+        if getattr(new.daemon, key) != getattr(old.daemon, key):
+            raise ConfigError(f"daemon.{key}: cannot change on reload (restart msgd)")
+    if len(names_since_start | set(new.queues)) > MAX_QUEUES:
+        raise ConfigError(f"queues: more than {MAX_QUEUES} queue names since start (restart)")
 
 
 def valid_queue_name(name: str) -> bool:
