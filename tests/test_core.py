@@ -424,6 +424,9 @@ def test_msgctl_never_signals_a_process_that_is_not_msgd(daemon: Msgd) -> None:
         daemon.pidfile.write_text(f"{holder.pid}\n")
         refused = daemon.msgctl("stop")
         assert refused.returncode == 1 and "not msgd" in refused.stderr
+        # A main pid vouched for (as systemd does) stands in only for a name /proc hides.
+        vouched = daemon.msgctl("--main-pid", str(holder.pid), "stop")
+        assert vouched.returncode == 1 and "not msgd" in vouched.stderr
         daemon.pidfile.write_text(f"{victim.pid}\n")
         refused = daemon.msgctl("stop")
         assert refused.returncode == 1 and "holds its lock" in refused.stderr
