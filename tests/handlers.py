@@ -33,7 +33,7 @@ def noop(message: msgd.Message) -> None:
 
 def by_body(message: msgd.Message) -> None:
     """The body says what to do: b"ok", b"fail", b"fail-once", b"reject", b"sleep:<s>",
-    b"abort", b"exit:<n>", b"hang", b"leak:<mb>", b"segv"."""
+    b"abort", b"exit:<n>", b"hang", b"leak:<mb>", b"segv", b"until:<path>" (wait for a file)."""
     body = message.body
     _append("started", f"{message.id} {message.attempt}")
     if body == b"fail" or (body == b"fail-once" and message.attempt == 1):
@@ -42,6 +42,8 @@ def by_body(message: msgd.Message) -> None:
         raise msgd.Reject("not acceptable")
     if body.startswith(b"sleep:"):
         time.sleep(float(body[6:]))
+    while body.startswith(b"until:") and not os.path.exists(body[6:]):
+        time.sleep(0.005)
     if body == b"abort":
         os.abort()
     if body == b"segv":
