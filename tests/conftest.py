@@ -19,6 +19,7 @@ from typing import Any
 import msgd
 import pytest
 from msgd.spool import Spool
+from rabbitkit import rabbit  # noqa: F401  (the session's RabbitMQ node, a fixture)
 
 TESTS = Path(__file__).parent
 BIN = Path(sys.executable).parent

@@ -1,0 +1,326 @@
+"""RabbitMQ queues through pika, against a real broker (tests/rabbitkit.py, one per session).
+
+First the store and inbox in this process (what msgd.amqp promises the master and the workers),
+then real daemons. Each test has its own queue names, so the session's broker is shared.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import msgspec
+import pytest
+import structlog
+from conftest import wait_for
+from msgd.backend import BackendError, Death, Outcome
+from msgd.config import DaemonConfig, QueueConfig
+
+pika = pytest.importorskip("pika", reason="pika missing (pip install -e '.[amqp]')")
+amqp = pytest.importorskip("msgd.amqp")
+
+LOG = structlog.get_logger()
+
+
+def policy(rabbit: Any, **overrides: Any) -> QueueConfig:
+    settings: dict[str, Any] = {
+        "handler": "handlers:record",
+        "backend": "amqp",
+        "url": rabbit.url,
+        "amqp_queue": f"t.{uuid.uuid4().hex[:12]}",
+        "backoff": [0.2],
+        **overrides,
+    }
+    return msgspec.convert(settings, QueueConfig)
+
+
+@pytest.fixture
+def opened() -> Iterator[list[Any]]:
+    """Stores and inboxes a test opens, closed at its end."""
+    things: list[Any] = []
+    yield things
+    for thing in reversed(things):
+        thing.close()
+
+
+class Opener:
+    def __init__(self, rabbit: Any, opened: list[Any]) -> None:
+        self.rabbit, self.opened = rabbit, opened
+        self.stops: dict[int, int] = {}  # id of an inbox -> the write end of its stop pipe
+
+    def store(self, p: QueueConfig, queue: str = "jobs") -> Any:
+        store = amqp.AmqpStore(queue, p, DaemonConfig())
+        self.opened.append(store)
+        return store
+
+    def inbox(self, store: Any, slot: int = 0) -> Any:
+        stop_r, stop_w = os.pipe()
+        inbox = store.inbox(slot, stop_r, LOG)
+        self.stops[id(inbox)] = stop_w
+        self.opened.append(inbox)
+        return inbox
+
+    def close(self, inbox: Any) -> None:
+        """As a worker stops: the stop fd turns readable, the runners stop, then close."""
+        os.write(self.stops[id(inbox)], b"x")
+        inbox.close()
+        self.opened.remove(inbox)
+
+
+@pytest.fixture
+def op(rabbit: Any, opened: list[Any]) -> Opener:
+    return Opener(rabbit, opened)
+
+
+def peek(rabbit: Any, queue: str) -> list[tuple[Any, Any, bytes]]:
+    """Every message in a broker queue, looked at and given back (an outside observer)."""
+    connection = pika.BlockingConnection(pika.URLParameters(rabbit.url))
+    channel = connection.channel()
+    seen = []
+    while True:
+        method, properties, body = channel.basic_get(queue)
+        if method is None:
+            break
+        seen.append((method, properties, body))
+    connection.close()  # unacknowledged: back in the queue, some time later
+    wait_for(lambda: ready(rabbit, queue) == len(seen), 10, "the peeked messages back")
+    return seen
+
+
+def ready(rabbit: Any, queue: str) -> int:
+    connection = pika.BlockingConnection(pika.URLParameters(rabbit.url))
+    count = connection.channel().queue_declare(queue, passive=True).method.message_count
+    connection.close()
+    return int(count)
+
+
+def claim(inbox: Any, timeout: float = 10.0) -> str:
+    def one() -> str | None:
+        handle = inbox.claim()
+        if handle is None:
+            inbox.wait()
+        return handle
+
+    return wait_for(one, timeout, "a delivery")
+
+
+# -- the store and inbox in this process ---------------------------------------------------------
+
+
+def test_send_many_publishes_durable_messages_with_their_ids(rabbit: Any, op: Opener) -> None:
+    p = policy(rabbit)
+    store = op.store(p)
+    ids = store.send_many([b"one", b"two", b"three"])
+    assert len(set(ids)) == 3
+    assert store.depths().new == 3
+    seen = peek(rabbit, p.amqp_queue)
+    assert [m[2] for m in seen] == [b"one", b"two", b"three"]
+    assert [m[1].message_id for m in seen] == ids
+    assert all(m[1].delivery_mode == 2 and m[1].headers == {amqp.ATTEMPTS: 0} for m in seen)
+
+
+def test_inbox_works_a_message_and_acknowledges_it(rabbit: Any, op: Opener) -> None:
+    store = op.store(policy(rabbit))
+    inbox = op.inbox(store)
+    [mid] = store.send_many([b"hello"])
+    handle = claim(inbox)
+    message = inbox.read(handle, 0)
+    assert (message.id, message.body, message.attempt, message.queue) == (mid, b"hello", 1, "jobs")
+    assert inbox.label(handle) == (mid, 1)
+    assert store.depths().cur == 1  # this daemon holds it
+    inbox.done(handle)
+    assert store.depths() == amqp.Depths(new=0, cur=0, defer=0, failed=0, detail=ANY_DETAIL)
+
+
+class _AnyDetail(str):
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, str)
+
+    __hash__ = str.__hash__
+
+
+ANY_DETAIL = _AnyDetail()
+
+
+def test_a_failure_waits_in_its_delay_queue_and_comes_back(rabbit: Any, op: Opener) -> None:
+    p = policy(rabbit, backoff=[0.3], max_attempts=3)
+    store = op.store(p)
+    inbox = op.inbox(store)
+    [mid] = store.send_many([b"flaky"])
+    handle = claim(inbox)
+    assert inbox.fail(handle, {"error_type": "E", "error": "boom"}, False) == Outcome.RETRIED
+    assert store.depths().defer == 1
+    again = claim(inbox)
+    assert inbox.label(again) == (mid, 2)
+    assert store.depths().defer == 0
+    inbox.done(again)
+
+
+def test_out_of_attempts_is_a_dead_letter_with_its_record(rabbit: Any, op: Opener) -> None:
+    p = policy(rabbit, max_attempts=1)
+    store = op.store(p)
+    inbox = op.inbox(store)
+    [mid] = store.send_many([b"doomed"])
+    handle = claim(inbox)
+    error = {"error_type": "ValueError", "error": "bad", "traceback": "Traceback..."}
+    assert inbox.fail(handle, error, False) == Outcome.FAILED
+    assert store.depths().failed == 1
+    [(_, properties, body)] = peek(rabbit, f"{p.amqp_queue}.failed")
+    record = json.loads(properties.headers[amqp.ERROR])
+    assert body == b"doomed" and properties.message_id == mid
+    assert record["id"] == mid and record["attempts"] == 1 and record["error"] == "bad"
+    assert record["error_type"] == "ValueError" and record["queue"] == "jobs"
+
+
+def test_a_reject_is_a_dead_letter_at_once(rabbit: Any, op: Opener) -> None:
+    store = op.store(policy(rabbit, max_attempts=5))
+    inbox = op.inbox(store)
+    store.send_many([b"no"])
+    assert inbox.fail(claim(inbox), {"error_type": "Reject"}, True) == Outcome.FAILED
+    assert store.depths().failed == 1
+
+
+def test_retry_failed_brings_dead_letters_back_with_no_attempts(rabbit: Any, op: Opener) -> None:
+    p = policy(rabbit, max_attempts=2, backoff=[0.05])
+    store = op.store(p)
+    inbox = op.inbox(store)
+    ids = store.send_many([b"a", b"b", b"c"])
+    for _ in range(6):  # three messages, two failed attempts each
+        inbox.fail(claim(inbox), {"error": "x"}, False)
+    wait_for(lambda: store.depths().failed == 3, 10, "three dead letters")
+    with pytest.raises(BackendError, match="no failed message nope"):
+        store.retry_failed([ids[0], "nope"])
+    assert store.depths().failed == 3  # all or nothing
+    assert [m[1].message_id for m in peek(rabbit, f"{p.amqp_queue}.failed")] == ids  # in order
+    assert store.retry_failed([ids[1]]) == [ids[1]]
+    handle = claim(inbox)
+    assert inbox.label(handle) == (ids[1], 1)
+    inbox.done(handle)
+    assert sorted(store.retry_failed(None)) == sorted([ids[0], ids[2]])
+    assert store.depths().failed == 0
+
+
+def test_burst_mark_is_worked_once_queue_and_hands_are_empty(rabbit: Any, op: Opener) -> None:
+    store = op.store(policy(rabbit, mode="burst"))
+    inbox = op.inbox(store)
+    store.send_many([b"1", b"2"])
+    mark = store.burst_mark()
+    assert not store.burst_worked(mark)
+    first = wait_for(inbox.claim, 10, "a basic.get")
+    second = wait_for(inbox.claim, 10, "a basic.get")
+    assert inbox.claim() is None  # the broker says: drained
+    inbox.done(first)
+    assert not store.burst_worked(mark)  # one still in hand (the queue itself is empty)
+    inbox.done(second)
+    wait_for(lambda: store.burst_worked(mark), 5, "the burst worked")
+
+
+def test_a_burst_releases_the_delayed_retries(rabbit: Any, op: Opener) -> None:
+    store = op.store(policy(rabbit, backoff=[300.0]))
+    inbox = op.inbox(store)
+    [mid] = store.send_many([b"later"])
+    inbox.fail(claim(inbox), {"error": "x"}, False)
+    assert store.depths().defer == 1
+    store.release_due(False)  # the broker keeps time: nothing due yet
+    assert store.depths().defer == 1
+    store.release_due(True)
+    assert store.depths().defer == 0
+    assert inbox.label(claim(inbox)) == (mid, 2)
+
+
+def test_a_killed_consumer_charges_an_attempt(rabbit: Any, op: Opener) -> None:
+    """A process takes the message and is killed with -9: the broker redelivers it, and the
+    next worker settles it as a failed attempt instead of running it."""
+    p = policy(rabbit, backoff=[0.2], max_attempts=2)
+    store = op.store(p)
+    [mid] = store.send_many([b"poison"])
+    for attempt in (1, 2):
+        taker = take_and_hang(rabbit, p.amqp_queue)
+        taker.send_signal(signal.SIGKILL)
+        taker.wait()
+        if attempt == 1:  # charged: waits in the delay queue, then back with one attempt done
+            inbox = op.inbox(store)
+            wait_for(lambda: store.depths().defer == 1, 10, "the charged retry")
+            op.close(inbox)
+            wait_for(lambda: store.depths().new == 1, 10, "the retry back in the queue")
+    inbox = op.inbox(store)
+    wait_for(lambda: store.depths().failed == 1, 10, "a dead letter")
+    [(_, properties, _)] = peek(rabbit, f"{p.amqp_queue}.failed")
+    record = json.loads(properties.headers[amqp.ERROR])
+    assert (record["id"], record["attempts"], record["error_type"]) == (mid, 2, "Redelivered")
+
+
+def take_and_hang(rabbit: Any, queue: str) -> subprocess.Popen[str]:
+    """A process that takes one message without acknowledging it, then waits to be killed."""
+    script = (
+        "import pika, sys\n"
+        f"c = pika.BlockingConnection(pika.URLParameters({rabbit.url!r}))\n"
+        f"m, p, b = c.channel().basic_get({queue!r})\n"
+        "print(p.headers, flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip()  # it holds the message now
+    return proc
+
+
+def test_a_clean_stop_gives_back_what_was_not_begun(rabbit: Any, op: Opener) -> None:
+    p = policy(rabbit, prefetch=5)
+    store = op.store(p)
+    first = op.inbox(store, slot=1)
+    ids = store.send_many([b"1", b"2", b"3"])
+    wait_for(lambda: store.depths().cur == 3, 10, "the prefetch")
+    op.close(first)
+    assert store.depths().cur == 0 and store.depths().new == 3
+    second = op.inbox(store, slot=2)
+    taken = [second.label(claim(second)) for _ in ids]
+    assert sorted(taken) == sorted((mid, 1) for mid in ids)  # uncharged
+
+
+def test_settle_clears_the_dead_slot_and_counts_its_intended(rabbit: Any, op: Opener) -> None:
+    store = op.store(policy(rabbit))
+    store.held[3] = 2
+    death = Death(slot=3, charged=True, intended=[(123, Outcome.SUCCEEDED)])
+    assert store.settle(death).uncounted == [Outcome.SUCCEEDED]
+    assert sum(store.held) == 0
+
+
+def test_a_queue_declared_otherwise_is_a_clear_error(rabbit: Any, op: Opener) -> None:
+    p = policy(rabbit)
+    connection = pika.BlockingConnection(pika.URLParameters(rabbit.url))
+    connection.channel().queue_declare(p.amqp_queue, durable=True)  # no x-max-priority
+    connection.close()
+    with pytest.raises(BackendError, match=r"PRECONDITION_FAILED.*x-max-priority"):
+        op.store(p).send_many([b"x"])
+
+
+def test_broker_outage_is_logged_once_and_work_carries_on(rabbit: Any, op: Opener) -> None:
+    p = policy(rabbit)
+    store = op.store(p)
+    with structlog.testing.capture_logs() as logs:
+        inbox = op.inbox(store)
+        store.send_many([b"before"])
+        inbox.done(claim(inbox))
+        rabbit.stop_app()
+        try:
+            with pytest.raises(BackendError) as raised:
+                store.send_many([b"during"])
+            assert ":guest@" not in str(raised.value) and "127.0.0.1" in str(raised.value)
+            wait_for(lambda: any(e["event"] == "amqp unavailable" for e in logs), 10, "log")
+        finally:
+            rabbit.start_app()
+        [mid] = store.send_many([b"after"])
+        handle = claim(inbox, 30)
+        assert inbox.label(handle) == (mid, 1)
+        inbox.done(handle)
+    events = [e["event"] for e in logs]
+    assert events.count("amqp unavailable") == 1 and events.count("amqp back") == 1
