@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -274,15 +275,20 @@ def take_and_hang(rabbit: Any, queue: str) -> subprocess.Popen[str]:
 
 
 def test_a_clean_stop_gives_back_what_was_not_begun(rabbit: Any, op: Opener) -> None:
-    p = policy(rabbit, prefetch=5)
+    p = policy(rabbit, prefetch=4)
     store = op.store(p)
     first = op.inbox(store, slot=1)
-    ids = store.send_many([b"1", b"2", b"3"])
-    wait_for(lambda: store.depths().cur == 3, 10, "the prefetch")
+    ids = store.send_many([b"%d" % i for i in range(6)])
+    wait_for(lambda: store.depths().cur == 4, 10, "the prefetch")
+    assert store.depths().new == 2  # basic_qos: no more than the prefetch in hand
     op.close(first)
-    assert store.depths().cur == 0 and store.depths().new == 3
+    assert store.depths().cur == 0 and store.depths().new == 6
     second = op.inbox(store, slot=2)
-    taken = [second.label(claim(second)) for _ in ids]
+    taken = []
+    for _ in ids:
+        handle = claim(second)
+        taken.append(second.label(handle))
+        second.done(handle)
     assert sorted(taken) == sorted((mid, 1) for mid in ids)  # uncharged
 
 
@@ -324,3 +330,17 @@ def test_broker_outage_is_logged_once_and_work_carries_on(rabbit: Any, op: Opene
         inbox.done(handle)
     events = [e["event"] for e in logs]
     assert events.count("amqp unavailable") == 1 and events.count("amqp back") == 1
+
+
+def test_heartbeats_go_on_while_a_handler_runs(rabbit: Any, op: Opener) -> None:
+    """A broker that hears nothing for two heartbeats (1 s here) drops the connection, and the
+    message would be redelivered; the I/O thread keeps talking while the runner works."""
+    store = op.store(policy(rabbit, url=rabbit.url + "?heartbeat=1"))
+    with structlog.testing.capture_logs() as logs:
+        inbox = op.inbox(store)
+        store.send_many([b"slow"])
+        handle = claim(inbox)
+        time.sleep(4)  # the handler's work: four heartbeat intervals
+        inbox.done(handle)
+    assert store.depths().new == 0 and store.depths().cur == 0
+    assert [e for e in logs if e["event"] == "amqp unavailable"] == []

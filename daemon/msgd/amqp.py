@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import collections
 import json
+import logging
 import multiprocessing
 import os
 import select
@@ -87,6 +88,8 @@ BURST_LOOK = 0.2  # seconds between the two looks that find a burst worked
 SLOTS = 1024  # cells of the per-slot held counts (worker slots are small numbers)
 MAX_ERROR_TEXT = 8000  # characters of an error text and a traceback kept in a dead letter
 BROKER_ERRORS = (pika.exceptions.AMQPError, OSError)
+logging.getLogger("pika").setLevel(logging.CRITICAL)  # msgd logs an outage itself, once
+
 REDELIVERED = {
     "error_type": "Redelivered",
     "error": "delivered before and never acknowledged: its worker or daemon died, its "
@@ -264,8 +267,17 @@ class Link:
         self._pid = 0
 
     def run(self, operation: Callable[[BlockingChannel], T]) -> T:
-        """Run `operation` on the channel; any broker error is a BackendError naming the URL."""
+        """Run `operation` on the channel; any broker error is a BackendError naming the URL.
+
+        A connection left idle may have been dropped by the broker meanwhile (nobody pumped its
+        heartbeats): a failure on a reused connection is tried once more on a new one.
+        """
         with self._lock:
+            if self._channel is not None:
+                try:
+                    return operation(self._open())
+                except BROKER_ERRORS:
+                    self._drop()
             try:
                 return operation(self._open())
             except BROKER_ERRORS as e:
