@@ -6,6 +6,7 @@ then real daemons. Each test has its own queue names, so the session's broker is
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import signal
@@ -14,12 +15,13 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import msgspec
 import pytest
 import structlog
-from conftest import wait_for
+from conftest import Msgd, alive, wait_for
 from msgd.backend import BackendError, Death, Outcome
 from msgd.config import DaemonConfig, QueueConfig
 
@@ -344,3 +346,179 @@ def test_heartbeats_go_on_while_a_handler_runs(rabbit: Any, op: Opener) -> None:
         inbox.done(handle)
     assert store.depths().new == 0 and store.depths().cur == 0
     assert [e for e in logs if e["event"] == "amqp unavailable"] == []
+
+
+# -- real daemons ---------------------------------------------------------------------------------
+
+
+def on_amqp(d: Msgd, rabbit: Any, **queue: Any) -> str:
+    """Give `d` an AMQP queue "jobs" (the spool queue "default" stays); returns its broker name."""
+    name = queue.pop("amqp_queue", None) or f"t.{uuid.uuid4().hex[:12]}"
+    d.queues["jobs"] = {
+        "handler": "handlers:record",
+        "backend": "amqp",
+        "url": rabbit.url,
+        "amqp_queue": name,
+        "timeout": 5.0,
+        "backoff": [0.2],
+        **queue,
+    }
+    d.write_config()
+    return name
+
+
+def dead_letters(rabbit: Any, name: str) -> dict[str, dict[str, Any]]:
+    """The error records of a queue's dead letters, by id."""
+    letters = peek(rabbit, f"{name}.failed")
+    return {p.message_id: json.loads(p.headers[amqp.ERROR]) for _, p, _ in letters}
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> Iterator[tuple[Msgd, Msgd]]:
+    daemons = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        daemons.append(Msgd(tmp_path / name))
+    yield daemons[0], daemons[1]
+    for d in daemons:
+        d.cleanup()
+
+
+def test_an_amqp_queue_end_to_end(daemon: Msgd, rabbit: Any) -> None:
+    """Sends (msgd.send_many, msgctl send), retries, dead letters, stats, msgctl queues and
+    retry-failed on a RabbitMQ queue worked by a real daemon."""
+    name = on_amqp(daemon, rabbit, handler="handlers:by_body", max_attempts=2, threads=2)
+    daemon.start()
+    bodies = [b"ok", b"fail", b"reject", b"fail-once"]
+    ids = dict(zip(bodies, daemon.send_many(bodies, "jobs"), strict=True))
+    sent = daemon.msgctl("send", "-q", "jobs", input=b"ok")
+    assert sent.returncode == 0, sent.stderr
+    ids[b"ctl"] = sent.stdout.strip()
+    wait_for(lambda: ready(rabbit, f"{name}.failed") == 2, 15, "two dead letters")
+    letters = dead_letters(rabbit, name)
+    assert letters[ids[b"reject"]]["error_type"] == "Reject"
+    assert letters[ids[b"reject"]]["attempts"] == 1
+    assert letters[ids[b"fail"]]["error"] == "failing attempt 2"
+    assert letters[ids[b"fail"]]["attempts"] == 2
+    assert "Traceback" in letters[ids[b"fail"]]["traceback"]
+    ok = {ids[b"ok"], ids[b"fail-once"], ids[b"ctl"]}
+    wait_for(lambda: ok <= set(daemon.succeeded()), 10, "the successes")
+    assert f"{ids[b'fail-once']} 2" in (daemon.out / "started").read_text().split("\n")
+
+    def counted() -> dict[str, Any] | None:
+        daemon.msgctl("stats")
+        q = daemon.stats().get("queues", {}).get("jobs", {})
+        return q if q.get("succeeded") == 3 and q.get("depth", {}).get("failed") == 2 else None
+
+    q = wait_for(counted, 15, "the stats to count the queue")
+    assert (q["failed"], q["retried"], q["rejected"]) == (2, 2, 1)
+    listing = daemon.msgctl("queues")
+    assert listing.returncode == 0, listing.stderr
+    line = next(x for x in listing.stdout.splitlines() if x.startswith("jobs "))
+    assert line.split()[1:5] == ["0", "0", "0", "2"], line  # new, cur, defer, failed
+    revived = daemon.msgctl("retry-failed", "jobs", ids[b"fail"])
+    assert revived.returncode == 0 and revived.stdout.startswith("1 message"), revived
+    runs = lambda: (daemon.out / "started").read_text().split("\n")  # noqa: E731
+    wait_for(lambda: f"{ids[b'fail']} 1" in runs()[5:], 10, "a fresh first attempt")
+    missing = daemon.msgctl("retry-failed", "jobs", "nosuchid")
+    assert missing.returncode == 1 and "no failed message nosuchid" in missing.stderr
+    assert daemon.stop() == 0
+
+
+def test_burst_mode_amqp_queue_waits_for_the_burst(daemon: Msgd, rabbit: Any) -> None:
+    name = on_amqp(daemon, rabbit, mode="burst", threads=2)
+    daemon.start()
+    night = daemon.send_many([b"n"] * 40, "jobs")
+    marker = daemon.send(b"day", "default")
+    wait_for(lambda: marker in daemon.succeeded(), 10, "the continuous queue to work")
+    assert ready(rabbit, name) == 40  # not taken before the burst
+    done = daemon.msgctl("burst", "--wait")
+    assert done.returncode == 0, done.stderr
+    assert set(night) <= set(daemon.succeeded())  # all worked when --wait returned
+    assert done.stdout.strip() == "burst done: 40 succeeded, 0 retried, 0 failed"
+    assert daemon.stop() == 0
+
+
+def test_timeouts_and_deaths_count_as_attempts(daemon: Msgd, rabbit: Any) -> None:
+    """A handler past its timeout gets its worker killed; the broker redelivers the message,
+    and that counts as an attempt, so it ends as a dead letter after max_attempts."""
+    name = on_amqp(daemon, rabbit, handler="handlers:by_body", timeout=0.5, max_attempts=2)
+    daemon.start()
+    hang, abort = daemon.send_many([b"hang", b"abort"], "jobs")
+    wait_for(lambda: ready(rabbit, f"{name}.failed") == 2, 30, "both dead letters")
+    letters = dead_letters(rabbit, name)
+    assert {letters[i]["error_type"] for i in (hang, abort)} == {"Redelivered"}
+    assert {letters[i]["attempts"] for i in (hang, abort)} == {2}
+    started = (daemon.out / "started").read_text().split("\n")
+    assert started.count(f"{hang} 1") == 1 and started.count(f"{hang} 2") == 1
+    after = daemon.send(b"ok", "jobs")
+    wait_for(lambda: after in daemon.succeeded(), 10, "the queue to work on")
+    assert daemon.stop() == 0
+
+
+def test_threads_run_side_by_side_within_the_prefetch(daemon: Msgd, rabbit: Any) -> None:
+    daemon.daemon["workers"] = 1
+    on_amqp(daemon, rabbit, handler="handlers:together", threads=3)
+    daemon.start()
+    sent = daemon.send_many([b"3"] * 3, "jobs")
+    wait_for(lambda: set(daemon.succeeded()) == set(sent), 15, "three runs at once")
+    assert daemon.stop() == 0
+
+
+def test_spool_queues_work_while_the_broker_is_down(daemon: Msgd, rabbit: Any) -> None:
+    on_amqp(daemon, rabbit)
+    daemon.start()
+    first = daemon.send(b"x", "jobs")
+    wait_for(lambda: first in daemon.succeeded(), 10, "the AMQP queue to work")
+    rabbit.stop_app()
+    try:
+        wait_for(lambda: daemon.events("amqp unavailable"), 10, "the outage to be logged")
+        spool_id = daemon.send(b"spool", "default")
+        wait_for(lambda: spool_id in daemon.succeeded(), 10, "the spool queue to work")
+        refused = daemon.msgctl("send", "-q", "jobs", input=b"x")
+        assert refused.returncode == 1 and "guest:guest" not in refused.stderr, refused
+        assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+        stats = daemon.msgctl("stats")
+        assert stats.returncode == 0, stats.stderr
+    finally:
+        rabbit.start_app()
+    after = daemon.send(b"x", "jobs")
+    wait_for(lambda: after in daemon.succeeded(), 30, "the AMQP queue to work again")
+    workers = len(daemon.workers())
+    assert len(daemon.events("amqp unavailable")) <= workers  # once per worker, not per retry
+    assert daemon.stop() == 0
+
+
+def test_two_daemons_share_a_queue_through_a_kill_and_a_broker_restart(
+    pair: tuple[Msgd, Msgd], rabbit: Any
+) -> None:
+    """3,000 messages on one queue worked by two daemons; one is killed with -9 mid-stream, and
+    the broker's application is stopped and started mid-stream. Every message is handled;
+    duplicates (handled, acknowledgement lost) are counted and reported."""
+    a, b = pair
+    name = on_amqp(a, rabbit, handler="handlers:record_slowly", threads=2)
+    on_amqp(b, rabbit, handler="handlers:record_slowly", threads=2, amqp_queue=name)
+    for d in pair:
+        d.start()
+    n = 3000
+    sent = a.send_many([b"x"] * n, "jobs")
+    wait_for(lambda: len(a.succeeded()) >= 200, 30, "daemon a to be busy")
+    victim = a.pid
+    a.kill(signal.SIGKILL)  # its workers follow (parent-death signal)
+    wait_for(lambda: not alive(victim) and not a.workers(), 10, "a and its workers to die")
+    progress = len(b.succeeded())
+    wait_for(lambda: len(b.succeeded()) >= progress + 300, 30, "b to carry on")
+    rabbit.stop_app()
+    try:
+        wait_for(lambda: b.events("amqp unavailable"), 10, "b to see the outage")
+    finally:
+        rabbit.start_app()
+    wait_for(lambda: set(a.succeeded()) | set(b.succeeded()) >= set(sent), 40, "every message")
+    runs = collections.Counter([*a.succeeded(), *b.succeeded()])
+    assert set(runs) == set(sent)
+    duplicates = sum(runs.values()) - n
+    print(f"\n{n} messages, {duplicates} duplicate runs ({len(a.succeeded())} by a)")
+    assert duplicates <= 12, f"{duplicates} duplicates"  # in hand at the kill or the restart
+    wait_for(lambda: ready(rabbit, name) == 0 and b.stats() is not None, 10, "an empty queue")
+    assert ready(rabbit, f"{name}.failed") == 0 and b.events("amqp back")
+    assert b.stop() == 0
