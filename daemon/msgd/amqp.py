@@ -481,7 +481,7 @@ class AmqpInbox:
         self._channel: BlockingChannel | None = None
         self._generation = 0
         self._consumer = ""
-        self._stopping = self._down = False
+        self._stopping = self._down = self._broken = False
         self._closing = threading.Event()
         self._thread = threading.Thread(target=self._pump, name=f"amqp-{store.queue}", daemon=True)
         self._thread.start()
@@ -570,19 +570,22 @@ class AmqpInbox:
         self._held_cells[self._cell] = self._counted
 
     def _get(self) -> str | None:
-        """A burst-mode claim: one basic.get, counted as held before it is asked for."""
-        with self._lock:
-            self._count(1)
-        try:
-            delivery = self._call(self._basic_get)
-        except Gone:
-            delivery = None
-            select.select([self._stop_fd], [], [], WAIT)  # the broker is away: do not spin
-        with self._lock:
-            if delivery is None:
+        """A burst-mode claim: one basic.get, counted as held before it is asked for. Through an
+        outage it waits for the broker (or the stop fd): None must mean "drained"."""
+        while True:
+            with self._lock:
+                self._count(1)
+            try:
+                delivery = self._call(self._basic_get)
+                drained = delivery is None
+            except Gone:
+                delivery, drained = None, False
+            with self._lock:
+                if delivery is not None:
+                    return self._hold(delivery)
                 self._count(-1)
+            if drained or select.select([self._stop_fd], [], [], WAIT)[0]:
                 return None
-            return self._hold(delivery)
 
     def _on_channel(
         self, delivery: Delivery, operation: Callable[[BlockingChannel], T]
@@ -598,7 +601,11 @@ class AmqpInbox:
     def _same_channel(self, delivery: Delivery, operation: Callable[[BlockingChannel], T]) -> T:
         if delivery.generation != self._generation or self._channel is None:
             raise Gone
-        return operation(self._channel)
+        try:
+            return operation(self._channel)
+        except BROKER_ERRORS:
+            self._broken = True  # a refused publish: the original must come back by redelivery
+            raise
 
     def _call(self, operation: Callable[[], T]) -> T:
         """Run `operation` in the I/O thread and wait for its result; Gone if the connection is
@@ -648,9 +655,11 @@ class AmqpInbox:
                 continue
             try:
                 self._connection.process_data_events(time_limit=TICK)
+                if self._broken:
+                    raise BackendError("a settlement was refused; reconnecting")
                 if not self._stopping and select.select([self._stop_fd], [], [], 0)[0]:
                     self._stop_consuming()
-            except BROKER_ERRORS as e:
+            except (*BROKER_ERRORS, BackendError) as e:
                 self._lost(e)
         self._shut()
 
@@ -746,9 +755,16 @@ class AmqpInbox:
     def _lost(self, error: BaseException) -> None:
         """The connection failed: forget its deliveries (the broker has them back), fail the
         runners' requests, log the outage once."""
+        connection = self._connection
+        if connection is not None and connection.is_open:
+            try:  # unacknowledged deliveries go back to the queue when it closes
+                connection.close()
+            except BROKER_ERRORS:
+                pass
         with self._lock:
             self._connection = self._channel = None
             self._consumer = ""
+            self._broken = False
             self._count(-len(self._ready))
             self._ready.clear()
             pending, self._pending = self._pending, set()
