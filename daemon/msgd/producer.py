@@ -39,9 +39,4 @@ def _cached(path: str, mtime_ns: int, queue: str) -> Producer:
         from msgd.redisq import RedisProducer  # redis-py only for programs that need it
 
         return RedisProducer(policy, queue)
-    if policy.backend == "amqp":  # TEMPORARY until the seam
-        from msgd.amqp import AmqpStore
-
-        store = AmqpStore(queue, policy, config.daemon)
-        return type("P", (), {"send_many": lambda self, q, b: store.send_many(list(b))})()
     return Spool.from_config(config)

@@ -120,8 +120,6 @@ class Worker:
         self.listen()
         for t in runners:
             t.join()
-        for inbox in self.inboxes:
-            getattr(inbox, "close", lambda: None)()  # TEMPORARY until the seam
         self.acker.close()
 
     def inbox(self, name: str, q: QueueConfig) -> Inbox:
@@ -131,10 +129,6 @@ class Worker:
 
             consumer = consumer_name(q, self.slot, os.getppid())
             return RedisInbox(name, q, consumer, self.stop_r, self.log)
-        if q.backend == "amqp":  # TEMPORARY until the seam
-            from msgd.amqp import AmqpStore
-
-            return AmqpStore(name, q, self.config.daemon).inbox(self.slot, self.stop_r, self.log)  # type: ignore[return-value]
         return SpoolInbox(self.spool, name, self.slot, self.stop_r, self.acker, q)
 
     def listen(self) -> None:
