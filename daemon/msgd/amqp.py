@@ -69,7 +69,7 @@ import pika  # type: ignore[import-untyped]
 import pika.exceptions  # type: ignore[import-untyped]
 from pika.adapters.blocking_connection import BlockingChannel  # type: ignore[import-untyped]
 
-from msgd.backend import BackendError, Death, Depths, Outcome, Settled
+from msgd.backend import BackendError, BurstMark, Death, Depths, Outcome, Settled
 from msgd.handlers import Message
 from msgd.spool import new_id
 
@@ -319,10 +319,10 @@ def connect(url: str) -> pika.BlockingConnection:
 
 
 @dataclass
-class BurstMark:
-    """A burst in progress: when the queue and this daemon's hands were first seen empty."""
+class EmptySince:
+    """A burst mark's state: when the queue and this daemon's hands were first seen empty."""
 
-    empty_since: float | None = None
+    at: float | None = None
 
 
 class AmqpStore:
@@ -366,7 +366,7 @@ class AmqpStore:
             cur=sum(self.held),
             defer=deferred,
             failed=failed,
-            detail=f"{names.main} on {safe_url(self.url)}; cur is this daemon's only",
+            detail=f"amqp queue {names.main}: cur counts this daemon's workers only",
         )
 
     def release_due(self, force: bool) -> None:
@@ -384,24 +384,26 @@ class AmqpStore:
                 publish(channel, self.names.main, delivery.mid, body, delivery.attempts)
                 channel.basic_ack(method.delivery_tag)
 
-    def burst_mark(self) -> object:
-        return BurstMark()
+    def burst_mark(self) -> BurstMark:
+        """The messages ready in the queue and held by this daemon's workers at the signal."""
+        ready = self.link.run(lambda channel: self.names.ready(channel, self.names.main))
+        return BurstMark(pending=ready + sum(self.held), state=EmptySince())
 
-    def burst_worked(self, mark: object) -> bool:
+    def burst_worked(self, mark: BurstMark) -> bool:
         """Whether the queue has no ready message and this daemon's workers hold none, on two
         looks BURST_LOOK apart (the ready count is read before the held counts: a worker counts
         a message before it takes it). False while the broker cannot be asked."""
-        assert isinstance(mark, BurstMark)
+        empty: EmptySince = mark.state
         try:
             ready = self.link.run(lambda channel: self.names.ready(channel, self.names.main))
         except BackendError:
             return False
         now = time.monotonic()
         if ready or sum(self.held):
-            mark.empty_since = None
-        elif mark.empty_since is None:
-            mark.empty_since = now
-        return mark.empty_since is not None and now - mark.empty_since >= BURST_LOOK
+            empty.at = None
+        elif empty.at is None:
+            empty.at = now
+        return empty.at is not None and now - empty.at >= BURST_LOOK
 
     def retry_failed(self, ids: Sequence[str] | None) -> list[str]:
         """Dead letters back to the queue, attempts 0. All-or-nothing: if an id asked for is
