@@ -379,14 +379,12 @@ def dead_letters(rabbit: Any, name: str) -> dict[str, dict[str, Any]]:
 
 
 @pytest.fixture
-def pair(tmp_path: Path) -> Iterator[tuple[Msgd, Msgd]]:
-    daemons = []
-    for name in ("a", "b"):
-        (tmp_path / name).mkdir()
-        daemons.append(Msgd(tmp_path / name))
-    yield daemons[0], daemons[1]
-    for d in daemons:
-        d.cleanup()
+def other(tmp_path: Path) -> Iterator[Msgd]:
+    """A second daemon, beside `daemon` (which lives in tmp_path itself)."""
+    (tmp_path / "other").mkdir()
+    d = Msgd(tmp_path / "other")
+    yield d
+    d.cleanup()
 
 
 def test_an_amqp_queue_end_to_end(daemon: Msgd, rabbit: Any) -> None:
@@ -495,16 +493,16 @@ def test_spool_queues_work_while_the_broker_is_down(daemon: Msgd, rabbit: Any) -
 
 
 def test_two_daemons_share_a_queue_through_a_kill_and_a_broker_restart(
-    pair: tuple[Msgd, Msgd], rabbit: Any
+    daemon: Msgd, other: Msgd, rabbit: Any
 ) -> None:
     """3,000 messages on one queue worked by two daemons; one is killed with -9 mid-stream, and
     the broker's application is stopped and started mid-stream. Every message is handled;
     duplicates (handled, acknowledgement lost) are counted and reported."""
-    a, b = pair
+    a, b = daemon, other
     name = on_amqp(a, rabbit, handler="handlers:by_body", threads=2)
     on_amqp(b, rabbit, handler="handlers:by_body", threads=2, amqp_queue=name)
-    for d in pair:
-        d.start()
+    a.start()
+    b.start()
     n = 3000
     sent: list[str] = []
     sender = threading.Thread(target=lambda: sent.extend(a.send_many([b"sleep:0.01"] * n, "jobs")))
