@@ -23,6 +23,7 @@ import msgspec
 import pytest
 import structlog
 from conftest import Msgd, alive, wait_for
+from faultkit import report
 from msgd.backend import BackendError, Death, Outcome
 from msgd.config import DaemonConfig, QueueConfig
 
@@ -525,9 +526,10 @@ def test_two_daemons_share_a_queue_through_a_kill_and_a_broker_restart(
     wait_for(lambda: not any(ready(rabbit, q) for q in delays), 10, "the queues empty")
     assert b.stop() == 0  # what b has in hand is finished
     runs = collections.Counter([*a.succeeded(), *b.succeeded()])
+    duplicates = sum(runs.values()) - len(runs)
+    lost = len(set(sent) - set(runs))
+    report("amqp: 2 daemons, one kill -9 + broker stop_app/start_app", 2, n, lost, duplicates, 1)
     assert set(runs) == set(sent)
-    duplicates = sum(runs.values()) - n
-    print(f"\n{n} messages, {duplicates} duplicate runs ({len(a.succeeded())} by a)")
     assert duplicates <= 12, f"{duplicates} duplicates"  # in hand at the kill or the restart
     assert not any(ready(rabbit, q) for q in [*delays, f"{name}.failed"])
     assert b.events("amqp back")
