@@ -469,6 +469,23 @@ def test_threads_run_side_by_side_within_the_prefetch(daemon: Msgd, rabbit: Any)
     assert daemon.stop() == 0
 
 
+def test_a_reload_gives_back_the_prefetched_messages_uncharged(daemon: Msgd, rabbit: Any) -> None:
+    """Retiring workers publish what they had prefetched and not begun back with the same
+    attempts: nothing runs twice, and nothing is charged but (at most) one delivery per worker
+    that crossed its consumer's cancel on the wire."""
+    on_amqp(daemon, rabbit, handler="handlers:by_body", prefetch=20)
+    daemon.start()
+    sent = daemon.send_many([b"sleep:0.01"] * 300, "jobs")
+    wait_for(lambda: len(daemon.succeeded()) >= 30, 10, "work under way")
+    reloaded = daemon.msgctl("reload")
+    assert reloaded.returncode == 0, reloaded.stderr
+    wait_for(lambda: set(daemon.succeeded()) >= set(sent), 30, "every message")
+    assert sorted(daemon.succeeded()) == sorted(sent)  # none twice
+    charged = [e for e in daemon.events("message retried") if "Redelivered" in e["error"]]
+    assert len(charged) <= 2, charged  # the daemon has two workers
+    assert daemon.stop() == 0
+
+
 def test_spool_queues_work_while_the_broker_is_down(daemon: Msgd, rabbit: Any) -> None:
     on_amqp(daemon, rabbit)
     daemon.start()
