@@ -28,10 +28,13 @@ receives a redelivered message does not run it, but settles it as a failure (err
 "Redelivered") - retried after the queue's backoff, or a dead letter once out of attempts. So a
 message that kills its workers ends in <amqp_queue>.failed after max_attempts deliveries, as on
 the spool; the price is that the innocent ones delivered with it are charged too (at most the
-prefetch of the worker that died; every unacknowledged message on a broker restart). A worker that
-stops cleanly (drain, reload) gives back the deliveries it had not begun uncharged: it publishes
-them again with the same attempts and acknowledges the originals. Charges made by the broker's
-redelivery are not in this daemon's retried/failed counters (no daemon saw that run end).
+prefetch of the worker that died, also when the master killed it for a timeout; every
+unacknowledged message on a broker restart), and that a dead letter made so says "Redelivered",
+not why the worker died. A worker that stops cleanly (drain, reload) gives back the deliveries it
+had not begun uncharged: it cancels its consumer, publishes them again with the same attempts and
+acknowledges the originals (only a delivery that crosses the cancel on the wire is requeued by
+pika, and charged). These charges are not in the daemons' retried/failed counters (no daemon saw
+that run end).
 
 Retries go to the delay queue of their backoff (confirmed, then the original is acknowledged), so
 no runner is held while a retry waits. RabbitMQ's dead-lettering out of a classic queue is not
