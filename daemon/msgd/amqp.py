@@ -379,13 +379,21 @@ class AmqpStore:
 
     def _release_all(self, channel: BlockingChannel) -> None:
         for ms in self.names.delays:
-            while True:
-                method, properties, body = channel.basic_get(self.names.delay(ms))
-                if method is None:
-                    break
+            for method, properties, body in self._take(channel, self.names.delay(ms)):
                 delivery = Delivery.of(0, method, properties, body)
                 publish(channel, self.names.main, delivery.mid, body, delivery.attempts)
                 channel.basic_ack(method.delivery_tag)
+
+    def _take(self, channel: BlockingChannel, name: str) -> list[tuple[Any, Any, bytes]]:
+        """The messages in one of the queues when asked (not those that arrive meanwhile, which
+        may be the ones being moved coming back), unacknowledged."""
+        taken = []
+        for _ in range(self.names.ready(channel, name)):
+            method, properties, body = channel.basic_get(name)
+            if method is None:
+                break
+            taken.append((method, properties, body))
+        return taken
 
     def burst_mark(self) -> BurstMark:
         """The messages ready in the queue and held by this daemon's workers at the signal."""
@@ -414,16 +422,11 @@ class AmqpStore:
         return self.link.run(lambda channel: self._revive(channel, ids))
 
     def _revive(self, channel: BlockingChannel, ids: Sequence[str] | None) -> list[str]:
-        """Take every dead letter there at the start (a revived one that fails again at once is
-        a new dead letter, not moved twice); move the chosen; the others go back to .failed, in
+        """Move the chosen dead letters of those there at the start (a revived one that fails
+        again at once is a new dead letter, not moved twice); the others go back to .failed, in
         order, by a confirmed publish (a requeue would return them only some time later)."""
         wanted = set(ids) if ids else None
-        taken = []
-        for _ in range(self.names.ready(channel, self.names.failed)):
-            method, properties, body = channel.basic_get(self.names.failed)
-            if method is None:
-                break
-            taken.append((method, properties, body))
+        taken = self._take(channel, self.names.failed)
         chosen = {m.delivery_tag for m, p, _ in taken if wanted is None or p.message_id in wanted}
         missing = (wanted or set()) - {
             p.message_id for m, p, _ in taken if m.delivery_tag in chosen
