@@ -351,9 +351,12 @@ class AmqpStore:
 
     def check(self) -> None:
         """Nothing on the network: a daemon starts while its broker is down (its spool queues
-        work meanwhile), and the workers log the outage. The names must fit AMQP's 255 bytes."""
+        work meanwhile), and the workers log the outage. The names must fit AMQP's 255 bytes,
+        and "amq." names are the broker's own."""
         if len(self.names.delay(max(self.names.delays, default=0)).encode()) > 255:
             raise BackendError(f"{self.queue}: amqp_queue {self.names.main!r} is too long")
+        if self.names.main.startswith("amq."):
+            raise BackendError(f"{self.queue}: amqp_queue {self.names.main!r}: amq. is reserved")
 
     def depths(self) -> Depths:
         names = self.names
@@ -547,9 +550,10 @@ class AmqpInbox:
             )
 
         try:
-            return self._on_channel(delivery, settle) or expected
+            outcome = self._on_channel(delivery, settle)
         finally:
             self._release(handle)
+        return expected if outcome is None else outcome
 
     def burst(self) -> None:
         """Nothing: the broker keeps the retries' time (the master releases them in a burst)."""
