@@ -372,7 +372,7 @@ class AmqpStore:
             cur=sum(self.held),
             defer=deferred,
             failed=failed,
-            detail=f"amqp queue {names.main}: cur counts this daemon's workers only",
+            detail=f"amqp queue {names.main}; cur: held by this daemon's workers (0 in msgctl)",
         )
 
     def release_due(self, force: bool) -> None:
