@@ -28,8 +28,8 @@ receives a redelivered message does not run it, but settles it as a failure (err
 "Redelivered") - retried after the queue's backoff, or a dead letter once out of attempts. So a
 message that kills its workers ends in <amqp_queue>.failed after max_attempts deliveries, as on
 the spool; the price is that the innocent ones delivered with it are charged too (at most the
-prefetch of the worker that died, also when the master killed it for a timeout; every
-unacknowledged message on a broker restart), and that a dead letter made so says "Redelivered",
+prefetch of the worker that died, also when the master killed it for a timeout, a QUIT or a TERM
+past the grace period; every unacknowledged message on a broker restart), and that a dead letter made so says "Redelivered",
 not why the worker died. A worker that stops cleanly (drain, reload) gives back the deliveries it
 had not begun uncharged: it cancels its consumer, publishes them again with the same attempts and
 acknowledges the originals (only a delivery that crosses the cancel on the wire is requeued by
