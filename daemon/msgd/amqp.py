@@ -22,19 +22,19 @@ before it is never acknowledged on the new channel; the broker redelivers it (a 
 at-least-once allows).
 
 The attempt rule. Classic queues do not count deliveries; they only flag a message `redelivered`
-when it comes back unacknowledged: its worker or daemon was killed, its connection was lost, or
-the broker restarted while it was delivered. msgd charges that as a failed attempt: a worker that
+when it comes back unacknowledged: its worker or daemon was killed, its connection was lost, or the
+broker restarted while it was delivered. msgd charges that as a failed attempt: a worker that
 receives a redelivered message does not run it, but settles it as a failure (error_type
 "Redelivered") - retried after the queue's backoff, or a dead letter once out of attempts. So a
-message that kills its workers ends in <amqp_queue>.failed after max_attempts deliveries, as on
-the spool; the price is that the innocent ones delivered with it are charged too (at most the
-prefetch of the worker that died, also when the master killed it for a timeout, a QUIT or a TERM
-past the grace period; every unacknowledged message on a broker restart), and that a dead letter made so says "Redelivered",
-not why the worker died. A worker that stops cleanly (drain, reload) gives back the deliveries it
-had not begun uncharged: it cancels its consumer, publishes them again with the same attempts and
-acknowledges the originals (only a delivery that crosses the cancel on the wire is requeued by
-pika, and charged). These charges are not in the daemons' retried/failed counters (no daemon saw
-that run end).
+message that kills its workers ends in <amqp_queue>.failed after max_attempts deliveries, as on the
+spool; the price is that the innocent ones delivered with it are charged too (at most the prefetch
+of the worker that died, also when the master killed it for a timeout, a QUIT or a TERM past the
+grace period; every unacknowledged message on a broker restart), and that a dead letter made so
+says "Redelivered", not why the worker died. A worker that stops cleanly (drain, reload) gives back
+the deliveries it had not begun uncharged: it cancels its consumer, publishes them again with the
+same attempts and acknowledges the originals (only a delivery that crosses the cancel on the wire
+is requeued by pika, and charged). These charges are not in the daemons' retried/failed counters
+(no daemon saw that run end).
 
 Retries go to the delay queue of their backoff (confirmed, then the original is acknowledged), so
 no runner is held while a retry waits. RabbitMQ's dead-lettering out of a classic queue is not
@@ -82,7 +82,10 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 ATTEMPTS = "x-msgd-attempts"  # header: attempts done before this delivery
 ERROR = "x-msgd-error"  # header of a dead letter: its error record, JSON
-QUEUE_ARGUMENTS = {"x-max-priority": 9}  # never change: the broker refuses other arguments (406)
+# Never change these: the broker refuses a queue declared again with other arguments (406). The
+# type is explicit, so a vhost whose default queue type is quorum still gets a classic queue.
+CLASSIC = {"x-queue-type": "classic"}
+QUEUE_ARGUMENTS = {**CLASSIC, "x-max-priority": 9}
 CONNECT_TIMEOUT = 5.0  # seconds
 TICK = 0.1  # seconds the I/O thread pumps the connection between looks at its stop fd
 WAIT = 0.5  # seconds a runner's wait lasts at most
@@ -120,9 +123,13 @@ class Names:
         self.main = policy.amqp_queue or f"msgd.{queue}"
         self.failed = f"{self.main}.failed"
         self.delays = sorted({ms for ms in map(_ms, policy.backoff) if ms > 0})
-        self.arguments: dict[str, dict[str, Any]] = {self.main: QUEUE_ARGUMENTS, self.failed: {}}
+        self.arguments: dict[str, dict[str, Any]] = {
+            self.main: QUEUE_ARGUMENTS,
+            self.failed: CLASSIC,
+        }
         for ms in self.delays:
             self.arguments[self.delay(ms)] = {
+                **CLASSIC,
                 "x-message-ttl": ms,
                 "x-dead-letter-exchange": "",
                 "x-dead-letter-routing-key": self.main,
@@ -140,7 +147,7 @@ class Names:
     def ready(self, channel: BlockingChannel, name: str) -> int:
         """Messages waiting in one of these queues (declared again: never a 404, and a 406 if
         someone else's queue has the name)."""
-        ok = channel.queue_declare(name, durable=True, arguments=self.arguments[name] or None)
+        ok = channel.queue_declare(name, durable=True, arguments=self.arguments[name])
         return int(ok.method.message_count)
 
 
