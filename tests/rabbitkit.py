@@ -105,7 +105,6 @@ class RabbitNode:
         pidfile = self.env["RABBITMQ_PID_FILE"]
         done = self.ctl("wait", "--timeout", str(START_TIMEOUT), pidfile, check=False)
         if done.returncode != 0:
-            self.stop()
             raise RuntimeError(f"rabbitmq-server did not start: {done.stdout}{done.stderr}")
 
     def ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -157,8 +156,8 @@ def rabbit() -> Iterator[RabbitNode]:
         except KeyError:
             pytest.skip("rabbitmq-server's user 'rabbitmq' does not exist")
     node = RabbitNode()
-    node.start()
     try:
+        node.start()
         yield node
     finally:
         node.stop()

@@ -486,12 +486,11 @@ def test_a_reload_gives_back_the_prefetched_messages_uncharged(daemon: Msgd, rab
 
 
 def test_spool_queues_work_while_the_broker_is_down(daemon: Msgd, rabbit: Any) -> None:
+    """The daemon even starts without its broker; the AMQP queue works once the broker is back."""
     on_amqp(daemon, rabbit)
-    daemon.start()
-    first = daemon.send(b"x", "jobs")
-    wait_for(lambda: first in daemon.succeeded(), 10, "the AMQP queue to work")
     rabbit.stop_app()
     try:
+        daemon.start()
         wait_for(lambda: daemon.events("amqp unavailable"), 10, "the outage to be logged")
         spool_id = daemon.send(b"spool", "default")
         wait_for(lambda: spool_id in daemon.succeeded(), 10, "the spool queue to work")
@@ -500,10 +499,13 @@ def test_spool_queues_work_while_the_broker_is_down(daemon: Msgd, rabbit: Any) -
         assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
         stats = daemon.msgctl("stats")
         assert stats.returncode == 0, stats.stderr
+        queues = daemon.msgctl("queues")
+        assert queues.returncode == 0 and "jobs" in queues.stdout and "unavailable" in queues.stdout
     finally:
         rabbit.start_app()
     after = daemon.send(b"x", "jobs")
-    wait_for(lambda: after in daemon.succeeded(), 30, "the AMQP queue to work again")
+    wait_for(lambda: after in daemon.succeeded(), 30, "the AMQP queue to work")
+    assert daemon.events("amqp back")
     workers = len(daemon.workers())
     assert len(daemon.events("amqp unavailable")) <= workers  # once per worker, not per retry
     assert daemon.stop() == 0
