@@ -68,9 +68,9 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import pika  # type: ignore[import-untyped]
-import pika.exceptions  # type: ignore[import-untyped]
-from pika.adapters.blocking_connection import BlockingChannel  # type: ignore[import-untyped]
+import pika
+import pika.exceptions
+from pika.adapters.blocking_connection import BlockingChannel
 
 from msgd.backend import BackendError, BurstMark, Death, Depths, Outcome, Settled
 from msgd.handlers import Message
