@@ -138,6 +138,8 @@ def test_inbox_works_a_message_and_acknowledges_it(rabbit: Any, op: Opener) -> N
     message = inbox.read(handle, 0)
     assert (message.id, message.body, message.attempt, message.queue) == (mid, b"hello", 1, "jobs")
     assert inbox.label(handle) == (mid, 1)
+    with pytest.raises(BackendError, match="exceeds max_message_size"):
+        inbox.read(handle, 4)
     assert store.depths().cur == 1  # this daemon holds it
     inbox.done(handle)
     depths = store.depths()
@@ -306,6 +308,20 @@ def test_a_queue_declared_otherwise_is_a_clear_error(rabbit: Any, op: Opener) ->
     connection.close()
     with pytest.raises(BackendError, match=r"PRECONDITION_FAILED.*x-max-priority"):
         op.store(p).send_many([b"x"])
+
+
+def test_a_publish_to_a_deleted_queue_is_refused_not_lost(rabbit: Any, op: Opener) -> None:
+    """`mandatory`: the broker would confirm a message it routed nowhere. Refused, the store
+    declares the queue again on a new channel and publishes there."""
+    p = policy(rabbit)
+    store = op.store(p)
+    store.send_many([b"first"])  # the store's channel has declared the queue
+    connection = pika.BlockingConnection(pika.URLParameters(rabbit.url))
+    connection.channel().queue_delete(p.amqp_queue)
+    connection.close()
+    [mid] = store.send_many([b"lost?"])
+    [(_, properties, body)] = peek(rabbit, p.amqp_queue)
+    assert (properties.message_id, body) == (mid, b"lost?")
 
 
 def test_broker_outage_is_logged_once_and_work_carries_on(rabbit: Any, op: Opener) -> None:
