@@ -20,6 +20,7 @@ import msgd
 import pytest
 from msgd.config import DaemonConfig, QueueConfig
 from msgd.spool import SpoolStore
+from rabbitkit import rabbit  # noqa: F401  (the session's RabbitMQ node, a fixture)
 
 TESTS = Path(__file__).parent
 BIN = Path(sys.executable).parent

@@ -128,3 +128,18 @@ def keep_slowly(message: msgd.Message) -> None:
     """`keep`, after 10 ms of work: a message stays claimed long enough to be caught claimed."""
     time.sleep(0.01)
     keep(message)
+
+
+def together(message: msgd.Message) -> None:
+    """Succeed only once int(body) runs have arrived here at the same time (10 s at most): a
+    queue's `threads` running side by side in one worker."""
+    _append("arrived", message.id)
+    deadline = time.monotonic() + 10
+    path = os.path.join(OUT, "arrived")
+    while time.monotonic() < deadline:
+        with open(path) as f:
+            if len(f.read().split()) >= int(message.body):
+                _append("succeeded", message.id)
+                return
+        time.sleep(0.01)
+    raise RuntimeError("ran alone")
