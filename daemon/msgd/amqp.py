@@ -3,6 +3,8 @@
     <amqp_queue>               the queue: classic, durable, x-max-priority 9; persistent messages
     <amqp_queue>.delay.<ms>    one per backoff delay: x-message-ttl <ms>, dead-lettered back
                                (exchange "", routing key <amqp_queue>) when the time is up
+    <amqp_queue>.at.<ms>       delayed sends, per delay (rounded up to 100 ms): like the above,
+                               and deleted by the broker a minute after its last use
     <amqp_queue>.failed        dead letters: the original body and properties, the error in headers
 
 Every producer and worker declares these queues with exactly the same arguments (a publish to a
@@ -10,6 +12,14 @@ queue nobody declared would be dropped, and a declaration with other arguments i
 406). Messages are published persistent, with `mandatory` and publisher confirms: `send_many`
 returns ids only once the broker confirmed every message. Each carries its msgd id as the AMQP
 message_id and the attempts done before it in the header x-msgd-attempts (an integer).
+
+Time: a send's priority is the AMQP priority (the queue's x-max-priority is 9): the broker hands
+out the highest priority ready first, but a message already delivered to a consumer (up to its
+prefetch) is not overtaken; a retry keeps its priority. A delayed send waits in the queue of its
+delay, so it is not pulled forward by a burst, and is not counted (these queues are not listed
+without the management plugin). A TTL rides in the header x-msgd-expires (epoch ms): the worker
+that receives an expired message makes it a dead letter ("Expired") without running it; the
+broker does not look, so on a queue nobody works an expired message waits for a worker.
 
 Workers consume with manual acknowledgement, sent after the handler returned. A pika connection is
 not thread-safe, so each inbox has one I/O thread that owns its connection and channel: it pumps
@@ -58,6 +68,7 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import math
 import multiprocessing
 import os
 import select
@@ -72,9 +83,10 @@ import pika
 import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 
-from msgd.backend import BackendError, BurstMark, Death, Depths, Outcome, Settled
+from msgd.backend import BackendError, BurstMark, Death, Depths, Expired, Outcome, Settled
 from msgd.handlers import Message
 from msgd.spool import new_id
+from msgd.when import NOW, SendOptions
 
 if TYPE_CHECKING:
     from msgd.config import DaemonConfig, QueueConfig
@@ -82,6 +94,9 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 ATTEMPTS = "x-msgd-attempts"  # header: attempts done before this delivery
 ERROR = "x-msgd-error"  # header of a dead letter: its error record, JSON
+EXPIRES = "x-msgd-expires"  # header: epoch ms after which the message must not start (a TTL)
+SCHEDULE_STEP = 100  # ms: delayed sends wait in queues of delays rounded up to this
+SCHEDULE_KEEP = 60_000  # ms a delayed sends' queue outlives its delay unused, then is deleted
 # Never change these: the broker refuses a queue declared again with other arguments (406). The
 # type is explicit, so a vhost whose default queue type is quorum still gets a classic queue.
 CLASSIC = {"x-queue-type": "classic"}
@@ -128,12 +143,24 @@ class Names:
             self.failed: CLASSIC,
         }
         for ms in self.delays:
-            self.arguments[self.delay(ms)] = {
-                **CLASSIC,
-                "x-message-ttl": ms,
-                "x-dead-letter-exchange": "",
-                "x-dead-letter-routing-key": self.main,
-            }
+            self.arguments[self.delay(ms)] = self._returning(ms)
+
+    def _returning(self, ms: int) -> dict[str, Any]:
+        """A queue whose messages go back to the main one `ms` after they arrived."""
+        return {
+            **CLASSIC,
+            "x-message-ttl": ms,
+            "x-dead-letter-exchange": "",
+            "x-dead-letter-routing-key": self.main,
+        }
+
+    def scheduled(self, ms: int) -> str:
+        """Where a delayed send waits `ms` (a multiple of SCHEDULE_STEP) before it joins the
+        queue. The broker deletes it once nobody declared it for SCHEDULE_KEEP past its delay,
+        when every message in it has left (each send declares it again)."""
+        name = f"{self.main}.at.{ms}"
+        self.arguments[name] = {**self._returning(ms), "x-expires": ms + SCHEDULE_KEEP}
+        return name
 
     def delay(self, ms: int) -> str:
         """Where a retry waits `ms` before it returns: the main queue itself for no delay."""
@@ -162,14 +189,24 @@ def publish(
     body: bytes,
     attempts: int,
     error: str | None = None,
+    *,
+    priority: int = 0,
+    expires_ms: int = 0,
 ) -> None:
     """One persistent message, confirmed by the broker before this returns (the channel is in
-    confirm mode); `mandatory`, so that a queue that does not exist is an error, not a loss."""
+    confirm mode); `mandatory`, so that a queue that does not exist is an error, not a loss.
+    `priority`: the AMQP priority (0-9); `expires_ms`: when its TTL passes (header)."""
     headers: dict[str, Any] = {ATTEMPTS: attempts}
     if error is not None:
         headers[ERROR] = error
+    if expires_ms:
+        headers[EXPIRES] = expires_ms
     properties = pika.BasicProperties(
-        message_id=mid, delivery_mode=2, headers=headers, timestamp=int(time.time())
+        message_id=mid,
+        delivery_mode=2,
+        headers=headers,
+        timestamp=int(time.time()),
+        priority=priority or None,
     )
     channel.basic_publish("", routing_key, body, properties, mandatory=True)
 
@@ -184,23 +221,23 @@ class Delivery:
     attempts: int  # done before this delivery
     body: bytes
     timestamp: float
+    priority: int = 0
+    expires_ms: int = 0  # its TTL passes then (0: never)
 
     @classmethod
     def of(
         cls, generation: int, method: Any, properties: pika.BasicProperties, body: bytes
     ) -> Delivery:
         headers = properties.headers or {}
-        try:
-            attempts = max(0, int(headers.get(ATTEMPTS, 0)))
-        except (TypeError, ValueError):
-            attempts = 0
         return cls(
             generation,
             method.delivery_tag,
             properties.message_id or new_id(),
-            attempts,
+            _count(headers.get(ATTEMPTS)),
             body,
             float(properties.timestamp or time.time()),
+            _count(properties.priority),
+            _count(headers.get(EXPIRES)),
         )
 
     def enqueued_at(self) -> float:
@@ -211,6 +248,14 @@ class Delivery:
             except ValueError:
                 pass
         return self.timestamp
+
+
+def _count(value: Any) -> int:
+    """A non-negative integer from a header or property a foreign producer may have set badly."""
+    try:
+        return max(0, int(value or 0))
+    except (TypeError, ValueError):
+        return 0
 
 
 def error_record(queue: str, mid: str, attempt: int, error: dict[str, Any]) -> str:
@@ -241,7 +286,10 @@ def settle_failure(
         outcome = Outcome.FAILED
     else:
         ms = _ms(policy.delay(attempt))  # one of names.delays, or 0
-        publish(channel, names.delay(ms), delivery.mid, delivery.body, attempt)
+        publish(
+            channel, names.delay(ms), delivery.mid, delivery.body, attempt,
+            priority=delivery.priority,
+        )  # fmt: skip
         outcome = Outcome.RETRIED
     channel.basic_ack(delivery.tag)
     return outcome
@@ -345,12 +393,20 @@ class AmqpStore:
         self.link = Link(queue, self.url, self.names)
         self.held = held_counts(self.names.main)
 
-    def send_many(self, bodies: Sequence[bytes]) -> list[str]:
+    def send_many(self, bodies: Sequence[bytes], options: SendOptions = NOW) -> list[str]:
+        """Publish to the queue, with the AMQP priority; a delayed batch to the queue of its
+        delay (rounded up to SCHEDULE_STEP), whence the broker moves it at its time."""
         ids = [new_id() for _ in bodies]
+        into = self.names.main
+        if options.due:
+            steps = math.ceil((options.due - time.time()) * 1000 / SCHEDULE_STEP)
+            into = self.names.scheduled(max(1, steps) * SCHEDULE_STEP)
+        expires = int(options.expires * 1000)
 
         def send(channel: BlockingChannel) -> None:
+            self.names.ready(channel, into)  # a delayed sends' queue may have been deleted
             for mid, body in zip(ids, bodies, strict=True):
-                publish(channel, self.names.main, mid, body, 0)
+                publish(channel, into, mid, body, 0, priority=options.priority, expires_ms=expires)
 
         if ids:
             self.link.run(send)
@@ -382,16 +438,21 @@ class AmqpStore:
             detail=f"amqp queue {names.main}; cur: held by this daemon's workers (0 in msgctl)",
         )
 
-    def release_due(self, force: bool) -> None:
-        """The broker keeps the retries' time; a burst (`force`) moves them all back now."""
+    def release_due(self, force: bool) -> int:
+        """The broker keeps the retries' and delayed sends' time; a burst (`force`) moves the
+        retries back now (not the delayed sends). Expiry is the receiving worker's: 0."""
         if force:
             self.link.run(self._release_all)
+        return 0
 
     def _release_all(self, channel: BlockingChannel) -> None:
         for ms in self.names.delays:
             for method, properties, body in self._take(channel, self.names.delay(ms)):
                 delivery = Delivery.of(0, method, properties, body)
-                publish(channel, self.names.main, delivery.mid, body, delivery.attempts)
+                publish(
+                    channel, self.names.main, delivery.mid, body, delivery.attempts,
+                    priority=delivery.priority,
+                )  # fmt: skip
                 channel.basic_ack(method.delivery_tag)
 
     def _take(self, channel: BlockingChannel, name: str) -> list[tuple[Any, Any, bytes]]:
@@ -520,6 +581,8 @@ class AmqpInbox:
 
     def read(self, handle: str, max_size: int) -> Message:
         delivery = self._claimed[handle]
+        if delivery.expires_ms and delivery.expires_ms <= time.time() * 1000:
+            raise Expired(f"not started within its TTL (expired at {delivery.expires_ms} ms)")
         if max_size and len(delivery.body) > max_size:
             raise BackendError(f"message of {len(delivery.body)} bytes exceeds max_message_size")
         return Message(
@@ -765,7 +828,10 @@ class AmqpInbox:
                 if not self._ready:
                     return
                 delivery = self._ready[0]
-            publish(self._channel, self.names.main, delivery.mid, delivery.body, delivery.attempts)
+            publish(
+                self._channel, self.names.main, delivery.mid, delivery.body, delivery.attempts,
+                priority=delivery.priority, expires_ms=delivery.expires_ms,
+            )  # fmt: skip
             self._channel.basic_ack(delivery.tag)
             with self._lock:
                 self._ready.popleft()
