@@ -7,6 +7,9 @@ sleeping: each test waits for its messages with `wait_for`, then reads the recor
 from __future__ import annotations
 
 import json
+import os
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +20,7 @@ from zoneinfo import ZoneInfo
 import msgd
 import pytest
 from conftest import Msgd, wait_for
+from msgd.ratelimit import Gate
 from msgd.schedule import Scheduler
 
 # A start is recorded by the handler a moment after the rate limiter let it go: the two clocks
@@ -375,3 +379,21 @@ def test_spool_a_message_taken_to_expire_by_a_crashed_master_expires_after_resta
     records = wait_for(spool_dead_letters(daemon, "q"), 5, "the dead letter")
     assert [(r["id"], r["error_type"]) for r in records] == [(mid, "Expired")]
     assert list((spool / "tmp").iterdir()) == []
+
+
+def test_a_process_killed_holding_a_rate_limit_lock_does_not_stall_the_queue() -> None:
+    """The gate's lock is the kernel's (flock): it goes with a process killed while holding it."""
+    gate = Gate(5)
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # a "worker" that takes the lock and is killed before it lets go
+        with gate._locked():
+            os.write(ready_w, b"x")
+            time.sleep(60)
+        os._exit(0)
+    os.read(ready_r, 1)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    turned = threading.Event()
+    threading.Thread(target=lambda: (gate.take_turn(), turned.set()), daemon=True).start()
+    assert turned.wait(10), "the queue stalled behind a dead process's lock"

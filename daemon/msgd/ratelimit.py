@@ -2,18 +2,28 @@
 across every worker process and handler thread of the daemon.
 
 Each limited queue has a ring of its last N start times (CLOCK_MONOTONIC, which every process
-on the host shares) in shared memory, and a process-shared lock; both are allocated by the master
-before it forks the workers. A runner may start a message once the oldest of the last N starts
-is a second old: it then overwrites that slot with its own start. N starts fit in any window of
-one second, never N + 1, however the window is placed. A queue without a limit has no ring and
-no lock: its runners never touch this module. A runner that waits for its turn sleeps in its
-own thread, so other queues' runners go on.
+on the host shares) in shared memory, and a lock; both are allocated by the master before it forks
+the workers. A runner may start a message once the oldest of the last N starts is a second old:
+it then overwrites that slot with its own start. N starts fit in any window of one second, never
+N + 1, however the window is placed. A queue without a limit has no ring and no lock: its runners
+never touch this module. A runner that waits for its turn sleeps in its own thread, so other
+queues' runners go on.
+
+The lock is a thread lock within a process and an flock across processes, on an anonymous
+file (memfd) each process opens for itself: the kernel releases it when its holder dies, so a
+worker killed (-9) inside the few instructions it is held for cannot stall the queue (a
+semaphore would stay taken for ever).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import multiprocessing
+import os
+import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from msgd.config import Config
@@ -30,7 +40,9 @@ class Gate:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.ring: Any = _fork.Array("q", limit + 1, lock=False)  # [oldest index, starts...]
-        self.lock: Any = _fork.Lock()
+        self.inode = os.memfd_create("msgd-rate", os.MFD_CLOEXEC)  # flocked (see the doc)
+        self.threads = threading.Lock()
+        self.fd, self.fd_pid = -1, -1  # this process's own open file of `inode`
         for i in range(1, limit + 1):
             self.ring[i] = -WINDOW_NS  # "a second ago or more" even just after boot
 
@@ -41,7 +53,7 @@ class Gate:
 
     def _try(self) -> int:
         """Take a turn if one is free (0), else say how long until the oldest start expires."""
-        with self.lock:
+        with self._locked():
             now = time.monotonic_ns()
             oldest = self.ring[0]
             wait_ns = self.ring[1 + oldest] + WINDOW_NS - now
@@ -50,6 +62,18 @@ class Gate:
             self.ring[1 + oldest] = now
             self.ring[0] = (oldest + 1) % self.limit
             return 0
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        with self.threads:
+            if self.fd_pid != os.getpid():  # an open file of our own: flocks of one shared
+                path = f"/proc/self/fd/{self.inode}"  # with the master would not
+                self.fd, self.fd_pid = os.open(path, os.O_RDWR | os.O_CLOEXEC), os.getpid()
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(self.fd, fcntl.LOCK_UN)
 
 
 class RateLimits:
@@ -67,6 +91,8 @@ class RateLimits:
                 self.gates[name] = (
                     same if same and same.limit == q.rate_limit else Gate(q.rate_limit)
                 )
+        for gate in set(kept.values()) - set(self.gates.values()):
+            os.close(gate.inode)  # the old workers still using it hold their own copies
 
     def gate(self, queue: str) -> Gate | None:
         return self.gates.get(queue)
