@@ -63,9 +63,14 @@ def stamped(**queue: object) -> dict[str, object]:
 # -- scheduled bursts -----------------------------------------------------------------------------
 
 
-def check_every_2s(daemon: Msgd, queue: str) -> None:
-    """`queue` (burst mode, `@every 2s`) is worked by its schedule alone, tick after tick, and
-    a second burst-mode queue "manual" is not."""
+def check_every_2s(daemon: Msgd, table: dict[str, object]) -> None:
+    """A queue "ticking" (`table`, in burst mode, `@every 2s`) is worked by its schedule alone,
+    tick after tick, and a second burst-mode queue "manual" is not."""
+    queue = "ticking"
+    daemon.queues[queue] = {**table, "mode": "burst", "schedule": "@every 2s"}
+    daemon.queues["manual"] = stamped(mode="burst")
+    daemon.write_config()
+    daemon.start()
     manual = daemon.send(b"manual", queue="manual")
     first = daemon.send_many([b"a", b"b", b"c"], queue=queue)
     wait_starts(daemon, 3, timeout=10)
@@ -85,11 +90,7 @@ def check_every_2s(daemon: Msgd, queue: str) -> None:
 
 
 def test_every_2s_works_a_burst_mode_queue_with_no_signal(daemon: Msgd) -> None:
-    daemon.queues["ticking"] = stamped(mode="burst", schedule="@every 2s")
-    daemon.queues["manual"] = stamped(mode="burst")
-    daemon.write_config()
-    daemon.start()
-    check_every_2s(daemon, "ticking")
+    check_every_2s(daemon, stamped())
 
 
 def test_ticks_missed_while_stopped_make_one_run_at_start(daemon: Msgd) -> None:
@@ -156,9 +157,16 @@ def test_bad_schedules_and_limits_are_config_errors(
 # -- rate limits ----------------------------------------------------------------------------------
 
 
-def check_rate_limit(daemon: Msgd, queue: str) -> None:
-    """60 messages at rate_limit = 20 on 2 workers x 2 threads: no 21 starts within a second;
-    meanwhile the unlimited queue "free" is worked without waiting."""
+def check_rate_limit(daemon: Msgd, table: dict[str, object]) -> None:
+    """60 messages to a queue "limited" (`table`, at rate_limit = 20) on 2 workers x 2 threads:
+    no 21 starts within a second; meanwhile the unlimited queue "free" is worked at once."""
+    queue = "limited"
+    daemon.queues = {
+        queue: {**table, "rate_limit": 20, "threads": 2},
+        "free": {"handler": "handlers:record"},
+    }
+    daemon.write_config()
+    daemon.start()
     ids = daemon.send_many([b"l"] * 60, queue=queue)
     free = daemon.send_many([b"f"] * 10, queue="free")
     got = wait_starts(daemon, 60, timeout=20)
@@ -174,13 +182,7 @@ def check_rate_limit(daemon: Msgd, queue: str) -> None:
 
 
 def test_rate_limit_holds_in_every_second_across_workers_and_threads(daemon: Msgd) -> None:
-    daemon.queues = {
-        "limited": stamped(rate_limit=20, threads=2),
-        "free": {"handler": "handlers:record"},
-    }
-    daemon.write_config()
-    daemon.start()
-    check_rate_limit(daemon, "limited")
+    check_rate_limit(daemon, stamped())
 
 
 # -- producing: bad words -------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from test_time import (
 
 pika = pytest.importorskip("pika", reason="pika missing (pip install -e '.[amqp]')")
 rabbit = rabbitkit.rabbit  # the session's broker fixture, as `rabbit`
+pytestmark = pytest.mark.xdist_group("rabbit")  # one worker: see pyproject's addopts
 
 
 def amqp_queue(broker: Any, **queue: Any) -> dict[str, Any]:
@@ -83,18 +84,8 @@ def test_amqp_priority_9_overtakes_older_priority_0(daemon: Msgd, rabbit: Any) -
 
 
 def test_amqp_every_2s_works_a_burst_mode_queue(daemon: Msgd, rabbit: Any) -> None:
-    daemon.queues["ticking"] = amqp_queue(rabbit, mode="burst", schedule="@every 2s")
-    daemon.queues["manual"] = stamped(mode="burst")
-    daemon.write_config()
-    daemon.start()
-    check_every_2s(daemon, "ticking")
+    check_every_2s(daemon, amqp_queue(rabbit))
 
 
 def test_amqp_rate_limit(daemon: Msgd, rabbit: Any) -> None:
-    daemon.queues = {
-        "limited": amqp_queue(rabbit, rate_limit=20, threads=2),
-        "free": {"handler": "handlers:record"},
-    }
-    daemon.write_config()
-    daemon.start()
-    check_rate_limit(daemon, "limited")
+    check_rate_limit(daemon, amqp_queue(rabbit))

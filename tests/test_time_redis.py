@@ -24,6 +24,7 @@ from test_time import (
 )
 
 server = test_redis.redis_server  # test_redis.py's redis-server fixture, as `server`
+pytestmark = test_redis.pytestmark  # skipped without redis-server; on the "redis" xdist worker
 
 
 def redis_queue(server: RedisServer, **queue: Any) -> dict[str, Any]:
@@ -66,21 +67,11 @@ def test_redis_refuses_priorities(daemon: Msgd, server: RedisServer) -> None:
 
 
 def test_redis_every_2s_works_a_burst_mode_queue(daemon: Msgd, server: RedisServer) -> None:
-    daemon.queues["ticking"] = redis_queue(server, mode="burst", schedule="@every 2s")
-    daemon.queues["manual"] = stamped(mode="burst")
-    daemon.write_config()
-    daemon.start()
-    check_every_2s(daemon, "ticking")
+    check_every_2s(daemon, redis_queue(server))
 
 
 def test_redis_rate_limit(daemon: Msgd, server: RedisServer) -> None:
-    daemon.queues = {
-        "limited": redis_queue(server, rate_limit=20, threads=2),
-        "free": {"handler": "handlers:record"},
-    }
-    daemon.write_config()
-    daemon.start()
-    check_rate_limit(daemon, "limited")
+    check_rate_limit(daemon, redis_queue(server))
 
 
 def test_redis_worker_never_runs_an_entry_it_reads_expired(
