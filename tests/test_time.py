@@ -321,9 +321,13 @@ def check_priority_overtakes(daemon: Msgd, queue: str) -> None:
 
 
 def spool_dead_letters(daemon: Msgd, queue: str) -> Callable[[], list[dict]]:
+    """The error records of the dead letters in failed/: of the messages there (a record is
+    complete before its message moves in; one being written has no message beside it yet)."""
+
     def records() -> list[dict]:
         base = daemon.root / "spool" / queue / "failed"
-        return [json.loads(p.read_text()) for p in sorted(base.glob("*.error.json"))]
+        ids = sorted(p.name for p in base.glob("*") if not p.name.endswith(".error.json"))
+        return [json.loads((base / f"{mid}.error.json").read_text()) for mid in ids]
 
     return records
 
