@@ -31,6 +31,7 @@ import structlog
 from msgd import handlers, logs
 from msgd.config import MAX_QUEUES, Config, ConfigError, QueueConfig
 from msgd.config import load as load_config
+from msgd.http import HttpListener
 from msgd.notify import Notifier
 from msgd.pidfile import Pidfile, StateFile, state_path
 from msgd.pool import Pool
@@ -137,19 +138,28 @@ class Master:
                 )
         self.index_queues(self.config)
         self.bursts = Bursts()
+        close_in_workers = [self.pidfile.fd]  # http: the listening socket joins it
+        self.http = HttpListener(close_in_workers, lambda: [self.pidfile.fd])  # http
+        try:  # http
+            self.http.check(self.config.http)
+        except ConfigError as e:
+            raise StartError(str(e)) from None
         self.pool = Pool(
             config=self.config,
             spool=self.spool,
             counters=self.counters,
             queue_index=self.queue_index,
             bursts=self.bursts,
-            close_in_child=[self.pidfile.fd],
+            close_in_child=close_in_workers,
+            events=self.http.writer,  # http
         )
+        self.http.apply(self.config, self.queue_index)  # http: before the workers fork
         self.pool.start()
         self.state = StateFile(
             state_path(self.config.daemon.pidfile),
             {"pid": os.getpid(), "started_at": self.started, "config": self.config.path},
         )
+        self.state.data["http"] = self.http.address  # http
         self.publish()
 
     def drop_privileges(self) -> None:
@@ -207,6 +217,7 @@ class Master:
         cut_short.cancel()
         self.publish()
         self.log.info("stopped", **self.current_snapshot()["totals"])
+        self.http.stop()  # http
         self.state.remove()
         self.pidfile.release()
 
@@ -245,12 +256,15 @@ class Master:
             new = self.checked_config()
         except Exception as e:
             reason = str(e) if isinstance(e, ConfigError) else f"{type(e).__name__}: {e}"
+            self.http.discard_pending()  # http
             self.log.error("reload", outcome="rejected", error=reason)
             self.state.record("reload", ok=False, error=reason)
             self.notify.ready(f"reload rejected: {reason}")
             return
         self.index_queues(new)
         self.config = new
+        self.http.apply(new, self.queue_index)  # http: before new workers fork
+        self.state.data["http"] = self.http.address  # http
         self.pool.replace_all(new)
         self.reloads += 1
         self.log.info(
@@ -272,6 +286,7 @@ class Master:
         new = load_config(self.config.path)
         self.check_reloadable(new)
         handlers.check(new)
+        self.http.check(new.http)  # http: binds a changed address
         d = new.daemon
         try:
             logs.setup(d.log_file, d.log_format, d.log_level)

@@ -17,12 +17,14 @@ import os
 import signal
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 
 from msgd.config import Config
+from msgd.events import NullWriter
 from msgd.spool import AckLog, Spool, split_name
 from msgd.stats import FAILED, RETRIED, TIMED_OUT, Counters, running
 from msgd.worker import DUMP_SIGNAL, Bursts, Worker
@@ -68,6 +70,7 @@ class Pool:
         queue_index: dict[str, int],
         bursts: Bursts,
         close_in_child: list[int],
+        events: Callable[[int], Any] = NullWriter,  # http: a slot's event writer
     ) -> None:
         self.config = config
         self.spool = spool
@@ -75,6 +78,7 @@ class Pool:
         self.queue_index = queue_index
         self.bursts = bursts
         self.close_in_child = close_in_child
+        self.events = events
         self.size = config.daemon.workers
         self.workers: dict[int, WorkerHandle] = {}  # slot -> live worker
         self.retired: set[WorkerHandle] = set()  # retiring workers whose slots are being freed
@@ -125,6 +129,7 @@ class Pool:
             counters=self.counters.writer(slot),
             conn=conn,
             bursts=self.bursts,
+            events=self.events(slot),
         ).run()
 
     # -- death -----------------------------------------------------------------------------------
@@ -192,13 +197,18 @@ class Pool:
             handle.slot, self.config.queues, counts, self.config.queues, error
         )
         writer = self.counters.writer(handle.slot)
+        counted: dict[int, list[int]] = {}  # http: the outcome events of what is counted here
         for index, done in uncounted:
             writer.count(index, done)
+            counted.setdefault(index, []).append(done)
         summary: dict[str, int] = {}
         for (queue, state), n in outcome.items():
             summary[state] = summary.get(state, 0) + n
             if state in ("retried", "failed"):
-                writer.count(self.queue_index[queue], RETRIED if state == "retried" else FAILED, n)
+                done = RETRIED if state == "retried" else FAILED
+                writer.count(self.queue_index[queue], done, n)
+                counted.setdefault(self.queue_index[queue], []).extend([done] * n)
+        self.events(handle.slot).settled(counted, error["error"])  # http
         return summary
 
     def _uncounted(self, slot: int) -> list[tuple[int, int]]:

@@ -26,6 +26,7 @@ import structlog
 
 from msgd import handlers
 from msgd.config import Config, QueueConfig
+from msgd.events import NullWriter
 from msgd.handlers import CommandFailed, Handler, Message, Reject
 from msgd.spool import Acker, Spool, SpoolError, SpoolInbox
 from msgd.stats import FAILED, RETRIED, SUCCEEDED, SlotWriter
@@ -68,6 +69,7 @@ class Worker:
         counters: SlotWriter,
         conn: Any,
         bursts: Bursts,
+        events: Any = None,  # http: events.EventWriter, or None for no outcome events
     ) -> None:
         self.slot = slot
         self.config = config
@@ -75,6 +77,7 @@ class Worker:
         self.counters = counters
         self.conn = conn
         self.bursts = bursts
+        self.events = events or NullWriter()
         self.spool = Spool.from_config(config)
         self.log = structlog.get_logger().bind(worker=slot)
         self.stopping = threading.Event()
@@ -193,7 +196,9 @@ class Worker:
         queue = inbox.queue
         index = self.queue_index[queue]
         started = self.counters.start(runner, index, name)
-        self.title(f"{queue} busy {inbox.label(name)[0]}")
+        mid, attempt = inbox.label(name)
+        self.events.begin(runner, index, mid, attempt, started)  # http
+        self.title(f"{queue} busy {mid}")
         try:
             message = inbox.read(name, self.config.daemon.max_message_size)
         except (OSError, SpoolError) as e:  # unreadable, not a file, too large: quarantine
@@ -209,6 +214,7 @@ class Worker:
             self.counters.intend(runner, index, SUCCEEDED)  # counted even if killed right here
             inbox.done(name)
             self.counters.finish(runner, index, SUCCEEDED, started)
+            self.events.end(runner, SUCCEEDED)  # http
         self.title("idle")
         if self.max_rss_kb and resource.getrusage(resource.RUSAGE_SELF).ru_maxrss > self.max_rss_kb:
             self.log.warning(
@@ -237,13 +243,11 @@ class Worker:
         if isinstance(error, CommandFailed | Reject) and str(error).startswith(("exit", "killed")):
             record["exit_status"] = str(error).split(":")[0]
         outcome = inbox.fail(name, record, permanent)
+        done = FAILED if outcome == "failed" else RETRIED
         self.counters.finish(
-            runner,
-            self.queue_index[queue],
-            FAILED if outcome == "failed" else RETRIED,
-            started,
-            rejected=isinstance(error, Reject),
+            runner, self.queue_index[queue], done, started, rejected=isinstance(error, Reject)
         )
+        self.events.end(runner, done, f"{record['error_type']}: {record['error']}")  # http
         self.log.warning(
             "message " + outcome,
             queue=queue,
