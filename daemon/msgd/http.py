@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import setproctitle
 import structlog
 
 from msgd.config import Config, ConfigError, HttpConfig, split_listen
@@ -169,6 +170,7 @@ class HttpListener:
         self.log.info("http listening", address=self.address, pid=process.pid)
 
     def _child(self, conn: Any) -> None:
+        setproctitle.setproctitle(f"msgd: http {self.address}")
         for fd in self.child_fds():
             with contextlib.suppress(OSError):
                 os.close(fd)

@@ -24,7 +24,6 @@ import signal
 from typing import Any
 from urllib.parse import urlsplit
 
-import setproctitle
 import structlog
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
@@ -32,13 +31,14 @@ from websockets.http11 import Request, Response
 
 from msgd import stats
 from msgd.events import Event, Reader, Rings
-from msgd.http import Settings, address
+from msgd.http import Settings
 from msgd.sysutil import read_json, set_parent_death_signal
 
 POLL = 0.025  # seconds between looks at the event rings
 STATS_POLL = 0.25  # seconds between looks at the stats file
 STATS_EVERY = 1.0  # at most one stats frame a second per subscriber
 BACKLOG = 1000  # frames a subscriber may fall behind before its oldest are dropped
+FLUSH_WAIT = 1.0  # seconds a stopping listener gives subscribers to take their backlog
 NICE = 10  # the listener yields the CPU to the workers
 ACTIONS = ("reload", "stats", "burst")
 
@@ -54,7 +54,6 @@ def run(sock: Any, settings: Settings, conn: Any, rings: Rings) -> None:
     if master is None or os.getppid() != master.pid:
         return  # the master died before we got here
     os.nice(NICE)
-    setproctitle.setproctitle(f"msgd: http {address(sock)}")
     asyncio.run(Listener(settings, rings).serve(sock, conn))
 
 
@@ -131,6 +130,7 @@ class Listener:
             await stop.wait()
             for task in tasks:
                 task.cancel()
+            await self.last_words()
             server.close()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(server.wait_closed(), 2.0)
@@ -198,19 +198,34 @@ class Listener:
     async def feed_events(self) -> None:
         while True:
             await asyncio.sleep(POLL)
-            missed = self.reader.missed
-            events = self.reader.poll()
-            lost = self.reader.missed - missed
-            names = {i: n for n, i in self.settings.queue_index.items()}
+            self.fan_out()
+
+    def fan_out(self) -> None:
+        """Hand every new event to the subscribers that want it (each frame encoded once)."""
+        missed = self.reader.missed
+        events = self.reader.poll()
+        lost = self.reader.missed - missed
+        names = {i: n for n, i in self.settings.queue_index.items()}
+        for sub in self.subscribers:
+            if lost and "events" in sub.topics:
+                sub.lost(lost)
+        for event in events:
+            queue = names.get(event.queue, "?")
+            frame = json.dumps(_event_frame(event, queue))
             for sub in self.subscribers:
-                if lost and "events" in sub.topics:
-                    sub.lost(lost)
-            for event in events:
-                queue = names.get(event.queue, "?")
-                frame = json.dumps(_event_frame(event, queue))
-                for sub in self.subscribers:
-                    if sub.wants(queue):
-                        sub.push(frame)
+                if sub.wants(queue):
+                    sub.push(frame)
+
+    async def last_words(self) -> None:
+        """Stopping (the daemon drained, or a reload replaced us): the outcomes of the last
+        moments still go out, for up to FLUSH_WAIT seconds."""
+        self.fan_out()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.flushed(), FLUSH_WAIT)
+
+    async def flushed(self) -> None:
+        while any(sub.backlog or sub.missed for sub in self.subscribers):
+            await asyncio.sleep(POLL)
 
     # -- one connection --------------------------------------------------------------------------
 
