@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+pytest.importorskip("websockets")
 from conftest import BIN, Msgd, alive, wait_for
 from httpkit import (
     TOKEN,
@@ -26,8 +28,6 @@ from httpkit import (
     subscribe,
 )
 from websockets.exceptions import ConnectionClosed, InvalidStatus
-
-pytest.importorskip("websockets")
 
 
 def events_until(ws: Any, n: int, timeout: float = 30) -> list[dict[str, Any]]:
