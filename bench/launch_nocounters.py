@@ -16,14 +16,16 @@ PATCHED = ("start", "intend", "finish")  # the SlotWriter methods a worker calls
 
 def main() -> int:
     try:
-        from msgd import stats
+        from msgd import counters as stats
     except ImportError as e:
-        print(f"cannot import msgd.stats: {e}", file=sys.stderr)
+        print(f"cannot import msgd.counters: {e}", file=sys.stderr)
         return 3
     writer = getattr(stats, "SlotWriter", None)
     missing = [n for n in PATCHED if not callable(getattr(writer, n, None))]
     if missing:
-        print(f"msgd.stats.SlotWriter lacks {missing}: counters-off run skipped", file=sys.stderr)
+        print(
+            f"msgd.counters.SlotWriter lacks {missing}: counters-off run skipped", file=sys.stderr
+        )
         return 3
     args = sys.argv[1:]
     if args == ["--check-names"]:

@@ -543,7 +543,7 @@ def hup_code(args) -> dict:
 def counters(args) -> dict:
     """ns per update: an update of msgd's lock-free slot (its own view of the shared
     `Array('Q', lock=False)`) vs a locked multiprocessing.Value."""
-    from msgd.stats import Counters
+    from msgd.counters import Counters
 
     value = multiprocessing.Value("Q", 0)
     number = args.n
@@ -565,7 +565,7 @@ def counters(args) -> dict:
     }
     # What a worker does per message: start, intend and finish, with a real message name.
     env["name"] = "19bd2c1e0f5a3b7c9d1e4f60@1"
-    per_message = "w.intend(0, 0, 0)\nw.finish(0, 0, 0, w.start(0, 0, name))"
+    per_message = "w.intend(0, 0, 0)\nw.finish(0, 0, 0, w.start(0, 0, name, name))"
     result["per_message_ns"] = ns(per_message) - empty
     return result
 

@@ -18,7 +18,8 @@ from typing import Any
 
 import msgd
 import pytest
-from msgd.spool import Spool
+from msgd.config import DaemonConfig, QueueConfig
+from msgd.spool import SpoolStore
 
 TESTS = Path(__file__).parent
 BIN = Path(sys.executable).parent
@@ -117,9 +118,9 @@ class Msgd:
     def state_file(self) -> Path:
         return self.root / "run/msgd.state"
 
-    @property
-    def spool(self) -> Spool:
-        return Spool(str(self.root / "spool"))
+    def store(self, queue: str = "default") -> SpoolStore:
+        """The spool queue `queue` of this daemon, for writing and looking at it directly."""
+        return spool_store(self.root / "spool", queue)
 
     def state(self) -> dict[str, Any]:
         return _json(self.state_file) or {}
@@ -233,6 +234,11 @@ class Msgd:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+
+def spool_store(root: Path, queue: str, **policy: Any) -> SpoolStore:
+    """One queue of the spool at `root` (the daemon's default modes and flushing)."""
+    return SpoolStore(queue, QueueConfig(handler="-", **policy), DaemonConfig(spool=str(root)))
 
 
 def _json(path: Path) -> dict[str, Any] | None:

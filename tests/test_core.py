@@ -234,15 +234,15 @@ def test_hup_reloads_and_a_bad_config_keeps_the_old_one(daemon: Msgd) -> None:
     daemon.start()
     daemon.kill(signal.SIGHUP)
     wait_for(lambda: daemon.generation("reload") == 1, what="reload ack")
-    assert daemon.state()["last"]["reload"]["ok"] is True
+    assert daemon.state()["last"]["reload"]["outcome"] == "ok"
     daemon.write_config("[daemon]\nworkers = 'many'\n")
     daemon.kill(signal.SIGHUP)
     wait_for(lambda: daemon.generation("reload") == 2, what="second reload ack")
     last = daemon.state()["last"]["reload"]
-    assert last["ok"] is False and "Expected `int`" in last["error"]
+    assert last["outcome"] == "rejected" and "Expected `int`" in last["error"]
     rejected = [e for e in daemon.events("reload") if e.get("outcome") == "rejected"]
     assert len(rejected) == 1
-    daemon.spool.send("default", b"still serving")  # the file is broken: write the spool
+    daemon.store().send_many([b"still serving"])  # the file is broken: write the spool
     wait_for(lambda: len(daemon.succeeded()) == 1, what="the old config to keep working")
 
 

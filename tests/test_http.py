@@ -72,7 +72,8 @@ def test_stats_metrics_dashboard_and_404(web: Msgd) -> None:
     status, kind, body = get(web, "/")
     assert status == 200 and kind.startswith("text/html")
     page = body.decode()
-    assert "/ws" in page and "src=" not in page and "href=" not in page  # nothing external
+    assert 'new URL("ws", location.href)' in page  # the feed, relative to the page
+    assert "src=" not in page and "href=" not in page and "@import" not in page  # all inline
     assert get(web, "/nope")[0] == 404
 
 
@@ -250,7 +251,7 @@ def test_actions_reload_stats_burst_with_the_token(web: Msgd) -> None:
     assert stats["op"] == "done" and stats["generation"] == 1 == web.generation("stats")
     assert stats["snapshot"]["generation"] == 1
     assert burst["op"] == "done" and burst["succeeded"] == 0 and web.generation("burst_done") == 1
-    assert reload["op"] == "done" and reload["ok"] and reload["config_generation"] == 1
+    assert reload["op"] == "done" and reload["outcome"] == "ok" and reload["config_generation"] == 1
     assert unknown["op"] == "error" and "not one of" in unknown["error"]
 
 

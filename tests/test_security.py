@@ -16,10 +16,10 @@ from pathlib import Path
 
 import msgd
 import pytest
-from conftest import TESTS, Msgd, alive, wait_for
+from conftest import TESTS, Msgd, alive, spool_store, wait_for
 from faultkit import Tally, tmpfs, uid_of, world_dir
 from msgd.config import ConfigError
-from msgd.spool import Spool, SpoolError, check_name
+from msgd.spool import SpoolError, check_name
 
 EVIL = [
     "../x",
@@ -44,11 +44,11 @@ def mode(p: Path) -> int:
 
 @pytest.mark.parametrize("name", EVIL, ids=range(len(EVIL)))
 def test_queue_names_and_ids_cannot_escape(tmp_path: Path, name: str) -> None:
-    spool = Spool(str(tmp_path / "spool"))
+    root = tmp_path / "spool"
     with pytest.raises(SpoolError):
-        spool.send(name, b"x")
+        spool_store(root, name).send_many([b"x"])
     with pytest.raises(SpoolError):
-        spool.retry_failed("q", [name])
+        spool_store(root, "q").retry_failed([name])
     if name not in (".hidden",):  # a dot name is refused as an id, allowed nowhere as a queue
         with pytest.raises(SpoolError):
             check_name(name)

@@ -19,7 +19,8 @@ from typing import Any
 
 import pytest
 from conftest import Msgd, wait_for
-from msgd import stats
+from msgd import counters, stats
+from msgd.backend import Outcome
 from prometheus_client.parser import text_string_to_metric_families
 
 OUTCOMES = ["succeeded", "retried", "failed", "rejected", "timed_out"]
@@ -33,8 +34,8 @@ def settled(d: Msgd, *queues: str) -> bool:
     wait for what the handlers wrote and for the counters (`counted`).
     """
     for q in queues or ("default",):
-        depth = d.spool.depths(q)
-        if depth["new"] or depth["cur"] or depth["defer"]:
+        depth = d.store(q).depths()
+        if depth.new or depth.cur or depth.defer:
             return False
     return True
 
@@ -141,11 +142,11 @@ def _textbook(value: Any, start: Any, n: int) -> None:
         value.value += 1
 
 
-def _slotted(counters: stats.Counters, slot: int, start: Any, n: int) -> None:
+def _slotted(counters: counters.Counters, slot: int, start: Any, n: int) -> None:
     writer = counters.writer(slot)
     start.wait()
     for _ in range(n):
-        writer.count(0, stats.SUCCEEDED)
+        writer.count(0, Outcome.SUCCEEDED)
 
 
 def test_why_one_slot_per_process(record_property: Any) -> None:
@@ -158,13 +159,13 @@ def test_why_one_slot_per_process(record_property: Any) -> None:
     procs, n = 4, 20_000
     ctx = multiprocessing.get_context("fork")
     value = ctx.Value("Q", 0)  # with its lock: the lock guards each read and each write, not +=
-    counters = stats.Counters()
+    shared = counters.Counters()
     for slot in range(procs):
-        counters.writer(slot)
+        shared.writer(slot)
     start = ctx.Event()
     workers = [ctx.Process(target=_textbook, args=(value, start, n)) for _ in range(procs)]
     workers += [
-        ctx.Process(target=_slotted, args=(counters, slot, start, n)) for slot in range(procs)
+        ctx.Process(target=_slotted, args=(shared, slot, start, n)) for slot in range(procs)
     ]
     for p in workers:
         p.start()
@@ -172,8 +173,8 @@ def test_why_one_slot_per_process(record_property: Any) -> None:
     for p in workers:
         p.join(30)
         assert p.exitcode == 0
-    slots = counters.read()
-    total = sum(stats.queue_block(slots[s], 0)[stats.SUCCEEDED] for s in range(procs))
+    slots = shared.read()
+    total = sum(counters.queue_block(slots[s], 0)[Outcome.SUCCEEDED] for s in range(procs))
     lost = procs * n - value.value
     record_property("textbook_value_lost_updates", lost)
     print(f"\nshared Value: {value.value} of {procs * n} increments ({lost} lost); slots: {total}")
@@ -212,7 +213,7 @@ def test_totals_survive_kill9_reload_and_scaling(daemon: Msgd) -> None:
     busy = snap[0]
     assert busy["current"][0]["id"] == hang
     os.kill(busy["pid"], signal.SIGKILL)
-    wait_for(lambda: daemon.spool.depths("default")["failed"] == 1, 10, "the dead letter")
+    wait_for(lambda: daemon.store().depths().failed == 1, 10, "the dead letter")
     failed = 1
     after = wait_for(
         lambda: [w for w in fresh_stats(daemon)["workers"] if w["slot"] == busy["slot"]],
@@ -285,7 +286,7 @@ def test_pool_grows_past_one_counter_segment(daemon: Msgd) -> None:
     daemon.start()
     daemon.send_many([b"x"] * 100)
     wait_for(lambda: len(daemon.succeeded()) == 100, 10, "100 done by one worker")
-    daemon.daemon["workers"] = stats.SLOTS_PER_SEGMENT + 2
+    daemon.daemon["workers"] = counters.SLOTS_PER_SEGMENT + 2
     daemon.write_config()
     assert daemon.msgctl("reload").returncode == 0  # 18 new workers in slots 1..18
     wait_for(lambda: len(daemon.workers()) == 18, 20, "18 workers")
@@ -360,6 +361,8 @@ def _setup_mixed(daemon: Msgd) -> None:
     daemon.send_many([b"ok"] * 20 + [b"fail"] * 2 + [b"reject"])
     daemon.send_many([b"x"] * 5, queue="later")
     wait_for(lambda: daemon.stats().get("processed") == 23, 10, "the default queue worked")
+    # The rates are stepped once a second by the master's clock, not by reading the stats.
+    wait_for(lambda: daemon.stats()["rates"]["1m"] > 0, 10, "a rate over the last minute")
 
 
 def test_msgctl_stats_json_schema(daemon: Msgd) -> None:
@@ -503,38 +506,46 @@ def test_process_title_carries_the_summary(daemon: Msgd) -> None:
 
 
 def test_histogram_buckets_are_upper_bound_inclusive() -> None:
-    base = stats.HIST_BASE_NS
-    assert stats.bucket(0) == 0
-    assert stats.bucket(base) == 0  # exactly 50 µs belongs to le="5e-05"
-    assert stats.bucket(base + 1) == 1
-    assert stats.bucket(2 * base) == 1
-    assert stats.bucket(2 * base + 1) == 2
-    assert stats.bucket(10**15) == stats.BUCKETS - 1
-    for k, bound in enumerate(stats.BUCKET_BOUNDS):
-        assert stats.bucket(round(bound * 1e9)) == k
+    base = counters.HIST_BASE_NS
+    assert counters.bucket(0) == 0
+    assert counters.bucket(base) == 0  # exactly 50 µs belongs to le="5e-05"
+    assert counters.bucket(base + 1) == 1
+    assert counters.bucket(2 * base) == 1
+    assert counters.bucket(2 * base + 1) == 2
+    assert counters.bucket(10**15) == counters.BUCKETS - 1
+    for k, bound in enumerate(counters.BUCKET_BOUNDS):
+        assert counters.bucket(round(bound * 1e9)) == k
 
 
 def test_percentiles_and_summary() -> None:
-    hist = [0] * stats.BUCKETS
+    hist = [0] * counters.BUCKETS
     hist[0], hist[3], hist[10] = 50, 40, 10
-    assert stats.percentile(hist, 0.5) == stats.BUCKET_BOUNDS[0]
-    assert stats.percentile(hist, 0.9) == stats.BUCKET_BOUNDS[3]
-    assert stats.percentile(hist, 0.99) == stats.BUCKET_BOUNDS[10]
-    assert stats.percentile([0] * stats.BUCKETS, 0.5) is None
-    snap = {
-        "totals": {"succeeded": 1234, "failed": 3},
-        "workers": [{}, {}],
-        "pending": 17,
-    }
+    assert stats.percentile(hist, 0.5) == counters.BUCKET_BOUNDS[0]
+    assert stats.percentile(hist, 0.9) == counters.BUCKET_BOUNDS[3]
+    assert stats.percentile(hist, 0.99) == counters.BUCKET_BOUNDS[10]
+    assert stats.percentile([0] * counters.BUCKETS, 0.5) is None
+    snap = stats.Snapshot(
+        totals=stats.Totals(succeeded=1234, failed=3),
+        processed=1237,
+        pending=17,
+        in_flight=0,
+        rates={},
+        latency_ms=stats.Latency(),
+        histogram_bounds_s=[],
+        queues={},
+        workers=[stats.WorkerStats(slot=i, pid=i, state="idle", current=[]) for i in (0, 1)],
+    )
     assert stats.summary(snap) == "2 workers, 1234 done, 3 failed, 17 pending"
 
 
 @pytest.mark.parametrize("total", [0, 600])
 def test_rates_follow_a_steady_flow(total: int) -> None:
     rates = stats.Rates()
-    rates.update(0, 0.0)
+    rates.step(0, 0.0)
     for t in range(1, 601):
-        r = rates.update(t * total // 600, float(t))
+        rates.step(t * total // 600, float(t))
+        r = rates.current()
+    assert rates.current() == r, "reading the rates does not change them"
     assert r["1m"] == pytest.approx(total / 600, rel=0.01)
     assert r["1m"] >= r["5m"] >= r["15m"] >= 0
 
@@ -542,15 +553,15 @@ def test_rates_follow_a_steady_flow(total: int) -> None:
 def test_a_run_in_progress_and_its_intended_outcome_are_read_back() -> None:
     """What the master reads from a slot: the run in progress, and the outcome a worker killed
     between making it durable and counting it had intended (pool.settle counts that one)."""
-    counters = stats.Counters()
-    writer = counters.writer(stats.SLOTS_PER_SEGMENT + 1)  # in a second segment
-    started = writer.start(3, 5, "abc@0")
-    [run] = stats.running(counters.read()[stats.SLOTS_PER_SEGMENT + 1])
-    assert (run.queue, run.started_ns, run.intended) == (5, started, None)
-    writer.intend(3, 5, stats.SUCCEEDED)
-    [run] = stats.running(counters.read()[stats.SLOTS_PER_SEGMENT + 1])
-    assert (run.queue, run.intended) == (5, stats.SUCCEEDED)
-    writer.finish(3, 5, stats.SUCCEEDED, started)
-    slot = counters.read()[stats.SLOTS_PER_SEGMENT + 1]
-    assert stats.running(slot) == []
-    assert stats.queue_block(slot, 5)[stats.SUCCEEDED] == 1
+    shared = counters.Counters()
+    writer = shared.writer(counters.SLOTS_PER_SEGMENT + 1)  # in a second segment
+    started = writer.start(3, 5, "abc@0", "abc")
+    [run] = counters.running(shared.read()[counters.SLOTS_PER_SEGMENT + 1])
+    assert (run.queue, run.started_ns, run.label, run.intended) == (5, started, "abc", None)
+    writer.intend(3, 5, Outcome.SUCCEEDED)
+    [run] = counters.running(shared.read()[counters.SLOTS_PER_SEGMENT + 1])
+    assert (run.queue, run.intended) == (5, Outcome.SUCCEEDED)
+    writer.finish(3, 5, Outcome.SUCCEEDED, started)
+    slot = shared.read()[counters.SLOTS_PER_SEGMENT + 1]
+    assert counters.running(slot) == []
+    assert counters.queue_block(slot, 5)[Outcome.SUCCEEDED] == 1

@@ -17,13 +17,15 @@ import tomllib
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import msgspec
 from msgd import handlers, stats
+from msgd.backend import BackendError, open_store
 from msgd.config import Config, ConfigError, DaemonConfig, QueueConfig, default_path
 from msgd.config import load as load_config
 from msgd.pidfile import state_path
 from msgd.signals import SIGNAL_OF, Action
-from msgd.spool import Spool, SpoolError
-from msgd.sysutil import atomic_write, read_json
+from msgd.spool import Spool
+from msgd.sysutil import atomic_write
 
 from msgctl.daemon import CtlError, Daemon, NotRunning
 
@@ -101,10 +103,10 @@ def cmd_status(ctx: Context) -> int:
         print(e)
         return 1
     state = d.state()
-    snap = read_json(ctx.stats_file) or {}
-    uptime = stats.duration(snap.get("uptime", 0))
+    snap = stats.read(ctx.stats_file)
+    uptime = stats.duration(snap.uptime if snap else 0)
     print(
-        f"msgd running: pid {d.pid}, up {uptime}, {len(snap.get('workers', []))} workers, "
+        f"msgd running: pid {d.pid}, up {uptime}, {len(snap.workers) if snap else 0} workers, "
         f"config {state.get('config', ctx.config_path)}"
     )
     return 0
@@ -124,7 +126,7 @@ def cmd_check(ctx: Context) -> int:
 def cmd_reload(ctx: Context) -> int:
     handlers.check(ctx.config)  # like `nginx -s reload`: never send a file we know is bad
     result = ctx.daemon().ask(signal.SIGHUP, "reload", ctx.args.timeout)
-    if not result.get("ok"):
+    if result.get("outcome") == "rejected":
         raise CtlError(f"reload rejected: {result.get('error')}")
     print(f"reloaded (config generation {result.get('config_generation')})")
     return 0
@@ -133,7 +135,7 @@ def cmd_reload(ctx: Context) -> int:
 def cmd_stats(ctx: Context) -> int:
     d = ctx.daemon()
     d.ask(SIGNAL_OF[Action.STATS], "stats", ctx.args.timeout)
-    snap = read_json(ctx.stats_file)
+    snap = stats.read(ctx.stats_file)
     if snap is None:
         raise CtlError(f"cannot read the stats file {ctx.stats_file}")
     if ctx.args.prometheus:
@@ -143,7 +145,7 @@ def cmd_stats(ctx: Context) -> int:
         else:
             print(text, end="")
     elif ctx.args.json:
-        print(json.dumps(snap, indent=1))
+        print(json.dumps(msgspec.to_builtins(snap), indent=1))
     else:
         print(stats.table(snap))
     return 0
@@ -159,7 +161,7 @@ def cmd_burst(ctx: Context) -> int:
     if sys.stdout.isatty():
         done = _with_progress(
             lambda: d.await_generation("burst_done", started["generation"], 0.5),
-            lambda: (read_json(ctx.stats_file) or {}).get("pending", 0),
+            lambda: getattr(stats.read(ctx.stats_file), "pending", 0),
             timeout,
         )
     else:
@@ -205,17 +207,15 @@ def cmd_scale(ctx: Context) -> int:
 
 
 def cmd_send(ctx: Context) -> int:
-    from msgd.producer import producer_for
-
     queue = ctx.args.queue
     if queue not in ctx.config.queues:
         raise CtlError(f"no queue {queue!r} in {ctx.config_path}")
-    producer = producer_for(ctx.config_path, queue)
+    store = open_store(queue, ctx.config.queues[queue], ctx.config.daemon)
     sources = ctx.args.files or ["-"]
     show = sys.stderr.isatty() and len(sources) > SEND_BATCH
     sent = 0
     for batch in _batches(sources, SEND_BATCH):
-        for mid in producer.send_many(queue, (_read_body(s) for s in batch)):
+        for mid in store.send_many([_read_body(s) for s in batch]):
             print(mid)
         sent += len(batch)
         if show:
@@ -241,47 +241,28 @@ def _read_body(source: str) -> bytes:
 
 
 def cmd_queues(ctx: Context) -> int:
-    spool = Spool.from_config(ctx.config)
-    names = sorted(set(ctx.config.queues) | set(spool.queues()))
+    """Every configured queue, and spool directories no queue names any more. A queue whose
+    server cannot be reached is reported on its line, not as a failure of the command."""
+    config = ctx.config
+    names = sorted(set(config.queues) | set(Spool.from_config(config.daemon).queues()))
     print(f"{'QUEUE':<24} {'NEW':>8} {'CUR':>6} {'DEFER':>7} {'FAILED':>7}")
     for name in names:
-        policy = ctx.config.queues.get(name)
-        if policy is not None and policy.backend == "redis":
-            print(_redis_depths(name, policy))
+        policy = config.queues.get(name, QueueConfig(handler="-"))
+        try:
+            d = open_store(name, policy, config.daemon).depths()
+        except BackendError as e:
+            print(f"{name:<24} unavailable: {e}")
             continue
-        d = spool.depths(name)
-        print(f"{name:<24} {d['new']:>8} {d['cur']:>6} {d['defer']:>7} {d['failed']:>7}")
+        line = f"{name:<24} {d.new:>8} {d.cur:>6} {d.defer:>7} {d.failed:>7}"
+        print(f"{line}  {d.detail}" if d.detail else line)
     return 0
 
 
-def _redis_depths(name: str, policy: QueueConfig) -> str:
-    """A Redis queue's line: NEW is not yet delivered, CUR pending in the group; then the stream's
-    own figures. An unreachable Redis is reported on the line, not as a failure of the command."""
-    from msgd import redisq
-
-    stream = redisq.stream_name(name, policy)
-    try:
-        d = redisq.depths_now(name, policy)
-    except redisq.RedisQueueError as e:
-        return f"{name:<24} redis unavailable: {e}"
-    return (
-        f"{name:<24} {d['new']:>8} {d['cur']:>6} {d['defer']:>7} {d['failed']:>7}  "
-        f"redis stream {stream}: length {d['length']}, pending {d['pending']}, "
-        f"consumers {d['consumers']}"
-    )
-
-
 def cmd_retry_failed(ctx: Context) -> int:
-    queue, ids = ctx.args.queue, ctx.args.ids or None
-    policy = ctx.config.queues.get(queue)
-    if policy is not None and policy.backend == "redis":
-        from msgd.redisq import retry_failed, stream_name
-
-        moved = retry_failed(queue, policy, ids)
-        print(f"{len(moved)} message(s) back in the stream {stream_name(queue, policy)}")
-        return 0
-    moved = Spool.from_config(ctx.config).retry_failed(queue, ids)
-    print(f"{len(moved)} message(s) back in {queue}/new")
+    queue = ctx.args.queue
+    policy = ctx.config.queues.get(queue, QueueConfig(handler="-"))
+    moved = open_store(queue, policy, ctx.config.daemon).retry_failed(ctx.args.ids or None)
+    print(f"{len(moved)} message(s) back in {queue}")
     return 0
 
 
@@ -348,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         args.timeout = 10.0
     try:
         return args.run(Context(args))
-    except (CtlError, ConfigError, SpoolError) as e:
+    except (CtlError, ConfigError, BackendError) as e:
         print(f"msgctl: {e}", file=sys.stderr)
         return getattr(e, "status", 1)
     except KeyboardInterrupt:

@@ -76,11 +76,16 @@ class Daemon:
         return self.await_generation(action, before + 1, timeout)
 
     def await_generation(self, action: str, at_least: int, timeout: float) -> dict[str, Any]:
+        """The action's outcome once its generation reaches `at_least`; CtlError if the action
+        failed in msgd (its reason), if msgd exited, or after `timeout` seconds."""
         deadline = time.monotonic() + timeout
         while True:
             state = self.state()
             if state["generations"].get(action, 0) >= at_least:
-                return {"generation": state["generations"][action], **state["last"].get(action, {})}
+                last = state["last"].get(action, {})
+                if last.get("outcome") == "error":
+                    raise CtlError(f"{action} failed in msgd: {last.get('error')}")
+                return {"generation": state["generations"][action], **last}
             if self.exited(0):
                 raise CtlError(f"msgd (pid {self.pid}) exited before acknowledging {action}")
             if time.monotonic() > deadline:

@@ -7,7 +7,6 @@ like `top -b -n 1`) so that it can be piped or logged.
 from __future__ import annotations
 
 import contextlib
-import json
 import select
 import sys
 import termios
@@ -40,12 +39,10 @@ def top(stats_file: str, frames: int | None) -> int:
 
 
 def _frame(stats_file: str) -> str:
-    try:
-        with open(stats_file, "rb") as f:
-            snap = json.load(f)
-    except (OSError, ValueError):
+    snap = stats.read(stats_file)
+    if snap is None:
         return f"msgd: no stats at {stats_file} (not running?)"
-    age = time.time() - snap.get("time", 0)
+    age = time.time() - snap.time
     stale = f"   (stats are {age:.0f}s old: is msgd running?)" if age > 5 else ""
     return time.strftime("%H:%M:%S ") + stats.summary(snap) + stale + "\n" + stats.table(snap)
 

@@ -29,6 +29,6 @@ def send_many(
     bodies: Iterable[bytes], queue: str = "default", config: str | None = None
 ) -> list[str]:
     """Enqueue a batch durably with one flush; returns the ids in order."""
-    from msgd.producer import producer_for
+    from msgd.producer import store_for
 
-    return producer_for(config, queue).send_many(queue, bodies)
+    return store_for(config, queue).send_many(list(bodies))

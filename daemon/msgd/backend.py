@@ -61,6 +61,14 @@ class Depths(msgspec.Struct, kw_only=True):
     detail: str = ""  # the store's own words for `msgctl queues` (stream length, consumers...)
 
 
+class BurstMark(msgspec.Struct):
+    """Where a queue stood when a burst began: how many messages the burst covers (as well as
+    the store can tell) and the store's own record of them."""
+
+    pending: int
+    state: Any = None
+
+
 class Death(msgspec.Struct, frozen=True, kw_only=True):
     """A worker slot whose process went away, as the pool tells its queues' stores.
 
@@ -87,6 +95,13 @@ class Settled(msgspec.Struct, kw_only=True):
     failed: int = 0  # charged an attempt, dead letters now
     uncounted: list[Outcome] = []  # outcomes made durable that the worker did not count
 
+    def add(self, other: Settled) -> None:
+        self.finished += other.finished
+        self.returned += other.returned
+        self.retried += other.retried
+        self.failed += other.failed
+        self.uncounted += other.uncounted
+
 
 class Inbox(Protocol):
     """A worker's view of one queue, shared by that queue's runner threads in the worker.
@@ -108,7 +123,8 @@ class Inbox(Protocol):
         ...
 
     def read(self, handle: str, max_size: int) -> Message:
-        """The claimed message; raises BackendError if it cannot be worked (a dead letter)."""
+        """The claimed message; raises BackendError or OSError if it cannot be worked (it goes to
+        the dead letters with that error)."""
         ...
 
     def label(self, handle: str) -> tuple[str, int]:
@@ -156,11 +172,11 @@ class Store(Protocol):
         `force`, a burst). A no-op where the broker or the workers keep that time."""
         ...
 
-    def burst_mark(self) -> object:
-        """A mark of everything claimable now (what a burst must see worked). Opaque."""
+    def burst_mark(self) -> BurstMark:
+        """A mark of everything claimable now (what a burst must see worked)."""
         ...
 
-    def burst_worked(self, mark: object) -> bool:
+    def burst_worked(self, mark: BurstMark) -> bool:
         """Whether every message pending at `mark` has been settled (False while unknown)."""
         ...
 

@@ -246,6 +246,15 @@ def _check_http(http: HttpConfig) -> None:
         raise ConfigError("http.listen: needs websockets: pip install 'msgd[http]'")
 
 
+def check_reloadable(old: Config, new: Config, names_since_start: set[str]) -> None:
+    """What cannot change under a running daemon (a restart can): raise ConfigError naming it."""
+    for key in ("pidfile", "spool", "user", "group"):
+        if getattr(new.daemon, key) != getattr(old.daemon, key):
+            raise ConfigError(f"daemon.{key}: cannot change on reload (restart msgd)")
+    if len(names_since_start | set(new.queues)) > MAX_QUEUES:
+        raise ConfigError(f"queues: more than {MAX_QUEUES} queue names since start (restart)")
+
+
 def valid_queue_name(name: str) -> bool:
     """Queue names become directory names: nothing that could step outside the spool."""
     return bool(QUEUE_NAME.fullmatch(name)) and not name.startswith(".")

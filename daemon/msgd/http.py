@@ -24,6 +24,7 @@ import setproctitle
 import structlog
 
 from msgd.config import Config, ConfigError, HttpConfig, split_listen
+from msgd.counters import QueueIndex
 from msgd.events import NullWriter, Rings
 
 _fork = multiprocessing.get_context("fork")
@@ -120,13 +121,13 @@ class HttpListener:
             self.pending[0].close()
         self.pending = None
 
-    def apply(self, config: Config, queue_index: dict[str, int]) -> None:
+    def apply(self, config: Config, index: QueueIndex) -> None:
         """Make the checked config current: a new listener for a new socket or token, else the
         running one is told the new config."""
         assert self.pending is not None, "check() first"
         sock, listen, token = self.pending
         self.pending = None
-        self.settings = Settings(config, token, dict(queue_index))
+        self.settings = Settings(config, token, {name: index[name] for name in index})
         if sock is not self.sock or token != self.token:
             self.stop_process()
             self._swap_socket(sock)

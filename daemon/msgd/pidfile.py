@@ -115,25 +115,31 @@ class StateFile:
 
     def __init__(self, path: str, info: dict[str, Any]) -> None:
         self.path = path
-        self.began: float | None = None  # CLOCK_MONOTONIC when the running action's task woke
         self.data: dict[str, Any] = {
             **info,
             "generations": dict.fromkeys(self.ACTIONS, 0),
             "last": {},
         }
 
-    def record(self, action: str, generation: int | None = None, **outcome: Any) -> int:
+    def record(
+        self, action: str, generation: int | None = None, began: float | None = None, **outcome: Any
+    ) -> int:
         """Count one run of `action` (or set its generation), keep its outcome, publish.
 
-        Returns the action's generation: msgctl waits for it to move past the one it read.
+        `began` is when the action's task woke (CLOCK_MONOTONIC, the same clock in every process:
+        a sender can tell how long its signal took to reach the task). Returns the action's
+        generation: msgctl waits for it to move past the one it read.
         """
         gens = self.data["generations"]
         gens[action] = gens[action] + 1 if generation is None else generation
         last = {"at": time.time(), **outcome}
-        if self.began is not None:  # the same clock in every process: a sender can tell how
-            last["began_monotonic"] = self.began  # long the signal took to reach the task
+        if began is not None:
+            last["began_monotonic"] = began
         self.data["last"][action] = last
         self.write()
+        return self.data["generations"][action]
+
+    def generation(self, action: str) -> int:
         return self.data["generations"][action]
 
     def write(self) -> None:

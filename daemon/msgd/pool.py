@@ -16,18 +16,19 @@ import multiprocessing
 import os
 import signal
 import time
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import structlog
 
+from msgd.backend import Death, Outcome, Settled, open_store
+from msgd.burst import BurstFlags
 from msgd.config import Config
+from msgd.counters import Counters, QueueIndex, Running, running
 from msgd.events import NullWriter
-from msgd.spool import AckLog, Spool, split_name
-from msgd.stats import FAILED, RETRIED, TIMED_OUT, Counters, running
-from msgd.worker import DUMP_SIGNAL, Bursts, Worker
+from msgd.worker import DUMP_SIGNAL, Word, Worker
 
 FAST_DEATH = 1.0  # a worker dying sooner than this after its start is respawned with backoff
 DUMP_WAIT = 0.2  # seconds between asking a hung worker for its tracebacks and killing it
@@ -45,13 +46,13 @@ class WorkerHandle:
     started: float = field(default_factory=time.monotonic)
     retiring: bool = False  # asked to stop: not replaced when it exits
     kill_reason: str = ""  # why the master killed it, for the log and the failure record
-    timed_out: str = ""  # the cur/ name of the message that ran past its timeout
+    timed_out: Running | None = None  # the run that went past its queue's timeout
 
     @property
     def pid(self) -> int:
         return self.process.pid
 
-    def send(self, word: str) -> None:
+    def send(self, word: Word) -> None:
         with contextlib.suppress(OSError):
             self.conn.send(word)
 
@@ -63,22 +64,18 @@ class WorkerHandle:
 class Pool:
     def __init__(
         self,
-        *,
         config: Config,
-        spool: Spool,
         counters: Counters,
-        queue_index: dict[str, int],
-        bursts: Bursts,
+        index: QueueIndex,
+        flags: BurstFlags,
         close_in_child: list[int],
-        events: Callable[[int], Any] = NullWriter,  # http: a slot's event writer
     ) -> None:
         self.config = config
-        self.spool = spool
         self.counters = counters
-        self.queue_index = queue_index
-        self.bursts = bursts
+        self.index = index
+        self.flags = flags
         self.close_in_child = close_in_child
-        self.events = events
+        self.events: Callable[[int], Any] = NullWriter  # http: a slot's event writer
         self.size = config.daemon.workers
         self.workers: dict[int, WorkerHandle] = {}  # slot -> live worker
         self.retired: set[WorkerHandle] = set()  # retiring workers whose slots are being freed
@@ -125,11 +122,11 @@ class Pool:
         Worker(
             slot=slot,
             config=self.config,
-            queue_index=self.queue_index,
+            index=self.index,
             counters=self.counters.writer(slot),
             conn=conn,
-            bursts=self.bursts,
-            events=self.events(slot),
+            flags=self.flags,
+            events=self.events(slot),  # http
         ).run()
 
     # -- death -----------------------------------------------------------------------------------
@@ -150,86 +147,78 @@ class Pool:
             settled = self.settle(handle, how)
         except Exception:  # a spool the master cannot write: log, keep the pool going; what is
             self.log.exception("settling a dead worker failed", worker=handle.slot)  # left in
-            settled = {}  # cur/ is settled by the next death in this slot or the next start
+            settled = Settled()  # cur/ is settled by the next death in this slot or the next start
         expected = handle.retiring or self.stopping
         log = self.log.info if expected else self.log.warning
+        counts = msgspec.structs.asdict(settled)
+        del counts["uncounted"]
         log(
             "worker exited",
             worker=handle.slot,
             pid=handle.pid,
             how=how,
-            **{k: v for k, v in settled.items() if v},
+            **{k: v for k, v in counts.items() if v},
         )
         if not expected:
             self._respawn_later(handle)
         if not self.workers and not self.retired:
             self.exited.set()
 
-    def settle(self, handle: WorkerHandle, how: str) -> dict[str, int]:
-        """What the dead worker held: finished files unlinked, in-flight ones retried or returned.
+    def settle(self, handle: WorkerHandle, how: str) -> Settled:
+        """What the dead worker held, settled by each of its queues' stores, and counted.
 
         A death the master did not ask for counts as a failed attempt for what was in flight (the
-        handler may be the cause: a message that kills workers must end in failed/, not loop). A
-        timeout counts only against the message that timed out. A stop returns messages untouched.
+        handler may be the cause: a message that kills workers must end as a dead letter, not
+        loop). A timeout counts only against the message that timed out. A stop charges nothing.
         """
-        if handle.timed_out:
-            error = {
-                "error_type": "Timeout",
-                "error": f"handler ran past its timeout; {how}",
-                "traceback": self._read_dump(handle.slot),
-            }
-            queue, name = handle.timed_out.split("/", 1)
+        runs = running(self.counters.read()[handle.slot])
+        writer = self.counters.writer(handle.slot)
+        total = Settled()
+        counted: dict[int, list[int]] = {}  # http: what is counted here makes outcome events
+        for name, policy in handle.config.queues.items():
+            index = self.index[name]
+            death = self._death(handle, how, [r for r in runs if r.queue == index])
+            settled = open_store(name, policy, handle.config.daemon).settle(death)
+            for outcome in settled.uncounted:
+                writer.count(index, outcome)
+            writer.count(index, Outcome.RETRIED, settled.retried)
+            writer.count(index, Outcome.FAILED, settled.failed)
+            total.add(settled)
+            counted[index] = [*settled.uncounted, *[Outcome.RETRIED] * settled.retried,
+                              *[Outcome.FAILED] * settled.failed]  # fmt: skip
+        self.events(handle.slot).settled(counted, f"worker {how}")  # http
+        return total
+
+    def _death(self, handle: WorkerHandle, how: str, runs: list[Running]) -> Death:
+        """The death as one queue's store must see it: `runs` are the worker's runs of it."""
+        intended = [(r.crc, r.intended) for r in runs if r.intended is not None]
+        timed_out = handle.timed_out
+        if timed_out is not None and timed_out in runs:
+            traceback = self._read_dump(handle.slot)
             self.log.error(
                 "timed-out handler's stack",
                 worker=handle.slot,
-                queue=queue,
-                id=split_name(name)[0],
-                traceback=error["traceback"],
+                queue=self.index.name(timed_out.queue),
+                id=timed_out.label,
+                traceback=traceback,
             )
-            self.counters.writer(handle.slot).count(self.queue_index[queue], TIMED_OUT)
-            counts = lambda q, n: (q, n) == (queue, name)  # noqa: E731
-        else:
-            error = {"error_type": "WorkerDied", "error": f"worker {how}", "traceback": ""}
-            dying = not (handle.retiring or self.stopping)
-            counts = lambda q, n: dying  # noqa: E731
-        uncounted = self._uncounted(handle.slot)  # before recover() empties cur/ and the ack log
-        outcome = self.spool.recover(
-            handle.slot, self.config.queues, counts, self.config.queues, error
-        )
-        writer = self.counters.writer(handle.slot)
-        counted: dict[int, list[int]] = {}  # http: the outcome events of what is counted here
-        for index, done in uncounted:
-            writer.count(index, done)
-            counted.setdefault(index, []).append(done)
-        summary: dict[str, int] = {}
-        for (queue, state), n in outcome.items():
-            summary[state] = summary.get(state, 0) + n
-            if state in ("retried", "failed"):
-                done = RETRIED if state == "retried" else FAILED
-                writer.count(self.queue_index[queue], done, n)
-                counted.setdefault(self.queue_index[queue], []).extend([done] * n)
-        self.events(handle.slot).settled(counted, error["error"])  # http
-        return summary
-
-    def _uncounted(self, slot: int) -> list[tuple[int, int]]:
-        """Outcomes a dead worker made durable but did not count: it was killed between
-        SlotWriter.intend() and finish(). Its message has left cur/, or is in the ack log."""
-        by_index = {i: n for n, i in self.queue_index.items()}
-        acked = AckLog(self.spool.root, slot).entries()
-        out = []
-        for run in running(self.counters.read()[slot]):
-            queue = by_index.get(run.queue)
-            if run.intended is None or queue is None:
-                continue
-            names = self.spool.names(queue, f"cur/{slot}")
-            held = [n for n in names if zlib.crc32(n.encode()) == run.crc]
-            if not held or f"{queue}/{held[0]}" in acked:
-                out.append((run.queue, run.intended))
-        return out
+            self.counters.writer(handle.slot).count(timed_out.queue, Outcome.TIMED_OUT)
+            error = {
+                "error_type": "Timeout",
+                "error": f"handler ran past its timeout; {how}",
+                "traceback": traceback,
+            }
+            return Death(
+                slot=handle.slot, charged=True, timed_out=timed_out.crc, intended=intended,
+                error=error,
+            )  # fmt: skip
+        error = {"error_type": "WorkerDied", "error": f"worker {how}", "traceback": ""}
+        charged = timed_out is None and not (handle.retiring or self.stopping)
+        return Death(slot=handle.slot, charged=charged, intended=intended, error=error)
 
     def _read_dump(self, slot: int) -> str:
         try:
-            with open(os.path.join(self.spool.root, ".msgd", f"dump.{slot}")) as f:
+            with open(os.path.join(self.config.daemon.spool, ".msgd", f"dump.{slot}")) as f:
                 return f.read()[-8000:]
         except OSError:
             return ""
@@ -268,7 +257,7 @@ class Pool:
         handle.retiring = True
         self.workers.pop(handle.slot, None)
         self.retired.add(handle)
-        handle.send("stop")
+        handle.send(Word.STOP)
 
     def replace_all(self, config: Config) -> None:
         """A reload: new workers (new code, new queues) start now, the old ones finish and go."""
@@ -280,39 +269,30 @@ class Pool:
         self._refill()
 
     def burst(self) -> None:
-        self.bursts.started.value += 1
+        self.flags.started.value += 1
         for handle in self.workers.values():
-            handle.send("burst")
+            handle.send(Word.BURST)
 
     def check_timeouts(self) -> None:
         """Kill workers whose handler runs past its queue's timeout, after a traceback dump."""
         slots = self.counters.read()
         now = time.monotonic_ns()
-        by_index = {i: n for n, i in self.queue_index.items()}
-        for handle in list(self.workers.values()) + list(self.retired):
-            if handle.timed_out:
-                continue
-            for run in running(slots[handle.slot]):
-                queue = by_index.get(run.queue)
-                policy = handle.config.queues.get(queue or "")
+        for handle in self.live():
+            for run in running(slots[handle.slot]) if handle.timed_out is None else []:
+                policy = handle.config.queues.get(self.index.name(run.queue) or "")
                 if policy and now - run.started_ns > policy.timeout * 1e9:
-                    name = self._name_of(handle.slot, queue, run.crc)
-                    handle.timed_out = f"{queue}/{name}"
-                    handle.kill_reason = f"killed after its handler ran past {policy.timeout}s"
-                    self.log.error(
-                        "handler timed out",
-                        worker=handle.slot,
-                        queue=queue,
-                        id=split_name(name)[0],
-                        timeout=policy.timeout,
-                    )
-                    handle.signal(DUMP_SIGNAL)
-                    self.loop.call_later(DUMP_WAIT, handle.signal, signal.SIGKILL)
+                    self.time_out(handle, run, policy.timeout)
                     break
 
-    def _name_of(self, slot: int, queue: str, crc: int) -> str:
-        names = self.spool.names(queue, f"cur/{slot}")
-        return next((n for n in names if zlib.crc32(n.encode()) == crc), names[0] if names else "")
+    def time_out(self, handle: WorkerHandle, run: Running, timeout: float) -> None:
+        handle.timed_out = run
+        handle.kill_reason = f"killed after its handler ran past {timeout}s"
+        queue = self.index.name(run.queue)
+        self.log.error(
+            "handler timed out", worker=handle.slot, queue=queue, id=run.label, timeout=timeout
+        )
+        handle.signal(DUMP_SIGNAL)
+        self.loop.call_later(DUMP_WAIT, handle.signal, signal.SIGKILL)
 
     async def stop(self, grace: float) -> None:
         """Stop claiming everywhere, give in-flight work `grace` seconds, then kill the rest."""
@@ -327,6 +307,11 @@ class Pool:
             handle.kill_reason = "killed at the end of the grace period"
             handle.signal(signal.SIGKILL)
         await self.exited.wait()
+
+    def kill_all(self, reason: str) -> None:
+        for handle in self.live():
+            handle.kill_reason = reason
+            handle.signal(signal.SIGKILL)
 
     def live(self) -> list[WorkerHandle]:
         return sorted([*self.workers.values(), *self.retired], key=lambda h: h.slot)

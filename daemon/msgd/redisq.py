@@ -29,11 +29,12 @@ whose handler still ran after `claim_idle` seconds could be claimed by another d
 from __future__ import annotations
 
 import collections
+import os
 import select
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -41,9 +42,10 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from msgd.config import QueueConfig
+from msgd.backend import BackendError, BurstMark, Death, Depths, Inbox, Outcome, Settled
+from msgd.config import DaemonConfig, QueueConfig
 from msgd.handlers import Message
-from msgd.spool import SpoolError, new_id
+from msgd.spool import new_id
 
 T = TypeVar("T")
 BLOCK = 0.5  # seconds a blocking read waits, so that a stop is noticed promptly
@@ -53,7 +55,6 @@ RELEASE_EVERY = 0.1  # seconds between moves of due retries back to the stream
 RELEASE_LIMIT = 100  # due retries moved per script run
 CLEAN_EVERY = 60.0  # seconds between removals of consumers with nothing pending
 BACKOFF = (0.1, 5.0)  # first and longest wait between attempts to reach Redis
-EMPTY_DEPTH = {"new": 0, "cur": 0, "defer": 0, "failed": 0, "length": 0, "pending": 0}
 
 # KEYS: stream, defer. ARGV: group, entry id, not before (ms), defer member.
 _RETRY = """
@@ -118,7 +119,7 @@ return -1
 """
 
 
-class RedisQueueError(SpoolError):
+class RedisQueueError(BackendError):
     """A Redis queue that cannot be used right now, or an entry that cannot be worked."""
 
 
@@ -168,36 +169,141 @@ def _enqueued_at(mid: str, entry_id: str) -> float:
     return int(entry_id.partition("-")[0]) / 1e3
 
 
-# -- producing and inspecting ---------------------------------------------------------------------
+# -- the store ----------------------------------------------------------------------------------
 
 
-class RedisProducer:
-    """`msgd.send` and `msgctl send` for a Redis queue: one pipelined round trip per batch."""
+class RedisStore:
+    """One Redis queue: producing (one pipelined round trip per batch), inspecting, bursts.
 
-    def __init__(self, policy: QueueConfig, queue: str) -> None:
-        self.url = url_of(policy)
+    Guarantees: `send_many` returns once Redis has the entries (as durable as the server's
+    `appendfsync` makes them); order is the stream's, oldest first, with retries re-added at the
+    end; no priorities. Due retries are moved back by the workers (RedisInbox), not the master.
+    """
+
+    def __init__(self, queue: str, policy: QueueConfig, daemon: DaemonConfig) -> None:
+        self.queue, self.policy = queue, policy
         self.stream = stream_name(queue, policy)
+        self.url = url_of(policy)
         self._client: redis.Redis | None = None
 
-    def send_many(self, queue: str, bodies: Iterable[bytes]) -> list[str]:
+    def _redis(self) -> redis.Redis:
         if self._client is None:
-            self._client = connect(self.url, 10.0)
-        pipe = self._client.pipeline(transaction=False)
-        ids = []
-        for body in bodies:
-            mid = new_id()
-            pipe.xadd(self.stream, {"id": mid, "body": body})
-            ids.append(mid)
+            self._client = connect(self.url, 5.0)
+        return self._client
+
+    def _call(self, operation: Callable[[redis.Redis], T]) -> T:
+        """One operation; a Redis that cannot be reached is a BackendError naming the queue."""
+        try:
+            return operation(self._redis())
+        except redis.RedisError as e:
+            raise RedisQueueError(f"{self.queue}: {safe_url(self.url)}: {e}") from None
+
+    def send_many(self, bodies: Sequence[bytes]) -> list[str]:
+        ids = [new_id() for _ in bodies]
+
+        def add(client: redis.Redis) -> None:
+            pipe = client.pipeline(transaction=False)
+            for mid, body in zip(ids, bodies, strict=True):
+                pipe.xadd(self.stream, {"id": mid, "body": body})
+            pipe.execute()
+
         if ids:
-            try:
-                pipe.execute()
-            except redis.RedisError as e:
-                raise RedisQueueError(f"{queue}: {safe_url(self.url)}: {e}") from None
+            self._call(add)
         return ids
 
+    def check(self) -> None:
+        """Nothing to prepare: a Redis that is down at start or reload is waited for."""
 
-def depths(client: redis.Redis, stream: str, group: str) -> dict[str, int]:
-    """The spool's depth keys (new = not yet delivered, cur = pending) and the stream's own."""
+    def depths(self) -> Depths:
+        """The spool's depth keys (new = not yet delivered, cur = pending) and the stream's own."""
+        return self._call(lambda client: depths(client, self.stream, self.policy.group))
+
+    def release_due(self, force: bool) -> None:
+        """The workers move due retries back into the stream (RedisInbox.burst for `force`)."""
+
+    def burst_mark(self) -> BurstMark:
+        """The id of the stream's newest entry ("0-0" if none) and how many entries it holds."""
+
+        def newest(client: redis.Redis) -> tuple[str, int]:
+            entry = client.xrevrange(self.stream, count=1)
+            return (_text(entry[0][0]) if entry else "0-0"), int(client.xlen(self.stream))
+
+        mark, length = self._call(newest)
+        return BurstMark(length, mark)
+
+    def burst_worked(self, mark: BurstMark) -> bool:
+        """Whether the group has been handed, and has settled, every entry up to the mark.
+
+        False while Redis cannot be reached: nothing counts as worked that is not acknowledged.
+        """
+        if mark.state == "0-0":
+            return True
+        try:
+            client = self._redis()
+            groups = client.xinfo_groups(self.stream)
+            ours = next((g for g in groups if _text(g["name"]) == self.policy.group), None)
+            if ours is None or _id(ours["last-delivered-id"]) < _id(mark.state):
+                return False
+            return not client.xpending_range(
+                self.stream, self.policy.group, min="-", max=mark.state, count=1
+            )
+        except redis.RedisError:
+            return False
+
+    def retry_failed(self, ids: Sequence[str] | None) -> list[str]:
+        """Dead letters (all, or those with these ids) back to the stream with no attempts
+        counted; returns the ids moved.
+
+        Only the dead letters there at the start are looked at: a retried message that fails again
+        at once is a new dead letter, and must not be moved a second time.
+        """
+        failed = f"{self.stream}:failed"
+        wanted = set(ids) if ids else None
+
+        def revive_all(client: redis.Redis) -> list[str]:
+            moved: list[str] = []
+            revive = client.register_script(_REVIVE)
+            newest = client.xrevrange(failed, count=1)
+            start, end = "-", _text(newest[0][0]) if newest else None
+            while end and (page := client.xrange(failed, min=start, max=end, count=1000)):
+                chosen = [
+                    entry
+                    for entry, fields in page
+                    if wanted is None or _text(fields.get(b"id", b"")) in wanted
+                ]
+                if chosen:
+                    moved += map(_text, revive(keys=[failed, self.stream], args=chosen))
+                start = "(" + _text(page[-1][0])
+            return moved
+
+        moved = self._call(revive_all)
+        missing = (wanted or set()) - set(moved)
+        if missing:
+            raise RedisQueueError(f"{self.queue}: no failed message {sorted(missing)[0]}")
+        return moved
+
+    def recover(self) -> Settled:
+        """Nothing: a restarted daemon's workers read their consumers' pending entries first."""
+        return Settled()
+
+    def settle(self, death: Death) -> Settled:
+        """Nothing moves: the slot's next worker reads what its predecessor held, and Redis
+        counts the redelivery. An outcome the worker intended is counted (its XACK may not have
+        landed; then it runs again and is counted again: at-least-once)."""
+        return Settled(uncounted=[outcome for _, outcome in death.intended])
+
+    def inbox(self, slot: int, stop_fd: int, log: Any) -> Inbox:
+        consumer = consumer_name(self.policy, slot, os.getppid())
+        return RedisInbox(self.queue, self.policy, consumer, stop_fd, log)
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+
+def depths(client: redis.Redis, stream: str, group: str) -> Depths:
+    """New = not yet delivered, cur = pending in the group, and the stream's own figures."""
     pipe = client.pipeline(transaction=False)
     pipe.xlen(stream)
     pipe.zcard(f"{stream}:defer")
@@ -211,122 +317,19 @@ def depths(client: redis.Redis, stream: str, group: str) -> dict[str, int]:
         groups = []
     ours = next((g for g in groups if _text(g["name"]) == group), {})
     pending = int(ours.get("pending", 0))
-    return {
-        "new": max(0, length - pending),
-        "cur": pending,
-        "defer": deferred,
-        "failed": failed,
-        "length": length,
-        "pending": pending,
-        "consumers": int(ours.get("consumers", 0)),
-    }
-
-
-def depths_now(queue: str, policy: QueueConfig, timeout: float = 1.0) -> dict[str, int]:
-    """For msgctl: one look, raising RedisQueueError when Redis cannot be reached."""
-    try:
-        return depths(connect(url_of(policy), timeout), stream_name(queue, policy), policy.group)
-    except redis.RedisError as e:
-        raise RedisQueueError(f"{queue}: {safe_url(url_of(policy))}: {e}") from None
-
-
-def burst_mark(queue: str, policy: QueueConfig) -> str:
-    """Where a queue's stream stood at a burst: the id of its newest entry ("0-0" if none)."""
-    try:
-        newest = connect(url_of(policy), 0.5).xrevrange(stream_name(queue, policy), count=1)
-    except redis.RedisError as e:
-        raise RedisQueueError(f"{queue}: {safe_url(url_of(policy))}: {e}") from None
-    return _text(newest[0][0]) if newest else "0-0"
-
-
-def worked_up_to(queue: str, policy: QueueConfig, mark: str) -> bool:
-    """Whether the group has been handed, and has settled, every entry up to `mark`.
-
-    False while Redis cannot be reached: nothing counts as worked that is not acknowledged.
-    """
-    if mark == "0-0":
-        return True
-    stream = stream_name(queue, policy)
-    try:
-        client = connect(url_of(policy), 0.5)
-        groups = client.xinfo_groups(stream)
-        ours = next((g for g in groups if _text(g["name"]) == policy.group), None)
-        if ours is None or _id(ours["last-delivered-id"]) < _id(mark):
-            return False
-        return not client.xpending_range(stream, policy.group, min="-", max=mark, count=1)
-    except redis.RedisError:
-        return False
-
-
-def retry_failed(queue: str, policy: QueueConfig, ids: list[str] | None = None) -> list[str]:
-    """`msgctl retry-failed` for a Redis queue: dead letters (all, or those with these ids)
-    back to the stream with no attempts counted; returns the ids moved.
-
-    Only the dead letters there at the start are looked at: a retried message that fails again
-    at once is a new dead letter, and must not be moved a second time.
-    """
-    stream = stream_name(queue, policy)
-    failed = f"{stream}:failed"
-    wanted = set(ids) if ids else None
-    moved: list[str] = []
-    try:
-        client = connect(url_of(policy), 10.0)
-        revive = client.register_script(_REVIVE)
-        newest = client.xrevrange(failed, count=1)
-        start, end = "-", _text(newest[0][0]) if newest else None
-        while end and (page := client.xrange(failed, min=start, max=end, count=1000)):
-            chosen = [
-                entry
-                for entry, fields in page
-                if wanted is None or _text(fields.get(b"id", b"")) in wanted
-            ]
-            if chosen:
-                moved += map(_text, revive(keys=[failed, stream], args=chosen))
-            start = "(" + _text(page[-1][0])
-    except redis.RedisError as e:
-        raise RedisQueueError(f"{queue}: {safe_url(url_of(policy))}: {e}") from None
-    return moved
+    return Depths(
+        new=max(0, length - pending),
+        cur=pending,
+        defer=deferred,
+        failed=failed,
+        detail=f"redis stream {stream}: length {length}, pending {pending}, "
+        f"consumers {int(ours.get('consumers', 0))}",
+    )
 
 
 def _id(entry_id: bytes | str) -> tuple[int, int]:
     ms, _, seq = _text(entry_id).partition("-")
     return int(ms), int(seq or 0)
-
-
-class DepthWatcher:
-    """The master's view of Redis queue depths, refreshed by a thread every second.
-
-    The master's event loop only reads the cache, so a Redis that is down or slow never stalls
-    it; a queue whose Redis cannot be reached keeps its last known depths.
-    """
-
-    INTERVAL = 1.0
-
-    def __init__(self) -> None:
-        self._queues: dict[str, QueueConfig] = {}
-        self._cache: dict[str, dict[str, int]] = {}
-        self._wake = threading.Event()
-        threading.Thread(target=self._run, name="redis-depths", daemon=True).start()
-
-    def depths(self, queues: Mapping[str, QueueConfig]) -> dict[str, dict[str, int]]:
-        if queues != self._queues:
-            self._queues = dict(queues)
-            self._wake.set()
-        return {name: self._cache.get(name, EMPTY_DEPTH) for name in queues}
-
-    def _run(self) -> None:
-        clients: dict[str, redis.Redis] = {}
-        while True:
-            for name, policy in list(self._queues.items()):
-                if url_of(policy) not in clients:
-                    clients[url_of(policy)] = connect(url_of(policy), 0.5)
-                client = clients[url_of(policy)]
-                try:
-                    self._cache[name] = depths(client, stream_name(name, policy), policy.group)
-                except redis.RedisError:
-                    pass
-            self._wake.wait(self.INTERVAL)
-            self._wake.clear()
 
 
 # -- working --------------------------------------------------------------------------------------
@@ -342,7 +345,7 @@ class Held:
 
 
 class RedisInbox:
-    """A worker's view of one Redis queue, shaped like spool.SpoolInbox for Worker.serve.
+    """A worker's view of one Redis queue, the backend.Inbox of a Redis queue.
 
     `claim` returns an entry id without blocking (from the local batch, this slot's own pending
     entries, an XAUTOCLAIM scan, or a non-blocking read); `wait` blocks in XREADGROUP for at most
@@ -455,7 +458,7 @@ class RedisInbox:
         self._until_done(ack)
         self._settled(name)
 
-    def fail(self, name: str, error: dict[str, Any], permanent: bool) -> str:
+    def fail(self, name: str, error: dict[str, Any], permanent: bool) -> Outcome:
         """Defer for a retry or dead-letter, acknowledging in the same script step."""
         mid, attempt = self.label(name)
         body = self._held[name].fields.get(b"body", b"")
@@ -472,18 +475,21 @@ class RedisInbox:
             for key, value in record.items():
                 args += [key, value if isinstance(value, bytes) else str(value)]
             self._until_done(lambda: self._dead(keys=self._keys("failed"), args=args) is not None)
-            outcome = "failed"
+            outcome = Outcome.FAILED
         else:
             not_before = int((time.time() + self.policy.delay(attempt)) * 1000)
             args = [self.group, name, not_before, _defer_member(mid.encode(), attempt, body)]
             self._until_done(lambda: self._retry(keys=self._keys("defer"), args=args) is not None)
-            outcome = "retried"
+            outcome = Outcome.RETRIED
         self._settled(name)
         return outcome
 
     def burst(self) -> None:
         """USR2: deferred retries are due now (on the next claim, in a runner thread)."""
         self._force_release = True
+
+    def close(self) -> None:
+        self.redis.close()
 
     # -- Redis operations ----------------------------------------------------------------------
 

@@ -1,148 +1,124 @@
-"""Live counters shared by workers and master, and what is made of them.
+"""What msgd tells about itself: the typed stats snapshot, how it is made, and its formats.
 
-Layout: `multiprocessing.Array('Q', lock=False)` segments of fixed-size slots, one slot per worker.
-A worker writes only its own slot, so no update is lost and no lock is taken (~0.1 µs a write,
-against ~0.5-1 µs for a locked Value). A replacement worker inherits its predecessor's slot and the
-master sums all slots, so totals never go backwards. More segments are added when the pool outgrows
-the slots allocated.
-
-    slot = [pid] [runner 0..MAX_RUNNERS-1: queue+1, start (monotonic ns), crc32(name)]
-           [queue 0..MAX_QUEUES-1: 5 outcomes, busy ns, latency histogram]
+A `Snapshot` is built from a copy of the shared counters (counters.py), the queues' depths and the
+daemon's facts; the stats file, the `stats` log event, `msgctl stats` (table, JSON, Prometheus) and
+the process title all read the same structure. Building one changes nothing: the moving-average
+rates are stepped once a second by the master's clock (`Rates.step`), not by being read.
 """
 
 from __future__ import annotations
 
 import math
-import multiprocessing
-import threading
+import os
 import time
-import zlib
 from array import array
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from typing import Any
 
-from msgd.config import MAX_QUEUES, MAX_RUNNERS
+import msgspec
 
-OUTCOMES = ("succeeded", "retried", "failed", "rejected", "timed_out")
-SUCCEEDED, RETRIED, FAILED, REJECTED, TIMED_OUT = range(5)
-BUSY_NS = 5
-HIST = 6
-HIST_BASE_NS = 50_000  # bucket k holds durations up to 50 µs * 2**k
-BUCKETS = 22  # 50 µs ... 52 s, and a last bucket for anything longer
-BUCKET_BOUNDS = [HIST_BASE_NS * 2**k / 1e9 for k in range(BUCKETS - 1)]  # seconds
-QUEUE_BLOCK = HIST + BUCKETS
-RUNNER_BLOCK = 3
-RUNNERS = 1
-QUEUES = RUNNERS + MAX_RUNNERS * RUNNER_BLOCK
-SLOT = QUEUES + MAX_QUEUES * QUEUE_BLOCK
-SLOTS_PER_SEGMENT = 16
+from msgd.backend import Depths, Outcome
+from msgd.counters import (
+    BUCKET_BOUNDS,
+    BUCKETS,
+    BUSY_NS,
+    HIST,
+    QUEUE_BLOCK,
+    QueueIndex,
+    queue_block,
+    running,
+)
+from msgd.sysutil import atomic_write
 
-
-def bucket(duration_ns: int) -> int:
-    """The first bucket whose bound is >= the duration (Prometheus' `le` includes the bound)."""
-    k = ((duration_ns - 1) // HIST_BASE_NS).bit_length() if duration_ns > 0 else 0
-    return k if k < BUCKETS else BUCKETS - 1  # no min()/max(): this runs once per message
+COUNTED = len(Outcome)
 
 
-class SlotWriter:
-    """A worker's handle on its own slot: the only code that writes it while the worker lives."""
+class Totals(msgspec.Struct, kw_only=True):
+    succeeded: int = 0
+    retried: int = 0
+    failed: int = 0
+    rejected: int = 0  # among failed
+    timed_out: int = 0  # among retried and failed
 
-    def __init__(self, segment: Any, slot: int) -> None:
-        self.a = memoryview(segment).cast("B").cast("Q")  # ~45 ns an update; ctypes' ~55
-        self.base = (slot % SLOTS_PER_SEGMENT) * SLOT
-        self.lock: threading.Lock | None = None  # see shared_by_threads
-
-    def shared_by_threads(self) -> None:
-        """`a[i] += 1` is a read and a write: the runner threads of one worker (threads > 1)
-        could interleave there, so their updates take a lock; a lone runner needs none."""
-        self.lock = threading.Lock()
-
-    def start(self, runner: int, queue: int, name: str) -> int:
-        """Mark `runner` busy with `name`; returns the start time (monotonic ns)."""
-        r = self.base + RUNNERS + runner * RUNNER_BLOCK
-        now = time.monotonic_ns()
-        self.a[r + 1] = now
-        self.a[r + 2] = zlib.crc32(name.encode())
-        self.a[r] = queue + 1
-        return now
-
-    def intend(self, runner: int, queue: int, outcome: int) -> None:
-        """Say, in the same word that marks the run busy (one store), which outcome `runner` is
-        about to make durable: a worker killed between that and finish() is counted by the
-        master's settlement, which sees the effect happened (pool.settle)."""
-        self.a[self.base + RUNNERS + runner * RUNNER_BLOCK] = queue + 1 + ((outcome + 1) << 16)
-
-    def finish(
-        self, runner: int, queue: int, outcome: int, started: int, rejected: bool = False
-    ) -> None:
-        elapsed = time.monotonic_ns() - started
-        q = self.base + QUEUES + queue * QUEUE_BLOCK
-        a, lock = self.a, self.lock
-        if lock is not None:
-            lock.acquire()
-        a[q + outcome] += 1
-        if rejected:
-            a[q + REJECTED] += 1
-        a[q + BUSY_NS] += elapsed
-        a[q + HIST + bucket(elapsed)] += 1
-        if lock is not None:
-            lock.release()
-        a[self.base + RUNNERS + runner * RUNNER_BLOCK] = 0
-
-    def count(self, queue: int, outcome: int, n: int = 1) -> None:
-        """An outcome settled by the master on behalf of a dead worker (timeouts, kills)."""
-        self.a[self.base + QUEUES + queue * QUEUE_BLOCK + outcome] += n
-
-    def set_pid(self, pid: int) -> None:
-        self.a[self.base] = pid
-        for r in range(MAX_RUNNERS):
-            self.a[self.base + RUNNERS + r * RUNNER_BLOCK] = 0
+    @classmethod
+    def of(cls, counts: Iterable[int]) -> Totals:
+        return cls(**dict(zip((o.label for o in Outcome), counts, strict=False)))
 
 
-@dataclass
-class Counters:
-    """The master's side: allocates segments and reads every slot."""
-
-    segments: list[Any] = field(default_factory=list)
-
-    def writer(self, slot: int) -> SlotWriter:
-        while slot >= len(self.segments) * SLOTS_PER_SEGMENT:
-            self.segments.append(multiprocessing.Array("Q", SLOTS_PER_SEGMENT * SLOT, lock=False))
-        return SlotWriter(self.segments[slot // SLOTS_PER_SEGMENT], slot)
-
-    def read(self) -> list[array]:
-        """A copy of every slot (one memcpy per segment: a few µs)."""
-        slots = []
-        for segment in self.segments:
-            data = array("Q", bytes(memoryview(segment)))
-            slots.extend(data[i * SLOT : (i + 1) * SLOT] for i in range(SLOTS_PER_SEGMENT))
-        return slots
+class Latency(msgspec.Struct):
+    p50: float | None = None
+    p90: float | None = None
+    p99: float | None = None
 
 
-@dataclass
-class Running:
-    """One handler run in progress, as read from a slot."""
+class StateCounts(msgspec.Struct, kw_only=True):
+    """A queue's messages per state (backend.Depths without the store's own words)."""
 
-    queue: int
-    started_ns: int
-    crc: int
-    intended: int | None = None  # the outcome being made durable (SlotWriter.intend), if any
-
-
-def running(slot: array) -> list[Running]:
-    out = []
-    for r in range(MAX_RUNNERS):
-        base = RUNNERS + r * RUNNER_BLOCK
-        if word := slot[base]:
-            intended = (word >> 16) - 1 if word >> 16 else None
-            out.append(Running((word & 0xFFFF) - 1, slot[base + 1], slot[base + 2], intended))
-    return out
+    new: int = 0
+    cur: int = 0
+    defer: int = 0
+    failed: int = 0
 
 
-def queue_block(slot: array, queue: int) -> array:
-    start = QUEUES + queue * QUEUE_BLOCK
-    return slot[start : start + QUEUE_BLOCK]
+class QueueStats(Totals, kw_only=True):
+    busy_seconds: float
+    histogram: list[int]
+    latency_ms: Latency
+    depth: StateCounts
+
+
+class Current(msgspec.Struct):
+    queue: str
+    id: str
+    seconds: float
+
+
+class WorkerStats(Totals, kw_only=True):
+    slot: int
+    pid: int
+    state: str  # "busy" or "idle"
+    current: list[Current]
+
+
+class DaemonInfo(msgspec.Struct, kw_only=True):
+    """The daemon-wide facts a snapshot starts with."""
+
+    generation: int = 0  # USR1 dumps so far
+    time: float = 0.0
+    pid: int = 0
+    uptime: float = 0.0
+    config: str = ""
+    reloads: int = 0
+    workers_target: int = 0
+    draining: bool = False
+
+
+class Snapshot(DaemonInfo, kw_only=True):
+    totals: Totals
+    processed: int
+    pending: int
+    in_flight: int
+    rates: dict[str, float]
+    latency_ms: Latency
+    histogram_bounds_s: list[float]
+    queues: dict[str, QueueStats]
+    workers: list[WorkerStats]
+
+
+_decoder = msgspec.json.Decoder(Snapshot)
+
+
+def read(path: str) -> Snapshot | None:
+    """The stats file, or None if it is missing or not (yet) a snapshot."""
+    try:
+        with open(path, "rb") as f:
+            return _decoder.decode(f.read())
+    except (OSError, msgspec.DecodeError):
+        return None
+
+
+def write(path: str, snap: Snapshot) -> None:
+    """Replace the stats file atomically: a reader never sees half a snapshot."""
+    atomic_write(path, msgspec.json.encode(snap))
 
 
 def percentile(hist: list[int], q: float) -> float | None:
@@ -165,196 +141,192 @@ class Rates:
 
     def __init__(self) -> None:
         self.rates = dict.fromkeys(self.WINDOWS, 0.0)
-        self.last: tuple[float, int] | None = None
+        self.last = (time.monotonic(), 0)  # nothing run yet when the daemon starts
 
-    def update(self, total: int, now: float) -> dict[str, float]:
-        if self.last is not None and now > self.last[0]:
+    def step(self, total: int, now: float) -> None:
+        """Fold in the runs since the last step; called on the master's clock, once a second."""
+        if now > self.last[0]:
             dt = now - self.last[0]
             instant = (total - self.last[1]) / dt
             for key, window in self.WINDOWS.items():
                 decay = math.exp(-dt / window)
                 self.rates[key] = self.rates[key] * decay + instant * (1 - decay)
         self.last = (now, total)
+
+    def current(self) -> dict[str, float]:
         return {k: round(v, 2) for k, v in self.rates.items()}
 
 
-def snapshot(
+def build(
     *,
     slots: list[array],
-    queue_index: Mapping[str, int],
-    workers: Iterable[tuple[int, int, list[str]]],
-    depths: Mapping[str, dict[str, int]],
+    index: QueueIndex,
+    workers: Iterable[tuple[int, int]],
+    depths: Mapping[str, Depths],
     rates: Rates,
-    info: dict[str, Any],
-) -> dict[str, Any]:
-    """The whole picture as one JSON-able dict: what the stats file, the log and msgctl show.
+    info: DaemonInfo,
+) -> Snapshot:
+    """The whole picture: every queue ever configured, each live worker (slot, pid)."""
+    counts = {name: _summed(slots, index[name]) for name in sorted(index)}
+    queues = {name: _queue(c, depths.get(name)) for name, c in counts.items()}
+    total = [sum(column) for column in zip(*counts.values(), strict=True)] or [0] * QUEUE_BLOCK
+    totals = Totals.of(total)
+    return Snapshot(
+        **msgspec.structs.asdict(info),
+        totals=totals,
+        processed=totals.succeeded + totals.retried + totals.failed,
+        pending=sum(q.depth.new + q.depth.defer for q in queues.values()),
+        in_flight=sum(q.depth.cur for q in queues.values()),
+        rates=rates.current(),
+        latency_ms=_latency(total[HIST:]),
+        histogram_bounds_s=BUCKET_BOUNDS,
+        queues=queues,
+        workers=[_worker(slots[s], s, pid, index) for s, pid in workers],
+    )
 
-    `workers` is (slot, pid, names in progress) for each live worker; `info` carries the
-    daemon-wide facts (pid, uptime, generation, reloads...).
-    """
-    queues: dict[str, Any] = {}
-    total_hist = [0] * BUCKETS
-    totals = dict.fromkeys(OUTCOMES, 0)
-    for name, index in sorted(queue_index.items()):
-        counts = [0] * QUEUE_BLOCK
-        for slot in slots:
-            for i, v in enumerate(queue_block(slot, index)):
-                counts[i] += v
-        hist = counts[HIST:]
-        entry = {o: counts[i] for i, o in enumerate(OUTCOMES)}
-        entry["busy_seconds"] = round(counts[BUSY_NS] / 1e9, 3)
-        entry["histogram"] = hist
-        entry["latency_ms"] = _latency(hist)
-        entry["depth"] = depths.get(name, dict.fromkeys(("new", "cur", "defer", "failed"), 0))
-        queues[name] = entry
-        for o in OUTCOMES:
-            totals[o] += entry[o]
-        total_hist = [a + b for a, b in zip(total_hist, hist, strict=True)]
-    per_worker = []
+
+def _summed(slots: list[array], index: int) -> list[int]:
+    """One queue's block added up over every worker slot."""
+    counts = [0] * QUEUE_BLOCK
+    for slot in slots:
+        for i, v in enumerate(queue_block(slot, index)):
+            counts[i] += v
+    return counts
+
+
+def _queue(counts: list[int], depth: Depths | None) -> QueueStats:
+    hist = counts[HIST:]
+    d = depth or Depths()
+    return QueueStats(
+        **msgspec.structs.asdict(Totals.of(counts[:COUNTED])),
+        busy_seconds=round(counts[BUSY_NS] / 1e9, 3),
+        histogram=hist,
+        latency_ms=_latency(hist),
+        depth=StateCounts(new=d.new, cur=d.cur, defer=d.defer, failed=d.failed),
+    )
+
+
+def _worker(slot: array, slot_no: int, pid: int, index: QueueIndex) -> WorkerStats:
+    done = [0] * COUNTED
+    for name in index:
+        done = [a + b for a, b in zip(done, queue_block(slot, index[name])[:COUNTED], strict=True)]
+    runs = running(slot)
     now_ns = time.monotonic_ns()
-    by_index = {i: n for n, i in queue_index.items()}
-    for slot_no, pid, current in workers:
-        slot = slots[slot_no]
-        done = [0] * len(OUTCOMES)
-        for index in queue_index.values():
-            block = queue_block(slot, index)
-            done = [a + b for a, b in zip(done, block[: len(OUTCOMES)], strict=True)]
-        runs = running(slot)
-        per_worker.append(
-            {
-                "slot": slot_no,
-                "pid": pid,
-                "state": "busy" if runs else "idle",
-                **dict(zip(OUTCOMES, done, strict=True)),
-                "current": [
-                    {
-                        "queue": by_index.get(r.queue, "?"),
-                        "id": _match(current, r.crc),
-                        "seconds": round((now_ns - r.started_ns) / 1e9, 3),
-                    }
-                    for r in runs
-                ],
-            }
-        )
-    processed = totals["succeeded"] + totals["retried"] + totals["failed"]
-    return {
-        **info,
-        "totals": totals,
-        "processed": processed,
-        "pending": sum(q["depth"]["new"] + q["depth"]["defer"] for q in queues.values()),
-        "in_flight": sum(q["depth"]["cur"] for q in queues.values()),
-        "rates": rates.update(processed, time.monotonic()),
-        "latency_ms": _latency(total_hist),
-        "histogram_bounds_s": BUCKET_BOUNDS,
-        "queues": queues,
-        "workers": per_worker,
-    }
+    return WorkerStats(
+        **msgspec.structs.asdict(Totals.of(done)),
+        slot=slot_no,
+        pid=pid,
+        state="busy" if runs else "idle",
+        current=[
+            Current(
+                queue=index.name(r.queue) or "?",
+                id=r.label,
+                seconds=round((now_ns - r.started_ns) / 1e9, 3),
+            )
+            for r in runs
+        ],
+    )
 
 
-def _latency(hist: list[int]) -> dict[str, float | None]:
-    out = {}
-    for key, q in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99)):
-        p = percentile(hist, q)
-        out[key] = None if p is None else round(p * 1000, 3)
-    return out
+def _latency(hist: list[int]) -> Latency:
+    ms = [percentile(hist, q) for q in (0.5, 0.9, 0.99)]
+    return Latency(*(None if p is None else round(p * 1000, 3) for p in ms))
 
 
-def _match(names: list[str], crc: int) -> str:
-    for name in names:
-        if zlib.crc32(name.encode()) == crc:
-            return name.partition("@")[0]
-    return ""
+def daemon_info(
+    *, generation: int, started: float, config: str, reloads: int, target: int, draining: bool
+) -> DaemonInfo:
+    now = time.time()
+    return DaemonInfo(
+        generation=generation,
+        time=now,
+        pid=os.getpid(),
+        uptime=round(now - started, 3),
+        config=config,
+        reloads=reloads,
+        workers_target=target,
+        draining=draining,
+    )
 
 
 # -- formats: one line, a table, Prometheus -------------------------------------------------------
 
 
-def summary(snap: Mapping[str, Any]) -> str:
+def summary(snap: Snapshot) -> str:
     """The one line for the process title and systemd's STATUS."""
-    t = snap["totals"]
+    t = snap.totals
     return (
-        f"{len(snap['workers'])} workers, {t['succeeded']} done, {t['failed']} failed, "
-        f"{snap['pending']} pending"
+        f"{len(snap.workers)} workers, {t.succeeded} done, {t.failed} failed, "
+        f"{snap.pending} pending"
     )
 
 
-def table(snap: Mapping[str, Any]) -> str:
+def table(snap: Snapshot) -> str:
     """What `msgctl stats` prints: readable at a glance."""
-    t, r, lat = snap["totals"], snap["rates"], snap["latency_ms"]
+    t, r, lat = snap.totals, snap.rates, snap.latency_ms
     lines = [
-        f"msgd pid {snap.get('pid')}  up {duration(snap.get('uptime', 0))}  "
-        f"workers {len(snap['workers'])}  reloads {snap.get('reloads', 0)}  "
-        f"stats generation {snap.get('generation', 0)}",
-        f"totals   succeeded {t['succeeded']}  retried {t['retried']}  failed {t['failed']}  "
-        f"(rejected {t['rejected']}, timed out {t['timed_out']})",
+        f"msgd pid {snap.pid}  up {duration(snap.uptime)}  "
+        f"workers {len(snap.workers)}  reloads {snap.reloads}  "
+        f"stats generation {snap.generation}",
+        f"totals   succeeded {t.succeeded}  retried {t.retried}  failed {t.failed}  "
+        f"(rejected {t.rejected}, timed out {t.timed_out})",
         f"rate/s   1m {r['1m']}  5m {r['5m']}  15m {r['15m']}",
-        f"handler  p50 {_ms(lat['p50'])}  p90 {_ms(lat['p90'])}  p99 {_ms(lat['p99'])}",
+        f"handler  p50 {_ms(lat.p50)}  p90 {_ms(lat.p90)}  p99 {_ms(lat.p99)}",
         "",
-        # Waiting in the spool (DEAD: dead letters in failed/) | runs so far | handler time.
+        # Waiting in the queue (DEAD: dead letters) | runs so far | handler time.
         f"{'QUEUE':<20} {'NEW':>7} {'CUR':>5} {'DEFER':>6} {'DEAD':>6} | {'SUCCEEDED':>9} "
         f"{'RETRIED':>8} {'FAILED':>7} | {'P50':>9} {'P99':>9}",
     ]
-    for name, q in snap["queues"].items():
-        d = q["depth"]
+    for name, q in snap.queues.items():
+        d = q.depth
         lines.append(
-            f"{name:<20} {d['new']:>7} {d['cur']:>5} {d['defer']:>6} {d['failed']:>6} | "
-            f"{q['succeeded']:>9} {q['retried']:>8} {q['failed']:>7} | "
-            f"{_ms(q['latency_ms']['p50']):>9} {_ms(q['latency_ms']['p99']):>9}"
+            f"{name:<20} {d.new:>7} {d.cur:>5} {d.defer:>6} {d.failed:>6} | "
+            f"{q.succeeded:>9} {q.retried:>8} {q.failed:>7} | "
+            f"{_ms(q.latency_ms.p50):>9} {_ms(q.latency_ms.p99):>9}"
         )
     lines += ["", f"{'SLOT':>4} {'PID':>8} {'STATE':<5} {'SUCCEEDED':>9} {'FAILED':>7}  CURRENT"]
-    for w in snap["workers"]:
-        current = ", ".join(f"{c['queue']} {c['id']} {c['seconds']:.1f}s" for c in w["current"])
+    for w in snap.workers:
+        current = ", ".join(f"{c.queue} {c.id} {c.seconds:.1f}s" for c in w.current)
         lines.append(
-            f"{w['slot']:>4} {w['pid']:>8} {w['state']:<5} {w['succeeded']:>9} "
-            f"{w['failed']:>7}  {current}"
+            f"{w.slot:>4} {w.pid:>8} {w.state:<5} {w.succeeded:>9} {w.failed:>7}  {current}"
         )
     return "\n".join(lines)
 
 
-def prometheus(snap: Mapping[str, Any]) -> str:
-    """The Prometheus text exposition format, for node_exporter's textfile collector."""
-    out = [
-        "# HELP msgd_up Whether msgd was running when this was written.",
-        "# TYPE msgd_up gauge",
-        f"msgd_up {1 if snap.get('pid') else 0}",
-        "# HELP msgd_workers Worker processes running.",
-        "# TYPE msgd_workers gauge",
-        f"msgd_workers {len(snap['workers'])}",
-        "# HELP msgd_messages_total Handler runs by outcome.",
-        "# TYPE msgd_messages_total counter",
-    ]
-    queues = snap["queues"]
-    for name, q in queues.items():
+def _family(name: str, kind: str, text: str) -> list[str]:
+    return [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
+
+
+def prometheus(snap: Snapshot) -> str:
+    """The Prometheus text exposition format (version 0.0.4)."""
+    queues = snap.queues.items()
+    out = _family("msgd_up", "gauge", "Whether msgd was running when this was written.")
+    out.append(f"msgd_up {1 if snap.pid else 0}")
+    out += _family("msgd_workers", "gauge", "Worker processes running.")
+    out.append(f"msgd_workers {len(snap.workers)}")
+    out += _family("msgd_messages_total", "counter", "Handler runs by outcome.")
+    for name, q in queues:
         for outcome in ("succeeded", "retried", "failed"):
-            out.append(f'msgd_messages_total{{queue="{name}",outcome="{outcome}"}} {q[outcome]}')
-    out += [
-        "# HELP msgd_rejected_total Messages rejected by their handler.",
-        "# TYPE msgd_rejected_total counter",
-    ]
-    out += [f'msgd_rejected_total{{queue="{n}"}} {q["rejected"]}' for n, q in queues.items()]
-    out += [
-        "# HELP msgd_timed_out_total Handler runs killed for exceeding the timeout.",
-        "# TYPE msgd_timed_out_total counter",
-    ]
-    out += [f'msgd_timed_out_total{{queue="{n}"}} {q["timed_out"]}' for n, q in queues.items()]
-    out += [
-        "# HELP msgd_queue_depth Messages in each spool state.",
-        "# TYPE msgd_queue_depth gauge",
-    ]
-    for name, q in queues.items():
-        for state, n in q["depth"].items():
+            value = getattr(q, outcome)
+            out.append(f'msgd_messages_total{{queue="{name}",outcome="{outcome}"}} {value}')
+    out += _family("msgd_rejected_total", "counter", "Messages rejected by their handler.")
+    out += [f'msgd_rejected_total{{queue="{n}"}} {q.rejected}' for n, q in queues]
+    out += _family(
+        "msgd_timed_out_total", "counter", "Handler runs killed for exceeding the timeout."
+    )
+    out += [f'msgd_timed_out_total{{queue="{n}"}} {q.timed_out}' for n, q in queues]
+    out += _family("msgd_queue_depth", "gauge", "Messages in each queue state.")
+    for name, q in queues:
+        for state, n in msgspec.structs.asdict(q.depth).items():
             out.append(f'msgd_queue_depth{{queue="{name}",state="{state}"}} {n}')
-    out += [
-        "# HELP msgd_handler_seconds Handler run time.",
-        "# TYPE msgd_handler_seconds histogram",
-    ]
-    for name, q in queues.items():
+    out += _family("msgd_handler_seconds", "histogram", "Handler run time.")
+    for name, q in queues:
         cumulative = 0
-        for bound, n in zip([*BUCKET_BOUNDS, math.inf], q["histogram"], strict=True):
+        for bound, n in zip([*BUCKET_BOUNDS, math.inf], q.histogram, strict=True):
             cumulative += n
             le = "+Inf" if bound == math.inf else repr(bound)
             out.append(f'msgd_handler_seconds_bucket{{queue="{name}",le="{le}"}} {cumulative}')
-        out.append(f'msgd_handler_seconds_sum{{queue="{name}"}} {q["busy_seconds"]}')
+        out.append(f'msgd_handler_seconds_sum{{queue="{name}"}} {q.busy_seconds}')
         out.append(f'msgd_handler_seconds_count{{queue="{name}"}} {cumulative}')
     return "\n".join(out) + "\n"
 
@@ -365,8 +337,8 @@ def _ms(v: float | None) -> str:
 
 def duration(seconds: float) -> str:
     s = int(seconds)
-    return (
-        f"{s // 86400}d{s % 86400 // 3600:02}h"
-        if s >= 86400
-        else (f"{s // 3600}h{s % 3600 // 60:02}m" if s >= 3600 else f"{s // 60}m{s % 60:02}s")
-    )
+    if s >= 86400:
+        return f"{s // 86400}d{s % 86400 // 3600:02}h"
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02}m"
+    return f"{s // 60}m{s % 60:02}s"

@@ -1,11 +1,15 @@
-"""Small OS operations the standard library lacks: atomic files, safe directories, prctl."""
+"""Small OS operations the standard library lacks: atomic files, safe directories, prctl,
+inotify, syncfs, and dropping root's privileges."""
 
 from __future__ import annotations
 
 import ctypes
+import grp
 import json
 import os
+import pwd
 import signal
+from collections.abc import Iterable
 from typing import Any
 
 _PR_SET_PDEATHSIG = 1
@@ -115,3 +119,33 @@ def fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class PrivilegeError(Exception):
+    """Root without a user to become, or a user or group that does not exist."""
+
+
+def drop_privileges(user: str, group: str, allow_root: bool, keep: Iterable[int]) -> None:
+    """As root, become `user` (and `group`, else the user's own) for good; or refuse to go on.
+
+    `keep` are descriptors opened as root that the daemon must still rewrite, remove or reopen
+    after the switch (the pidfile, the log): they are given to the new owner first.
+    """
+    if os.geteuid() != 0 or (not user and allow_root):
+        return
+    if not user:
+        raise PrivilegeError(
+            "daemon.user: refusing to run as root without a user to become "
+            "(set daemon.user, or daemon.allow_root = true)"
+        )
+    try:
+        entry = pwd.getpwnam(user)
+        gid = grp.getgrnam(group).gr_gid if group else entry.pw_gid
+    except KeyError as e:
+        raise PrivilegeError(f"daemon.user/group: no such user or group: {e}") from None
+    for fd in keep:
+        if fd > 2:
+            os.fchown(fd, entry.pw_uid, gid)
+    os.setgroups([])
+    os.setgid(gid)
+    os.setuid(entry.pw_uid)

@@ -21,15 +21,18 @@ import json
 import multiprocessing
 import os
 import signal
+import threading
 from typing import Any
 from urllib.parse import urlsplit
 
+import msgspec
 import structlog
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from msgd import stats
+from msgd.backend import Store, open_store
 from msgd.events import Event, Reader, Rings
 from msgd.http import Settings
 from msgd.sysutil import read_json, set_parent_death_signal
@@ -103,7 +106,10 @@ class Listener:
         self.settings = settings
         self.reader = Reader(rings)
         self.subscribers: set[Subscriber] = set()
-        self.snapshot: dict[str, Any] | None = None
+        self.snapshot: stats.Snapshot | None = None
+        self.snapshot_json = b""  # the stats file as it is: what /stats and stats frames carry
+        self.stores: dict[str, Store] = {}  # opened on first send, per settings
+        self.store_lock = threading.Lock()  # a store (a broker's channel) is used by one thread
         self.stats_mtime = 0
         self.page = importlib.resources.files("msgd").joinpath("dashboard.html").read_bytes()
         self.log = structlog.get_logger().bind(component="http")
@@ -139,6 +145,7 @@ class Listener:
         """The master sent a reloaded config, or went away (EOF)."""
         try:
             self.settings = conn.recv()
+            asyncio.get_running_loop().run_in_executor(None, self.close_stores)
         except (EOFError, OSError):
             asyncio.get_running_loop().remove_reader(conn.fileno())
             stop.set()
@@ -162,8 +169,7 @@ class Listener:
         if path == "/metrics":
             text = stats.prometheus(self.snapshot).encode()
             return _typed(connection.respond(200, ""), text, "text/plain; version=0.0.4")
-        text = json.dumps(self.snapshot).encode()
-        return _typed(connection.respond(200, ""), text, "application/json")
+        return _typed(connection.respond(200, ""), self.snapshot_json, "application/json")
 
     # -- the feed --------------------------------------------------------------------------------
 
@@ -175,10 +181,13 @@ class Listener:
             return False
         if mtime == self.stats_mtime:
             return False
-        snap = read_json(self.settings.config.daemon.stats_file)
-        if snap is None:
+        try:
+            with open(self.settings.config.daemon.stats_file, "rb") as f:
+                raw = f.read()
+            snap = msgspec.json.decode(raw, type=stats.Snapshot)
+        except (OSError, msgspec.DecodeError):
             return False
-        self.snapshot, self.stats_mtime = snap, mtime
+        self.snapshot, self.snapshot_json, self.stats_mtime = snap, raw, mtime
         return True
 
     async def feed_stats(self) -> None:
@@ -193,7 +202,7 @@ class Listener:
     def send_stats(self, sub: Subscriber, now: float) -> None:
         if self.snapshot is not None:
             sub.last_stats = now
-            sub.push(json.dumps({"topic": "stats", "snapshot": self.snapshot}))
+            sub.push('{"topic": "stats", "snapshot": ' + self.snapshot_json.decode() + "}")
 
     async def feed_events(self) -> None:
         while True:
@@ -290,9 +299,8 @@ class Listener:
         return {"op": "subscribed", "ref": request.get("ref"), "topics": sorted(sub.topics)}
 
     def send(self, request: dict[str, Any]) -> str:
-        """On a thread: enqueue one message exactly as msgd.send does (durable on return)."""
-        from msgd.producer import producer_for
-
+        """On a thread: enqueue one message through its queue's store, as msgd.send does
+        (durable on return), with the config the daemon runs."""
         config = self.settings.config
         queue = request.get("queue", "default")
         if not isinstance(queue, str) or queue not in config.queues:
@@ -301,7 +309,17 @@ class Listener:
         limit = config.daemon.max_message_size
         if limit and len(body) > limit:
             raise BadFrame(f"body: {len(body)} bytes, more than daemon.max_message_size ({limit})")
-        return producer_for(config.path, queue).send_many(queue, [body])[0]
+        with self.store_lock:
+            if queue not in self.stores:
+                self.stores[queue] = open_store(queue, config.queues[queue], config.daemon)
+            return self.stores[queue].send_many([body])[0]
+
+    def close_stores(self) -> None:
+        """On a thread, after a reload: the next send opens its store with the new config."""
+        with self.store_lock:
+            for store in self.stores.values():
+                store.close()
+            self.stores.clear()
 
     def act(self, request: dict[str, Any]) -> dict[str, Any]:
         """On a thread: signal the master and wait for its acknowledgement, as msgctl does."""
@@ -316,7 +334,7 @@ class Listener:
         pidfile = self.settings.config.daemon.pidfile
         daemon = Daemon(pidfile, state_path(pidfile))
         result = daemon.ask(SIGNAL_OF[Action(action)], action, timeout=30.0)
-        if action == "reload" and not result.get("ok"):
+        if action == "reload" and result.get("outcome") == "rejected":
             raise BadFrame(f"reload rejected: {result.get('error')}")
         if action == "burst" and request.get("wait"):
             result = daemon.await_generation("burst_done", result["generation"], 3600.0)

@@ -1,15 +1,15 @@
 """The life inside one worker process: claim a message, run its handler, settle it, count it.
 
 The master is not on this path. Each queue gets `threads` runner threads per worker, and each
-runner loops over its queue's inbox: claim the oldest message, run the handler, then settle it
-through the inbox (a spool inbox renames into cur/<slot>/ to claim, unlinks on background threads
-on success, renames into defer/ or failed/ on failure; a Redis inbox reads from its consumer group
-and settles with XACK). The main thread only listens to the master: "stop" (or EOF, or SIGTERM)
-means stop claiming, finish what is in hand, and exit 0; "burst" wakes the burst-mode queues.
+runner loops over its queue's inbox (backend.Inbox, from the queue's store): claim the next
+message, run the handler, then settle it through the inbox. The main thread only listens to the
+master: STOP (or EOF, or SIGTERM) means stop claiming, finish what is in hand, and exit 0; BURST
+wakes the burst-mode queues.
 """
 
 from __future__ import annotations
 
+import enum
 import faulthandler
 import multiprocessing
 import os
@@ -18,45 +18,28 @@ import select
 import signal
 import threading
 import traceback
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import setproctitle
 import structlog
 
 from msgd import handlers
-from msgd.config import Config, QueueConfig
+from msgd.backend import BackendError, Inbox, Outcome, open_store
+from msgd.burst import BurstFlags
+from msgd.config import Config
+from msgd.counters import QueueIndex, SlotWriter
 from msgd.events import NullWriter
-from msgd.handlers import CommandFailed, Handler, Message, Reject
-from msgd.spool import Acker, Spool, SpoolError, SpoolInbox
-from msgd.stats import FAILED, RETRIED, SUCCEEDED, SlotWriter
+from msgd.handlers import CommandFailed, Handler, Reject
 from msgd.sysutil import set_parent_death_signal
 
 DUMP_SIGNAL = signal.SIGRTMIN + 1  # master -> worker: write all threads' tracebacks (timeouts)
 
 
-@dataclass
-class Bursts:
-    """Burst generations shared by master and workers: USR2 bumps `started`; `finished` catches
-    up once everything pending at the signal is worked. A burst-mode queue runs while they
-    differ, so a worker (re)started in the middle of a burst joins it."""
+class Word(enum.Enum):
+    """What the master says to a worker on its pipe."""
 
-    started: Any = field(default_factory=lambda: multiprocessing.Value("Q", 0, lock=False))
-    finished: Any = field(default_factory=lambda: multiprocessing.Value("Q", 0, lock=False))
-
-
-class Inbox(Protocol):
-    """What a runner needs from a queue, whatever keeps it (the spool, or redisq.RedisInbox)."""
-
-    queue: str
-
-    def claim(self) -> str | None: ...
-    def wait(self) -> None: ...
-    def read(self, name: str, max_size: int) -> Message: ...
-    def label(self, name: str) -> tuple[str, int]: ...
-    def done(self, name: str) -> None: ...
-    def fail(self, name: str, error: dict[str, Any], permanent: bool) -> str: ...
-    def burst(self) -> None: ...
+    STOP = "stop"  # finish what is in hand, claim nothing more, exit 0
+    BURST = "burst"  # a burst began: wake the burst-mode queues, due retries now
 
 
 class Worker:
@@ -65,20 +48,19 @@ class Worker:
         *,
         slot: int,
         config: Config,
-        queue_index: dict[str, int],
+        index: QueueIndex,
         counters: SlotWriter,
         conn: Any,
-        bursts: Bursts,
-        events: Any = None,  # http: events.EventWriter, or None for no outcome events
+        flags: BurstFlags,
+        events: NullWriter | None = None,  # http: events.EventWriter for the outcome feed
     ) -> None:
         self.slot = slot
         self.config = config
-        self.queue_index = queue_index
+        self.index = index
         self.counters = counters
         self.conn = conn
-        self.bursts = bursts
+        self.flags = flags
         self.events = events or NullWriter()
-        self.spool = Spool.from_config(config)
         self.log = structlog.get_logger().bind(worker=slot)
         self.stopping = threading.Event()
         self.stop_r, self.stop_w = os.pipe()
@@ -97,8 +79,7 @@ class Worker:
         self.title("starting")
         for name, q in self.config.queues.items():
             self.handlers[name] = handlers.load(name, q, self.config.daemon.pythonpath)
-        self.acker = Acker(self.spool.root, self.slot)
-        dump_path = os.path.join(self.spool.root, ".msgd", f"dump.{self.slot}")
+        dump_path = os.path.join(self.config.daemon.spool, ".msgd", f"dump.{self.slot}")
         dump = os.fdopen(  # tracebacks may show message data: private like the spool
             os.open(dump_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600), "w"
         )
@@ -106,7 +87,8 @@ class Worker:
         runners = []
         runner_no = 0
         for name, q in self.config.queues.items():
-            inbox = self.inbox(name, q)
+            store = open_store(name, q, self.config.daemon)  # its own: never the master's copy
+            inbox = store.inbox(self.slot, self.stop_r, self.log)
             self.inboxes.append(inbox)
             for _ in range(q.threads):
                 runners.append(
@@ -123,16 +105,8 @@ class Worker:
         self.listen()
         for t in runners:
             t.join()
-        self.acker.close()
-
-    def inbox(self, name: str, q: QueueConfig) -> Inbox:
-        """redis-py is imported only by workers that have a Redis queue."""
-        if q.backend == "redis":
-            from msgd.redisq import RedisInbox, consumer_name
-
-            consumer = consumer_name(q, self.slot, os.getppid())
-            return RedisInbox(name, q, consumer, self.stop_r, self.log)
-        return SpoolInbox(self.spool, name, self.slot, self.stop_r, self.acker, q)
+        for inbox in self.inboxes:
+            inbox.close()
 
     def listen(self) -> None:
         """Main thread: wait for the master's word, EOF (master gone) or our own SIGTERM."""
@@ -144,10 +118,10 @@ class Worker:
             try:
                 word = self.conn.recv()
             except (EOFError, OSError):
-                word = "stop"
-            if word == "stop":
+                word = Word.STOP
+            if word is Word.STOP:
                 self.stop()
-            elif word == "burst":
+            elif word is Word.BURST:
                 for inbox in self.inboxes:
                     inbox.burst()
                 with self.burst:
@@ -175,33 +149,33 @@ class Worker:
         """One runner: work the queue until told to stop. Burst-mode queues work only in bursts."""
         policy = self.config.queues[inbox.queue]
         bursty = policy.mode == "burst"
-        seen_burst = self.bursts.finished.value  # a burst under way when we start: join it
+        seen_burst = self.flags.finished.value  # a burst under way when we start: join it
         while not self.stopping.is_set():
-            if bursty and self.bursts.started.value == seen_burst:
+            if bursty and self.flags.started.value == seen_burst:
                 self.await_burst(seen_burst)
                 continue
             name = inbox.claim()
             if name is not None:
                 self.work(inbox, name, runner)
             elif bursty:
-                seen_burst = self.bursts.started.value  # drained: wait for the next burst
+                seen_burst = self.flags.started.value  # drained: wait for the next burst
             else:
                 inbox.wait()
 
     def await_burst(self, seen: int) -> None:
         with self.burst:
-            self.burst.wait_for(lambda: self.stopping.is_set() or self.bursts.started.value != seen)
+            self.burst.wait_for(lambda: self.stopping.is_set() or self.flags.started.value != seen)
 
     def work(self, inbox: Inbox, name: str, runner: int) -> None:
         queue = inbox.queue
-        index = self.queue_index[queue]
-        started = self.counters.start(runner, index, name)
+        index = self.index[queue]
         mid, attempt = inbox.label(name)
+        started = self.counters.start(runner, index, name, mid)
         self.events.begin(runner, index, mid, attempt, started)  # http
         self.title(f"{queue} busy {mid}")
         try:
             message = inbox.read(name, self.config.daemon.max_message_size)
-        except (OSError, SpoolError) as e:  # unreadable, not a file, too large: quarantine
+        except (BackendError, OSError) as e:  # unreadable, not a file, too large: quarantine
             self.settle(inbox, name, runner, started, e, permanent=True)
             return
         try:
@@ -211,10 +185,10 @@ class Worker:
         except Exception as e:
             self.settle(inbox, name, runner, started, e, permanent=False)
         else:
-            self.counters.intend(runner, index, SUCCEEDED)  # counted even if killed right here
+            self.counters.intend(runner, index, Outcome.SUCCEEDED)  # counted even if killed now
             inbox.done(name)
-            self.counters.finish(runner, index, SUCCEEDED, started)
-            self.events.end(runner, SUCCEEDED)  # http
+            self.counters.finish(runner, index, Outcome.SUCCEEDED, started)
+            self.events.end(runner, Outcome.SUCCEEDED)  # http
         self.title("idle")
         if self.max_rss_kb and resource.getrusage(resource.RUSAGE_SELF).ru_maxrss > self.max_rss_kb:
             self.log.warning(
@@ -243,13 +217,11 @@ class Worker:
         if isinstance(error, CommandFailed | Reject) and str(error).startswith(("exit", "killed")):
             record["exit_status"] = str(error).split(":")[0]
         outcome = inbox.fail(name, record, permanent)
-        done = FAILED if outcome == "failed" else RETRIED
-        self.counters.finish(
-            runner, self.queue_index[queue], done, started, rejected=isinstance(error, Reject)
-        )
-        self.events.end(runner, done, f"{record['error_type']}: {record['error']}")  # http
+        rejected = isinstance(error, Reject)
+        self.counters.finish(runner, self.index[queue], outcome, started, rejected=rejected)
+        self.events.end(runner, outcome, f"{record['error_type']}: {record['error']}")  # http
         self.log.warning(
-            "message " + outcome,
+            "message " + outcome.label,
             queue=queue,
             id=mid,
             attempt=attempt,

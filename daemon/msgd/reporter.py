@@ -1,0 +1,66 @@
+"""The master's reporting: queue depths gathered off its loop, snapshots, the stats file.
+
+Depths may come from a directory listing or a broker, so `gather` runs in a thread, once a second
+and before a USR1 dump; snapshots read the last depths gathered and a copy of the counters, which
+costs a few microseconds on the loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import structlog
+
+from msgd import stats
+from msgd.backend import BackendError, Depths, Outcome, Store
+from msgd.counters import Counters, QueueIndex, running
+from msgd.stats import DaemonInfo, Rates, Snapshot, Totals
+
+
+class Reporter:
+    def __init__(self, counters: Counters, index: QueueIndex) -> None:
+        self.counters = counters
+        self.index = index
+        self.rates = Rates()
+        self.depths: dict[str, Depths] = {}
+        self.unreachable: dict[str, str] = {}  # queue -> the error, logged once while it lasts
+        self.log = structlog.get_logger()
+
+    def gather(self, stores: Mapping[str, Store]) -> None:
+        """In a thread: each store's depths; a store that cannot be asked keeps its last ones."""
+        fresh = {}
+        for name, store in stores.items():
+            try:
+                fresh[name] = store.depths()
+            except BackendError as e:
+                fresh[name] = self.depths.get(name, Depths())
+                if self.unreachable.get(name) != str(e):
+                    self.log.warning("queue depths unavailable", queue=name, error=str(e))
+                self.unreachable[name] = str(e)
+            else:
+                self.unreachable.pop(name, None)
+        self.depths = fresh
+
+    def snapshot(self, info: DaemonInfo, workers: Iterable[tuple[int, int]]) -> Snapshot:
+        return stats.build(
+            slots=self.counters.read(),
+            index=self.index,
+            workers=workers,
+            depths=self.depths,
+            rates=self.rates,
+            info=info,
+        )
+
+    def step(self, snap: Snapshot, now: float) -> None:
+        """Once a second: fold the runs counted so far into the moving averages."""
+        self.rates.step(snap.processed, now)
+
+    @staticmethod
+    def queue_totals(snap: Snapshot) -> dict[str, Totals]:
+        return {
+            name: Totals.of(getattr(q, o.label) for o in Outcome) for name, q in snap.queues.items()
+        }
+
+    def in_flight(self, slots: Iterable[int]) -> int:
+        copies = self.counters.read()
+        return sum(len(running(copies[s])) for s in slots)

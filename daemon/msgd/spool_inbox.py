@@ -1,0 +1,191 @@
+"""A worker's side of the spool: claim by rename, wait on inotify, acknowledge off the hot path.
+
+Claiming renames new/<name> into the worker's own cur/<slot>/; success unlinks the file on
+background threads (an unlink of a flushed file waits ~50-100 µs on the filesystem, longer than
+the rest of a no-op message); failure renames it into defer/ or failed/ (SpoolStore.fail).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue as queue_mod
+import select
+import threading
+from typing import Any
+
+from msgd.backend import Outcome
+from msgd.handlers import Message
+from msgd.spool import AckLog, SpoolError, SpoolStore, split_name
+from msgd.sysutil import drain, make_dirs, watch_arrivals
+
+ACK_THREADS = 4  # concurrent unlinks: the filesystem overlaps their waits (~50 µs each)
+POLL_INTERVAL = 0.05  # only where inotify is unavailable
+
+
+class Acker:
+    """Unlinks finished messages on background threads, with a crash-proof record of each.
+
+    One per worker process, shared by its spool queues (`Acker.of`), since the ack log is per slot.
+    """
+
+    _mine: Acker | None = None
+
+    @classmethod
+    def of(cls, root: str, slot: int) -> Acker:
+        if cls._mine is None:
+            cls._mine = cls(root, slot)
+        return cls._mine
+
+    def __init__(self, root: str, slot: int) -> None:
+        self.acklog = AckLog(root, slot)
+        self.acklog.open()
+        self.free: queue_mod.SimpleQueue[int] = queue_mod.SimpleQueue()
+        for i in range(AckLog.RECORDS):
+            self.free.put(i)
+        self.todo: queue_mod.SimpleQueue[tuple[str, int] | None] = queue_mod.SimpleQueue()
+        self.threads = [
+            threading.Thread(target=self._run, name=f"ack-{i}", daemon=True)
+            for i in range(ACK_THREADS)
+        ]
+        for t in self.threads:
+            t.start()
+
+    def done(self, queue: str, name: str, path: str) -> None:
+        index = self.free.get()  # blocks only if 1,024 unlinks are outstanding
+        if self.acklog.write(index, queue, name):
+            self.todo.put((path, index))
+        else:
+            self.free.put(index)
+            os.unlink(path)
+
+    def _run(self) -> None:
+        while (item := self.todo.get()) is not None:
+            path, index = item
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            self.acklog.clear(index)
+            self.free.put(index)
+
+    def close(self) -> None:
+        """Finish the unlinks queued so far (idempotent: every spool inbox calls it)."""
+        if Acker._mine is not self:
+            return
+        Acker._mine = None
+        for _ in self.threads:
+            self.todo.put(None)
+        for t in self.threads:
+            t.join()
+
+
+class SpoolInbox:
+    """A worker's view of one spool queue: claim the oldest message, wait without polling.
+
+    Shared by the handler threads of one queue in one worker. Claiming renames new/<name> into
+    this worker's cur/<slot>/; when another worker won the race the rename fails and the next
+    name is tried. Listing happens only when the local batch is used up.
+    """
+
+    def __init__(self, store: SpoolStore, slot: int, stop_fd: int) -> None:
+        self.store, self.queue = store, store.queue
+        self.acker = Acker.of(store.root, slot)
+        self.new = store.new + "/"
+        self.cur = os.path.join(store.spool.dir(store.queue, "cur"), str(slot)) + "/"
+        make_dirs(self.cur, store.spool.dir_mode)
+        self._stop_fd = stop_fd
+        self._batch: list[str] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Condition()
+        self._watching = False
+        try:
+            self._inotify: int | None = watch_arrivals(self.new)
+        except OSError:
+            self._inotify = None
+
+    def claim(self) -> str | None:
+        """Claim the next message into cur/; None when new/ is empty right now."""
+        while True:
+            with self._lock:
+                if not self._batch:
+                    self._batch = sorted(
+                        (n for n in os.listdir(self.new) if not n.startswith(".")), reverse=True
+                    )
+                    if not self._batch:
+                        return None
+                name = self._batch.pop()
+            try:
+                os.rename(self.new + name, self.cur + name)
+            except FileNotFoundError:
+                continue  # another worker took it
+            return name
+
+    def wait(self) -> None:
+        """Sleep until something arrives in new/ (or the worker is told to stop).
+
+        The runner threads of one queue share the inotify descriptor: one of them watches it and,
+        once woken, wakes the others. Were they all to select on it, the first to drain it would
+        leave the rest asleep with messages waiting.
+        """
+        with self._wake:
+            if self._watching:
+                self._wake.wait()
+                return
+            self._watching = True
+        try:
+            if self._inotify is None:
+                select.select([self._stop_fd], [], [], POLL_INTERVAL)
+                return
+            if self._inotify in select.select([self._stop_fd, self._inotify], [], [])[0]:
+                drain(self._inotify)
+        finally:
+            with self._wake:
+                self._watching = False
+                self._wake.notify_all()
+
+    def read(self, name: str, max_size: int) -> Message:
+        """Open a claimed file; OSError, or SpoolError if it is not a file or too large."""
+        mid, done = split_name(name)
+        fd = os.open(self.cur + name, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+            if not (st.st_mode & 0o170000 == 0o100000):
+                raise SpoolError("not a regular file")
+            if max_size and st.st_size > max_size:
+                raise SpoolError(f"message of {st.st_size} bytes exceeds max_message_size")
+            body = _read_all(fd, st.st_size)
+            when = enqueued_at(mid, fd)
+        finally:
+            os.close(fd)
+        return Message(id=mid, queue=self.queue, body=body, attempt=done + 1, enqueued_at=when)
+
+    def label(self, name: str) -> tuple[str, int]:
+        mid, done = split_name(name)
+        return mid, done + 1
+
+    def done(self, name: str) -> None:
+        self.acker.done(self.queue, name, self.cur + name)
+
+    def fail(self, name: str, error: dict[str, Any], permanent: bool) -> Outcome:
+        return self.store.fail(self.cur + name, error, permanent)
+
+    def burst(self) -> None:
+        """Nothing to do: the master releases deferred spool messages itself."""
+
+    def close(self) -> None:
+        self.acker.close()
+
+
+def enqueued_at(mid: str, fd: int) -> float:
+    """The enqueue time encoded in msgd's ids; a foreign producer's file gives its mtime."""
+    if len(mid) == 24:
+        with contextlib.suppress(ValueError):
+            return int(mid[:16], 16) / 1e9
+    return os.fstat(fd).st_mtime
+
+
+def _read_all(fd: int, size: int) -> bytes:
+    """One read for the usual case: a message file does not change once it is in new/."""
+    body = os.read(fd, size)
+    while len(body) < size and (more := os.read(fd, size - len(body))):
+        body += more
+    return body
