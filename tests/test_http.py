@@ -231,11 +231,12 @@ def test_a_client_that_disconnects_mid_send(daemon: Msgd) -> None:
     with client(daemon, token=TOKEN) as ws:
         last = ask(ws, {"op": "send", "body": "after", "ref": 2})
     assert last["op"] == "sent"
+    tmp = daemon.root / "spool/default/tmp"  # a send still under way has its file here
+    wait_for(lambda: not os.listdir(tmp), 20, "no message half-written in tmp/")
     wait_for(lambda: last["id"] in (daemon.out / "bodies").read_text(), 20, "the last message")
     wait_for(lambda: daemon.stats().get("pending") == 0, 10, "nothing pending")
     done = [line.split()[2] for line in (daemon.out / "bodies").read_text().splitlines()]
     assert len(done) == len(set(done)) and set(done) <= {_sha(b) for b in [*bodies, b"after"]}
-    assert os.listdir(daemon.root / "spool/default/tmp") == []
     assert not [e for e in daemon.events() if e.get("level") == "error"]
 
 

@@ -15,8 +15,9 @@ Layout: one anonymous shared mmap made by the master before it forks anything.
 
 An entry is written seqlock-style: its seq word is zeroed, the body written, then its seq set and
 the slot's head moved; a reader keeps an entry only if its seq reads the same before and after
-the copy. A runner record is the first RECORD bytes of the entry it becomes, so an event costs
-one copy plus the outcome fields (~1 us; bench/subscribers.py measures it).
+the copy. A runner record has an entry's layout: it is what the master reads to make the events
+of a worker that died in the middle of its messages. A message costs a worker two struct packs
+and a few word stores (bench/subscribers.py event-cost measures it).
 """
 
 from __future__ import annotations
@@ -42,8 +43,8 @@ OUTCOMES = ("succeeded", "retried", "failed")  # the values of stats.SUCCEEDED, 
 # seq, time (monotonic ns), attempt, ms, queue index, outcome, id length, error length
 HEADER = struct.Struct("<QQIfHBBB3x")
 BEGIN = struct.Struct(f"<QQIfHBBB3x{ID_BYTES}s")
-ENDING = struct.Struct("<QIf")  # time, attempt, ms
-QUEUE_AT, OUTCOME_AT, ERRLEN_AT = 24, 26, 28  # offsets of single bytes in HEADER
+BODY = struct.Struct(f"<QIfHBBB3x{ID_BYTES}s{ERROR_BYTES}s")  # an entry but its seq
+QUEUE_AT = 24  # the offset of the queue (+ 1; 0: none) in HEADER, a single byte
 HEADS = SLOTS * 8
 SLOT_BYTES = MAX_RUNNERS * RECORD + RING * ENTRY
 
@@ -88,8 +89,7 @@ class EventWriter(NullWriter):
         self.records = _slot_base(slot)
         self.ring = self.records + MAX_RUNNERS * RECORD
         self.words = memoryview(rings.mm).cast("Q")
-        self.started = [0] * MAX_RUNNERS
-        self.attempts = [0] * MAX_RUNNERS
+        self.current: list[tuple[int, bytes, int, int]] = [(0, b"", 0, 0)] * MAX_RUNNERS
         self.lock = threading.Lock()
 
     def begin(self, runner: int, queue: int, mid: str, attempt: int, started_ns: int) -> None:
@@ -97,28 +97,22 @@ class EventWriter(NullWriter):
         raw = mid.encode()[:ID_BYTES]
         BEGIN.pack_into(self.mm, self.records + runner * RECORD, 0, started_ns, attempt, 0.0,
                         queue + 1, 0, len(raw), 0, raw)  # fmt: skip
-        self.started[runner] = started_ns
-        self.attempts[runner] = attempt
+        self.current[runner] = (queue + 1, raw, attempt, started_ns)
 
     def end(self, runner: int, outcome: int, error: str = "") -> None:
         """`runner`'s message ended with `outcome` (a stats outcome index): publish the event."""
         now = time.monotonic_ns()
-        ms = (now - self.started[runner]) / 1e6
-        record = self.records + runner * RECORD
+        queue, mid, attempt, started = self.current[runner]
+        why = error.encode(errors="replace")[:ERROR_BYTES] if error else b""
         with self.lock:
             seq = self.heads[self.slot] + 1
             at = self.ring + (seq % RING) * ENTRY
             self.words[at >> 3] = 0  # readers now ignore this entry until its seq is set
-            self.mm[at : at + RECORD] = self.mm[record : record + RECORD]
-            self.mm[at + OUTCOME_AT] = outcome
-            if error:
-                raw = error.encode(errors="replace")[:ERROR_BYTES]
-                self.mm[at + ERRLEN_AT] = len(raw)
-                self.mm[at + RECORD : at + RECORD + len(raw)] = raw
-            ENDING.pack_into(self.mm, at + 8, now, self.attempts[runner], ms)
+            BODY.pack_into(self.mm, at + 8, now, attempt, (now - started) / 1e6, queue, outcome,
+                           len(mid), len(why), mid, why)  # fmt: skip
             self.words[at >> 3] = seq
             self.heads[self.slot] = seq
-        self.mm[record + QUEUE_AT] = 0  # queue + 1 = 0 (< 256): the runner is on nothing
+        self.mm[self.records + runner * RECORD + QUEUE_AT] = 0  # the runner is on nothing
 
     def settled(self, outcomes: Mapping[int, list[int]], error: str) -> None:
         """The master settled a dead worker's messages (this slot has no live writer now):
@@ -126,8 +120,6 @@ class EventWriter(NullWriter):
         highest attempts first (which a death makes fail first); an outcome with no run
         recorded for it still makes an event, with an empty id."""
         runs = self._in_progress()
-        for runner, _, _, started_ns in runs:  # their times, as the dead worker wrote them
-            self.started[runner] = started_ns
         for queue, counted in outcomes.items():
             mine = sorted((r for r in runs if r[1] == queue), key=lambda r: -r[2])
             for outcome in sorted(counted, reverse=True):  # failed before retried
@@ -136,16 +128,17 @@ class EventWriter(NullWriter):
         for runner, *_ in runs:  # returned untouched: no outcome, no event
             self.mm[self.records + runner * RECORD + QUEUE_AT] = 0
 
-    def _in_progress(self) -> list[tuple[int, int, int, int]]:
-        """(runner, queue index, attempt, start ns) of each runner record still marked busy."""
+    def _in_progress(self) -> list[tuple[int, int, int]]:
+        """(runner, queue index, attempt) of each runner record still marked busy, as the dead
+        worker wrote it (its message is taken up as the runner's current one)."""
         out = []
         for runner in range(MAX_RUNNERS):
-            _, started_ns, attempt, _, queue, *_ = HEADER.unpack_from(
+            _, started_ns, attempt, _, queue, _, idlen, _, raw = BEGIN.unpack_from(
                 self.mm, self.records + runner * RECORD
             )
             if queue:
-                out.append((runner, queue - 1, attempt, started_ns))
-                self.attempts[runner] = attempt
+                out.append((runner, queue - 1, attempt))
+                self.current[runner] = (queue, raw[:idlen], attempt, started_ns)
         return out
 
     def _blank(self, queue: int) -> int:
