@@ -44,16 +44,24 @@ def ask(ws: ClientConnection, request: dict[str, Any], timeout: float = 30) -> d
 
 
 def next_frame(ws: ClientConnection, match: Any, timeout: float = 10) -> dict[str, Any]:
-    """The next frame for which `match(frame)` holds (others are dropped)."""
+    """The first frame, in the order received, for which `match(frame)` holds. Frames passed
+    over are kept for later calls: a reply awaited must not swallow an event."""
     return wait_for(lambda: _matching(ws, match), timeout, "a matching frame", interval=0)
 
 
 def _matching(ws: ClientConnection, match: Any) -> dict[str, Any] | None:
+    kept: list[dict[str, Any]] = ws.__dict__.setdefault("kept_frames", [])
+    for i, frame in enumerate(kept):
+        if match(frame):
+            return kept.pop(i)
     try:
         frame = json.loads(ws.recv(timeout=0.1))
     except TimeoutError:
         return None
-    return frame if match(frame) else None
+    if match(frame):
+        return frame
+    kept.append(frame)
+    return None
 
 
 def subscribe(ws: ClientConnection, topics: list[str], **extra: Any) -> None:

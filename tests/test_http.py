@@ -120,6 +120,18 @@ def test_a_worker_killed_mid_message_makes_an_event(web: Msgd) -> None:
     assert event["error"] == "worker killed by signal SIGKILL"
 
 
+def test_a_timed_out_handler_makes_an_event(daemon: Msgd) -> None:
+    daemon.queues = {"default": {"handler": "handlers:by_body", "timeout": 0.3}}
+    configure(daemon)
+    daemon.start()
+    with client(daemon) as ws:
+        subscribe(ws, ["events"])
+        mid = daemon.send(b"hang")
+        event = events_until(ws, 1)[0]
+    assert (event["id"], event["event"], event["attempt"]) == (mid, "retried", 1)
+    assert event["error"] == "worker killed after its handler ran past 0.3s"
+
+
 def _busy_worker(daemon: Msgd) -> int | None:
     for pid in daemon.workers():
         try:
