@@ -29,6 +29,7 @@ from msgd.events import NullWriter, Rings
 
 _fork = multiprocessing.get_context("fork")
 STOP_WAIT = 3.0  # seconds a stopping listener gets to close its connections before SIGKILL
+CLOSE_WAIT = 1.0  # seconds a reload waits for the old listener to stop accepting
 RESPAWN_DELAY = 1.0  # seconds before a listener that died unasked is started again
 
 
@@ -197,22 +198,30 @@ class HttpListener:
         if self.process is None and self.sock is not None and not self.stopping:
             self.spawn()
 
-    def stop_process(self) -> None:
-        """Stop the running listener and wait (briefly) until it has let go of its socket."""
-        process, self.process, self.conn = self.process, None, None
+    def stop_process(self, wait: bool = False) -> None:
+        """Stop the running listener. Wait until it no longer accepts connections (a new one
+        may take over its socket: no client must land on the old one), or, with `wait`, until
+        it has delivered its last events and exited."""
+        process, conn = self.process, self.conn
+        self.process = self.conn = None
         if process is None:
             return
         process.terminate()
+        if not wait:
+            with contextlib.suppress(EOFError, OSError):
+                if conn.poll(CLOSE_WAIT):
+                    conn.recv()
+            return  # _on_exit reaps it
         process.join(STOP_WAIT)
         if process.is_alive():
             process.kill()
             process.join()
 
     def stop(self) -> None:
-        """The daemon is exiting."""
+        """The daemon is exiting: the listener's last events go out before it ends."""
         self.stopping = True
         self.discard_pending()
-        self.stop_process()
+        self.stop_process(wait=True)
         self._swap_socket(None)
 
 

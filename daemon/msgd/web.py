@@ -136,6 +136,9 @@ class Listener:
             await stop.wait()
             for task in tasks:
                 task.cancel()
+            server.server.close()  # no new connections: a new listener may be taking over
+            with contextlib.suppress(OSError):
+                conn.send("closed")
             await self.last_words()
             server.close()
             with contextlib.suppress(TimeoutError):
