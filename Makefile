@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-all lint format bench bench-quick system-deps clean
+.PHONY: run test test-plain test-all lint format bench bench-quick system-deps clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,8 +14,21 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(VENV)/bin/msgd -c examples/msgd.toml
 
-test: $(STAMP) system-deps lint
+test: $(STAMP) system-deps lint test-plain
 	$(PY) -m pytest -q
+
+# The way users install msgd: `pip install .`, no extras. The spool suites run again there, so
+# that a missing optional library can never hide behind the development environment.
+PLAIN := .venv-plain
+PLAIN_TESTS := tests/test_extras.py tests/test_core.py tests/test_messages.py
+test-plain: $(PLAIN)/.installed
+	$(PLAIN)/bin/python -m pip install -q --no-deps --no-build-isolation --force-reinstall .
+	$(PLAIN)/bin/python -m pytest -q -p no:cacheprovider $(PLAIN_TESTS)
+
+$(PLAIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(PLAIN)
+	$(PLAIN)/bin/python -m pip install -q . "setuptools>=68" "pytest>=8.0" "pytest-timeout>=2.2"
+	touch $@
 
 # The long fault-injection runs too (100 worker kills in a 10,000-message stream, ...).
 test-all: $(STAMP) system-deps
@@ -39,6 +52,7 @@ system-deps:
 lint: $(STAMP)
 	$(PY) -m ruff check daemon ctl tests bench
 	$(PY) -m ruff format --check daemon ctl tests bench
+	$(PY) -m mypy
 
 format: $(STAMP)
 	$(PY) -m ruff format daemon ctl tests bench
@@ -50,4 +64,4 @@ bench-quick: $(STAMP) system-deps
 	$(PY) bench/run.py --quick
 
 clean:
-	rm -rf $(VENV) .venv-bench examples/var
+	rm -rf $(VENV) $(PLAIN) .venv-bench examples/var

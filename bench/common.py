@@ -124,14 +124,32 @@ def memory_kib(pid: int) -> dict[str, int]:
     return figures
 
 
+def ssl_pss_kib(pid: int) -> int:
+    """PSS of OpenSSL's libraries (libssl, libcrypto) and the _ssl module mapped into `pid`, KiB:
+    what `import ssl` costs a process, whether or not it ever makes a TLS connection."""
+    total, counting = 0, False
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            first = line.split(None, 1)[0]
+            if "-" in first and not first.endswith(":"):  # a mapping's header line
+                name = line.split()[-1] if len(line.split()) >= 6 else ""
+                base = os.path.basename(name)
+                counting = base.startswith(("libssl", "libcrypto", "_ssl"))
+            elif counting and first == "Pss:":
+                total += int(line.split()[1])
+    return total
+
+
 def tree_memory(pid: int) -> dict[str, object]:
     """Summed PSS and RSS (MiB) of `pid` and its descendants, with each process's figures."""
-    procs = []
+    procs: list[dict] = []
     for p in process_tree(pid):
         try:
             with open(f"/proc/{p}/cmdline", "rb") as f:
                 cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-            procs.append({"pid": p, "cmd": cmd[:80], **memory_kib(p)})
+            procs.append(
+                {"pid": p, "cmd": cmd[:80], **memory_kib(p), "ssl_pss_kib": ssl_pss_kib(p)}
+            )
         except (FileNotFoundError, ProcessLookupError):
             continue
     return {

@@ -8,6 +8,7 @@ Each scenario starts its own daemon with a fresh spool under D, and stops it (SI
 from __future__ import annotations
 
 import contextlib
+import json
 import multiprocessing
 import os
 import random
@@ -25,6 +26,7 @@ from collections.abc import Iterator
 BENCH = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, BENCH)
 
+import disk  # noqa: E402
 import msgd  # noqa: E402
 import probe  # noqa: E402
 import scenario  # noqa: E402
@@ -48,7 +50,7 @@ workers = {workers}
 stats_file = "{run}/stats.json"
 log_file = "var/msgd.log"
 log_format = "json"
-fsync = true
+fsync = {fsync}
 allow_root = true
 pythonpath = [{bench!r}, {workdir!r}]
 
@@ -71,7 +73,9 @@ def job(message):
 class Daemon:
     """One msgd instance with its own directory: config, spool, pidfile, state and stats files."""
 
-    def __init__(self, workdir: str, mode: str = "continuous", workers: int = WORKERS) -> None:
+    def __init__(
+        self, workdir: str, mode: str = "continuous", fsync: bool = True, extra: str = ""
+    ) -> None:
         self.dir = workdir
         shutil.rmtree(workdir, ignore_errors=True)
         os.makedirs(os.path.join(workdir, "var"))
@@ -81,13 +85,15 @@ class Daemon:
             # The bench directory is computed at run time; the file lives under bench/out/.
             f.write(
                 CONFIG.format(
-                    workers=workers,
+                    workers=WORKERS,
                     bench=BENCH,
                     workdir=workdir,
                     queue=QUEUE,
                     mode=mode,
                     run=self.run,
+                    fsync=str(fsync).lower(),
                 )
+                + extra
             )
         self.state_file = os.path.join(self.run, "msgd.state")
         self.stats_file = os.path.join(self.run, "stats.json")
@@ -186,8 +192,6 @@ class Daemon:
 
 
 def read_json(path: str) -> dict | None:
-    import json
-
     try:
         with open(path, "rb") as f:
             return json.load(f)
@@ -243,15 +247,15 @@ def presend_run(args, iterations: int, launcher: tuple[str, ...] | None = None) 
     started = time.time()
     d.start(launcher)
     try:
-        s = scenario.wait_count(probe_dir, args.n, args.timeout, proc=d.proc)
+        s = scenario.wait_count(probe_dir, args.n, args.timeout, bool(iterations), d.proc)
         wait_for(d.spool_clean, 60, "new/ and cur/ to be empty", 0.002)
         clean = time.time()
     finally:
         status = d.stop()
-    handled = scenario.drain_result(s, args.n, args.unit)
+    handled = scenario.drain_result(s, args.n)
     # msgd unlinks finished files on background threads: the headline figure runs until the spool
-    # holds no message file, as the bare loop's does; the handler-only span is kept beside it.
-    result = scenario.drain_result(s, args.n, args.unit, end=clean)
+    # holds no message file (the bare loop unlinks as it goes); the handler-only span beside it.
+    result = scenario.drain_result(s, args.n, end=clean)
     result.update(
         handlers_seconds=handled["seconds"],
         handlers_msgs_per_s=handled["msgs_per_s"],
@@ -271,12 +275,14 @@ def cpu(args) -> dict:
 
 # The drain's three ways of starting msgd: plain, through the launcher with the counters' updates
 # made no-ops, and through the launcher unchanged (a control: the launcher's own effect and this
-# machine's run-to-run spread, which is larger than the counters' cost).
+# machine's run-to-run spread).
 LAUNCHES = {"on": None, "off": (), "control": ("--control",)}
 
 
 def no_counters(args) -> dict:
-    """The drain started each of the LAUNCHES ways, `--samples` rounds, the order rotating."""
+    """The drain started each of the LAUNCHES ways, `--samples` rounds, the order rotating.
+
+    The lists keep the rounds' order: the report pairs each round's runs (on ÷ off per round)."""
     check = subprocess.run(
         [sys.executable, LAUNCH_NO_COUNTERS, "--check-names"], capture_output=True, text=True
     )
@@ -288,89 +294,112 @@ def no_counters(args) -> dict:
     for i in range(args.samples):
         for arm in arms[i % 3 :] + arms[: i % 3]:
             runs[arm].append(presend_run(args, 0, LAUNCHES[arm])["msgs_per_s"])
-    return {
-        "msgs_per_s": statistics.median(runs["off"]),
-        "on_msgs_per_s": statistics.median(runs["on"]),
-        "control_msgs_per_s": statistics.median(runs["control"]),
-        "rounds": args.samples,
-        **{f"{arm}_runs": rates for arm, rates in runs.items()},
-    }
+    return {"rounds": args.samples, **{f"{arm}_runs": rates for arm, rates in runs.items()}}
 
 
-def bare(args) -> dict:
-    """The raw limit: one process, rename new/ -> cur/, open+read, unlink, on durable files."""
-    d = Daemon(os.path.join(args.workdir, "bare"))  # never started: only its spool and config
+def bare(args, processes: int) -> dict:
+    """The bare claim loop on the same durably sent files, in `processes` forked processes.
+
+    Per file: rename new/ -> cur/, open + read, the handler, unlink (synchronous): the work of
+    msgd's workers without the daemon around it (no counters, no log, no background unlinks).
+    Timed from the first handler start to the last handler end (the forks and exits not counted;
+    only each process's last unlink falls outside).
+    """
+    d = Daemon(os.path.join(args.workdir, "bare"))  # never started: its spool and config only
     probe_dir = scenario.fresh_probe(args.workdir, args.n)
-    d.send_many([tasks.encode(i) for i in range(args.n)])  # durable, exactly like msgd's sends
+    d.send_many([tasks.encode(i, 0.0, args.iterations) for i in range(args.n)])
     new, cur = os.path.join(d.spool, "new"), os.path.join(d.spool, "cur")
     os.makedirs(cur, exist_ok=True)
-    rename, read, unlink, run_body = os.rename, os.read, os.unlink, tasks.run_body
-    t0 = time.time()
-    while True:
-        names = os.listdir(new)
-        if not names:
-            break
-        for name in names:
+    found = len(os.listdir(new))
+    if found != args.n:  # the loop works message files; a send that makes none cannot be compared
+        raise RuntimeError(f"new/ holds {found} files after send_many of {args.n} messages")
+    pids = [forked(claim_loop, new, cur, w % 2 == 1) for w in range(processes)]
+    failed = [pid for pid in pids if os.waitpid(pid, 0)[1] != 0]
+    if failed:
+        raise RuntimeError(f"{len(failed)} bare loop process(es) failed")
+    s = probe.summary(probe_dir, with_values=bool(args.iterations))
+    return {**scenario.drain_result(s, args.n), "processes": processes}
+
+
+def forked(target, *args) -> int:
+    """Run `target(*args)` in a forked child; its pid (exit status 1 if it raised)."""
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            target(*args)
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()
+            code = 1
+        os._exit(code)
+    return pid
+
+
+def claim_loop(new: str, cur: str, backwards: bool) -> None:
+    """Claim, read, handle and unlink until new/ is empty. Of two processes one walks the listing
+    backwards, so they rarely race for a file; a lost race is a rename failing: skipped."""
+    rename, unlink, run_body = os.rename, os.unlink, tasks.run_body
+    while names := os.listdir(new):
+        for name in reversed(names) if backwards else names:
             path = os.path.join(cur, name)
-            rename(os.path.join(new, name), path)
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             try:
-                body = chunk = read(fd, 65536)
-                while len(chunk) == 65536:
-                    chunk = read(fd, 65536)
-                    body += chunk
-            finally:
-                os.close(fd)
-            run_body(body)
+                rename(os.path.join(new, name), path)
+            except FileNotFoundError:
+                continue
+            run_body(read_all(path))
             unlink(path)
-    loop_seconds = time.time() - t0
-    result = scenario.drain_result(probe.summary(probe_dir), args.n)
-    result["loop_seconds"] = loop_seconds
-    return result
 
 
-def cpu_bare(args) -> dict:
-    """The machine's ceiling for CPU-bound work: 2 forked processes, n/2 units each, no queue."""
-    probe_dir = scenario.fresh_probe(args.workdir, args.n)
-    pids = []
-    for w in range(WORKERS):
-        pid = os.fork()
-        if pid == 0:
-            code = 0
-            try:
-                for i in range(w, args.n, WORKERS):
-                    tasks.run(i, 0.0, args.iterations)
-            except BaseException:
-                code = 1
-            os._exit(code)
-        pids.append(pid)
-    for pid in pids:
-        os.waitpid(pid, 0)
-    return scenario.drain_result(probe.summary(probe_dir), args.n, args.unit)
+def read_all(path: str) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        body = chunk = os.read(fd, 65536)
+        while len(chunk) == 65536:
+            chunk = os.read(fd, 65536)
+            body += chunk
+        return body
+    finally:
+        os.close(fd)
 
 
 def stream(args) -> dict:
-    """A producer sending one durable message at a time, as fast as it can, while 2 workers run."""
-    d = Daemon(os.path.join(args.workdir, "msgd"))
+    """A producer offering one message at a time, `--rate` per second, while 2 workers run."""
+    d = Daemon(os.path.join(args.workdir, "msgd"), fsync=not args.no_fsync)
     probe_dir = scenario.fresh_probe(args.workdir, args.n)
     with d.warmed(probe_dir):
         first, last = scenario.produce(
-            lambda i, ts: msgd.send(tasks.encode(i, ts), queue=QUEUE, config=d.config), args.n
+            lambda i, ts: msgd.send(tasks.encode(i, ts), queue=QUEUE, config=d.config),
+            args.n,
+            args.rate,
         )
         s = scenario.wait_count(probe_dir, args.n, args.timeout, with_values=True, proc=d.proc)
     return scenario.stream_result(s, args.n, first, last)
 
 
 def idle_latency(args) -> dict:
-    """send -> handler start on an idle daemon: one message at a time, 10-30 ms apart."""
-    d = Daemon(os.path.join(args.workdir, "msgd"))
+    """send -> handler start on an idle daemon: one message at a time, 10-30 ms apart.
+
+    Beside each sample, in the same minutes: how long the `msgd.send` call itself took, and one
+    flush on the spool's disk (an append + fdatasync to an open file, `bench/disk.py`)."""
+    d = Daemon(os.path.join(args.workdir, "msgd"), fsync=not args.no_fsync)
     probe_dir = scenario.fresh_probe(args.workdir, args.samples)
-    with d.warmed(probe_dir):
+    calls, flushes = [], []
+    with d.warmed(probe_dir), disk.Appender(os.path.join(d.dir, "var")) as flush:
         for i in range(args.samples):
-            msgd.send(tasks.encode(i, time.time()), queue=QUEUE, config=d.config)
+            t = time.time()
+            msgd.send(tasks.encode(i, t), queue=QUEUE, config=d.config)
+            calls.append(time.time() - t)
             spaced()
+            flushes.append(flush())
         s = scenario.wait_count(probe_dir, args.samples, 30, with_values=True, proc=d.proc)
-    return latency_figures(s.values)
+    return {
+        **latency_figures(s.values),
+        "send_call": latency_figures(calls),
+        "flush": latency_figures(flushes),
+        "fsync": not args.no_fsync,
+    }
 
 
 # --- signals ------------------------------------------------------------------------------------
@@ -390,7 +419,9 @@ def usr1_samples(d: Daemon, samples: int) -> tuple[list[float], list[float]]:
             rewritten.append(time.monotonic() - t0)
             acked = lambda s, b=before: s["generations"]["stats"] > b  # noqa: E731
             state.until(acked, 5, "stats acknowledged")
-            running.append(read_json(d.state_file)["last"]["stats"]["began_monotonic"] - t0)
+            acknowledged = read_json(d.state_file)
+            assert acknowledged is not None  # it was just read by the wait above
+            running.append(acknowledged["last"]["stats"]["began_monotonic"] - t0)
             spaced()
     finally:
         stats.close()
@@ -577,6 +608,7 @@ def memory(args) -> dict:
     with d.warmed(probe_dir):
         wait_for(lambda: d.proc and len(tree_pids(d.proc.pid)) >= 1 + WORKERS, 10, "workers")
         time.sleep(1.0)  # measured idle: 1 s after the last message (a condition, not a sync)
+        assert d.proc is not None
         return tree_memory(d.proc.pid)
 
 
@@ -587,7 +619,10 @@ def tree_pids(pid: int) -> list[int]:
 
 
 def start(args) -> dict:
-    """msgd start -> READY=1 on NOTIFY_SOCKET (a datagram socket bound here), several times."""
+    """msgd start -> READY=1 on NOTIFY_SOCKET (a datagram socket bound here), several times.
+
+    Beside it, what a start is made of: a bare interpreter's start, and the import of msgd's
+    console-script module in a fresh interpreter, with the optional modules that import loaded."""
     d = Daemon(os.path.join(args.workdir, "msgd"))
     path = os.path.join(args.workdir, "notify.sock")
     times, state_times = [], []
@@ -613,35 +648,63 @@ def start(args) -> dict:
     return {
         "ready": latency_figures(times),
         "state_file_p50_ms": sorted(state_times)[len(state_times) // 2] * 1e3,
+        **import_costs(args.samples),
+    }
+
+
+# Modules msgd needs only when a feature is configured (python-daemon: only for --daemon) or never
+# (ssl): their presence after importing the entry point is what a start pays for nothing.
+OPTIONAL = ("ssl", "redis", "pika", "websockets", "cronsim", "daemon")
+IMPORT = """
+import importlib, importlib.metadata as m, json, sys, time
+t = time.perf_counter()
+importlib.import_module(m.entry_points(group="console_scripts", name="msgd")[0].module)
+print(json.dumps([time.perf_counter() - t, [n for n in {optional!r} if n in sys.modules]]))
+"""
+
+
+def import_costs(samples: int) -> dict:
+    """p50 of a bare interpreter's start-up and of importing msgd's entry point, in ms."""
+    bare, imports, loaded = [], [], []
+    code = IMPORT.format(optional=OPTIONAL)
+    for _ in range(samples):
+        t = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "pass"], check=True)
+        bare.append(time.perf_counter() - t)
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        seconds, loaded = json.loads(out.stdout)
+        imports.append(seconds)
+    return {
+        "python_start_p50_ms": statistics.median(bare) * 1e3,
+        "import_p50_ms": statistics.median(imports) * 1e3,
+        "optional_imported": loaded,
+        "optional_checked": list(OPTIONAL),
     }
 
 
 def send(args) -> dict:
-    """Durable send_many of N messages, and one-by-one msgd.send of `samples` messages."""
-    d = Daemon(os.path.join(args.workdir, "msgd"))
+    """The producer side, no daemon running: `--samples` msgd.send calls one by one and one
+    send_many of `--n`; or, with `--producers P`, P processes sending `--n` one by one."""
+    d = Daemon(os.path.join(args.workdir, "msgd"), fsync=not args.no_fsync)
     d.send_many([tasks.encode(-1)])  # config parsed and directories made before timing
+
+    def one(i: int) -> str:
+        return msgd.send(tasks.encode(i), queue=QUEUE, config=d.config)
+
+    if args.producers > 1:
+        return scenario.producers(lambda: one, args.producers, args.n)
+    single = scenario.timed(lambda: [one(i) for i in range(args.samples)], args.samples)
     bodies = [tasks.encode(i) for i in range(args.n)]
-    t = time.perf_counter()
-    d.send_many(bodies)
-    many = time.perf_counter() - t
-    one_n = args.samples
-    t = time.perf_counter()
-    for i in range(one_n):
-        msgd.send(bodies[i % len(bodies)], queue=QUEUE, config=d.config)
-    one = time.perf_counter() - t
-    return {
-        "send_many": {"n": args.n, "seconds": many, "msgs_per_s": args.n / many},
-        "send": {"n": one_n, "seconds": one, "msgs_per_s": one_n / one},
-    }
+    return {"send": single, "send_many": scenario.timed(lambda: d.send_many(bodies), args.n)}
 
 
 SCENARIOS = {
     "drain": drain,
-    "bare": bare,
+    "bare": lambda args: bare(args, WORKERS),
+    "bare-1": lambda args: bare(args, 1),
     "stream": stream,
     "idle-latency": idle_latency,
     "cpu": cpu,
-    "cpu-bare": cpu_bare,
     "usr1": usr1,
     "hup": hup,
     "hup-code": hup_code,

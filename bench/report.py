@@ -1,44 +1,52 @@
-"""BENCHMARKS.md from a results dictionary: machine, command, method, tables, targets."""
+"""BENCHMARKS.md (and the README's performance paragraph) from one run's results.
+
+A result is `results[scenario][system]`: `{"runs": [one dict per repeat]}`, or `{"error": ...}` /
+`{"skipped": ...}`. Every figure shown is the median over the repeats with its range beside it;
+a ratio between two systems is taken round by round (their runs alternate) and its median shown.
+Targets and the reasons for a miss are computed here from those figures, never written by hand.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import statistics
+import textwrap
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import targets as goals
+from figures import (
+    LABELS,
+    fmt,
+    get,
+    median,
+    pick,
+    process_name,
+    ratios,
+    runs,
+    values,
+    with_range,
+)
 
 WORKERS = 2  # as in every scenario
 
-LABELS = {
-    "msgd": "msgd",
-    "bare": "bare loop (1 process; CPU: 2 forked processes)",
-    "mp-queue": "multiprocessing.Queue",
-    "mp-pool": "multiprocessing.Pool",
-    "huey-sqlite": "Huey (SQLite)",
-    "huey-redis": "Huey (Redis)",
-    "celery": "Celery (Redis)",
-}
+README_BEGIN = "<!-- bench/report.py: performance -->"
+README_END = "<!-- /bench/report.py -->"
 
 
-def get(results: dict, scenario: str, system: str, *keys: str) -> float | None:
-    value = results.get(scenario, {}).get(system)
-    for key in keys:
-        if not isinstance(value, dict) or key not in value:
-            return None
-        value = value[key]
-    return value if isinstance(value, int | float) else None
+def cell(results: dict, scenario: str, system: str, keys: tuple[str, ...], digits: int = 0) -> str:
+    return with_range(values(results, scenario, system, *keys), digits)
 
 
-def fmt(value: float | None, digits: int = 0, suffix: str = "") -> str:
-    if value is None:
-        return "—"
-    return f"{value:,.{digits}f}{suffix}"
+def cells(
+    results: dict, scenario: str, system: str, *columns: tuple[tuple[str, ...], int]
+) -> list[str]:
+    """One cell per (keys, digits) column."""
+    return [cell(results, scenario, system, keys, digits) for keys, digits in columns]
 
 
-def ratio(a: float | None, b: float | None) -> float | None:
-    return a / b if a is not None and b else None
-
-
-def status(runs: dict, system: str) -> str:
+def status(results: dict, scenario: str, system: str) -> str:
     """Why a system has no figure (failed or skipped), for a table cell."""
-    entry = runs.get(system) or {}
+    entry = results.get(scenario, {}).get(system) or {}
     if "skipped" in entry:
         return f"skipped: {entry['skipped']}"
     if "error" in entry:
@@ -46,194 +54,56 @@ def status(runs: dict, system: str) -> str:
     return "—"
 
 
-def throughput_table(results: dict, scenario: str, extra: list[tuple[str, str, int]]) -> list[str]:
-    """Systems as rows: msgs/s, extra columns, and msgd's ratio to each."""
-    runs = results.get(scenario, {})
-    base = get(results, scenario, "msgd", "msgs_per_s")
-    head = ["system", "msgs/s", *(title for title, _, _ in extra), "msgd ÷ system"]
+def table(head: list[str], rows: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def system_rows(
+    results: dict,
+    scenario: str,
+    columns: Sequence[tuple[tuple[str, ...], int]],
+    versus: bool = True,
+) -> list[list[str]]:
+    """One row per system in the scenario: its figures (median and range), then msgd ÷ it."""
+    rows = []
     for system in LABELS:
-        if system not in runs:
+        if system not in results.get(scenario, {}):
             continue
-        rate = get(results, scenario, system, "msgs_per_s")
-        if rate is None:
-            lines.append(f"| {LABELS[system]} | {status(runs, system)} |" + " |" * (len(head) - 2))
+        if not runs(results, scenario, system):
+            reason = [status(results, scenario, system)]
+            rows.append([LABELS[system], *reason, *[""] * (len(columns) - 1 + versus)])
             continue
-        cells = [LABELS[system], fmt(rate)]
-        cells += [fmt(get(results, scenario, system, key), d) for _, key, d in extra]
-        r = ratio(base, rate)
-        cells.append("—" if system == "msgd" else fmt(r, 2, "x"))
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
+        row = [LABELS[system], *(cell(results, scenario, system, k, d) for k, d in columns)]
+        if versus:
+            rate = ("msgs_per_s",)
+            found = ratios(results, (scenario, "msgd", *rate), (scenario, system, *rate))
+            row.append("—" if system == "msgd" else with_range(found, 2, "x"))
+        rows.append(row)
+    return rows
 
 
-Target = tuple[str, float | None, str, Callable[[float], bool]]
+# --- targets --------------------------------------------------------------------------------------
 
 
-def at_least(limit: float) -> Callable[[float], bool]:
-    return lambda v: v >= limit
+@dataclass
+class Verdict:
+    what: str
+    found: list[float]  # per run or per round; the verdict is on their median
+    unit: str
+    met: bool | None  # None: not measured
+    reason: str  # why it missed, computed from the run ("" when met)
 
 
-def at_most(limit: float) -> Callable[[float], bool]:
-    return lambda v: v <= limit
-
-
-def targets(results: dict) -> list[Target]:
-    """(what, measured value, how it is shown, whether it meets the target)."""
-
-    def msgd(*keys: str) -> float | None:
-        return get(results, keys[0], "msgd", *keys[1:])
-
-    def drain_vs(system: str) -> float | None:
-        return ratio(msgd("drain", "msgs_per_s"), get(results, "drain", system, "msgs_per_s"))
-
-    pss = msgd("memory", "pss_mib")
-    send_many = ratio(
-        msgd("send", "send_many", "msgs_per_s"), get(results, "send", "huey-sqlite", "msgs_per_s")
-    )
-
-    def stream_vs(system: str) -> float | None:
-        return ratio(msgd("stream", "msgs_per_s"), get(results, "stream", system, "msgs_per_s"))
-
-    return [
-        ("drain ≥ 1.5x the bare loop", drain_vs("bare"), "x", at_least(1.5)),
-        ("drain ≥ 3x Huey (SQLite)", drain_vs("huey-sqlite"), "x", at_least(3)),
-        ("drain ≥ 10x Celery", drain_vs("celery"), "x", at_least(10)),
-        ("stream ≥ 3x Huey (SQLite)", stream_vs("huey-sqlite"), "x", at_least(3)),
-        ("stream ≥ 10x Celery", stream_vs("celery"), "x", at_least(10)),
-        (
-            "send → handler start p99 ≤ 1 ms (idle daemon)",
-            msgd("idle-latency", "p99_ms"),
-            "ms",
-            at_most(1),
-        ),
-        ("send_many ≥ Huey (SQLite) enqueue", send_many, "x", at_least(1)),
-        ("CPU-bound parallel efficiency ≥ 95%", msgd("cpu", "efficiency"), "%", at_least(0.95)),
-        (
-            "kill → action task running p99 ≤ 1 ms (idle)",
-            msgd("usr1", "task_idle", "p99_ms"),
-            "ms",
-            at_most(1),
-        ),
-        (
-            "kill → action task running p99 ≤ 5 ms (pool saturated)",
-            msgd("usr1", "task_saturated", "p99_ms"),
-            "ms",
-            at_most(5),
-        ),
-        ("USR1 → stats file p99 ≤ 5 ms (idle)", msgd("usr1", "idle", "p99_ms"), "ms", at_most(5)),
-        (
-            "USR1 → stats file p99 ≤ 5 ms (pool saturated)",
-            msgd("usr1", "saturated", "p99_ms"),
-            "ms",
-            at_most(5),
-        ),
-        (
-            "HUP → reload applied p99 ≤ 100 ms (stream running)",
-            msgd("hup", "p99_ms"),
-            "ms",
-            at_most(100),
-        ),
-        ("0 messages lost across the HUPs", msgd("hup", "lost"), "lost", at_most(0)),
-        (
-            "HUP → new handler code running p99 ≤ 1 s (workers replaced)",
-            msgd("hup-code", "p99_ms"),
-            "ms",
-            at_most(1000),
-        ),
-        (
-            "master + 2 workers PSS ≤ 30 MB (10^6 bytes)",
-            pss * 1.048576 if pss is not None else None,
-            "MB",
-            at_most(30),
-        ),
-        ("start → READY p50 ≤ 300 ms", msgd("start", "ready", "p50_ms"), "ms", at_most(300)),
-        ("counter update ≤ 100 ns", msgd("counters", "lockfree_ns"), "ns", at_most(100)),
-        (
-            "counter update ≤ 1/10 of a locked Value update",
-            ratio(msgd("counters", "lockfree_ns"), msgd("counters", "locked_ns")),
-            "x",
-            at_most(0.1),
-        ),
-        (
-            "drain with counters ≥ 97% of counters off (bound from their cost, see below)",
-            counters_share(results),
-            "%",
-            at_least(0.97),
-        ),
-    ]
-
-
-def why_missed(results: dict) -> dict[str, str]:
-    """Where the time (or the memory) goes, for each target that can miss on this machine."""
-    num = lambda *keys: fmt(get(results, *keys), 1)  # noqa: E731
-    procs = results.get("memory", {}).get("msgd", {}).get("per_process", [])
-    master_rss = next((p["rss_kib"] / 1024 for p in procs if "master" in p["cmd"]), None)
-    return {
-        "stream ≥": (
-            "A stream's rate is its producer's: one `msgd.send` is durable on return, which "
-            "costs two flushes (the file, then new/ after the rename); a Huey (SQLite) task call "
-            "is one WAL commit, a Celery call a Redis write that is not flushed at all. msgd's "
-            "workers keep up (latency p50 "
-            f"{num('stream', 'msgd', 'p50_ms')} ms) where the peers' fall behind by seconds; "
-            "batches (`send_many`, one flush for all) are in the send table. A single send with "
-            "one flush would need the filesystem's word that an fsync'd file's rename is "
-            "durable with it, which POSIX does not give."
-        ),
-        "send → handler start": (
-            "The time runs from the call of `msgd.send`, which flushes the message file to disk "
-            "before it renames it into new/ (a message is never visible before it is durable): "
-            "that flush is ~0.5-1 ms on this disk, most of the figure. The queue's own part, "
-            "inotify waking an idle worker, the claim and the read, is ~0.1-0.2 ms."
-        ),
-        "CPU-bound": (
-            "msgd's own work per message (rename into cur/, open and read, the unlink on a "
-            "background thread, the counters) is ~75 µs of user and ~100 µs of kernel time in the "
-            "worker, ~3.5% of a 5 ms message. The rest is mostly the handler itself running "
-            "slower than in the bare processes (handler time "
-            f"{num('cpu', 'msgd', 'handler_busy_seconds')} s against "
-            f"{num('cpu', 'bare', 'handler_busy_seconds')} s for the same work), likely the "
-            "caches cooled by the system calls and thread wake-ups between messages; and this "
-            "machine's speed drifts (the bare ceiling read 93-110% in today's full runs, msgd "
-            "83-101%; runs of this scenario alone reached 94-96%)."
-        ),
-        "USR1 → stats file p99 ≤ 5 ms (pool saturated)": (
-            "The dump counts each queue's waiting messages by listing its directory (~0.2 µs a "
-            f"name; {fmt(get(results, 'usr1', 'msgd', 'queued'))} were waiting), on a master "
-            "that shares the 2 cores with 2 workers running CPU-bound messages: the signal alone "
-            f"reaches the task in {num('usr1', 'msgd', 'task_saturated', 'p99_ms')} ms at p99 "
-            "(above), and the dump's ~0.6 ms of CPU is stretched several times by preemption. "
-            "Counting without listing would need every producer to count what it sends, which "
-            "plain maildir producers do not."
-        ),
-        "master + 2 workers PSS": (
-            "asyncio imports ssl and with it OpenSSL, ~5 MB of the master's "
-            f"{fmt(master_rss, 1)} MiB RSS (structlog imports asyncio "
-            "too, so no msgd process goes without it); each forked worker then copies the pages "
-            "it touches, ~5 MB: CPython 3.11 writes a reference count into every object a worker "
-            "uses, and into the static types in libpython's data (~0.8 MB of it). The workers "
-            "share the rest with the master. Huey (SQLite), measured the same way: "
-            f"{num('memory', 'huey-sqlite', 'pss_mib')} MiB."
-        ),
-        "counter update ≤ 1/10": (
-            "An update is a read-modify-write of one shared 64-bit slot from Python (`a[i] += 1` "
-            "on a memoryview, ~45 ns: the read makes an int object; a bare store is ~15 ns, "
-            "ctypes' element access ~55 ns). The ratio sits at 1/10 (0.096-0.106 across runs) "
-            "because a locked Value costs ~440 ns here, not the ~1,000 ns the target assumed."
-        ),
-    }
-
-
-def counters_share(results: dict) -> float | None:
-    """The drain's throughput with counters as a share of it without: at least 1 - c / t, where
-    c is the updates' cost per message and t a worker's time per message in the drain (each
-    worker works one message at a time, so c adds to t at most once). Timing the drain with and
-    without them cannot tell: runs of the same kind differ by more than c / t (the control)."""
-    cost = get(results, "counters", "msgd", "per_message_ns")
-    rate = get(results, "drain", "msgd", "msgs_per_s")
-    if cost is None or not rate:
-        return None
-    return 1 - cost * 1e-9 / (WORKERS / rate)
+def verdicts(results: dict) -> list[Verdict]:
+    out = []
+    for target in goals.TARGETS:
+        found = target.measure(results)
+        value = median(found)
+        met = None if value is None else target.ok(value)
+        reason = target.why(results) if met is False else ""
+        out.append(Verdict(target.what, found, target.unit, met, reason))
+    return out
 
 
 def show(value: float, unit: str) -> str:
@@ -246,218 +116,421 @@ def show(value: float, unit: str) -> str:
     return f"{value:.1f} {unit}"
 
 
-def markdown(results: dict, meta: dict) -> str:
-    out: list[str] = []
-    add = out.append
-    add("# Benchmarks\n")
-    add(
-        "Generated by `bench/run.py` (do not edit by hand: run `make bench` to refresh). "
-        "Every system ran in the same run, on the same machine, one after the other.\n"
-    )
-    add("## Machine and command\n")
-    add("| | |\n| --- | --- |")
-    for key in ("date", "cores", "cpu", "python", "kernel", "spool_fs", "peers", "redis", "mode"):
-        add(f"| {key.replace('_', ' ')} | {meta.get(key, '—')} |")
-    add(f"\nCommand: `{meta['command']}` (total {meta.get('total_seconds', 0):.0f} s)\n")
-    if meta.get("partial"):
-        add(f"**Partial run** (`--only {meta['partial']}`): other scenarios were not run.\n")
+def shown(v: Verdict) -> str:
+    middle = show(statistics.median(v.found), v.unit)
+    if len(v.found) < 2:
+        return middle
+    return f"{middle} ({show(min(v.found), v.unit)} - {show(max(v.found), v.unit)})"
 
-    add("## Targets\n")
-    add("| target | measured | verdict |\n| --- | --- | --- |")
-    met, missed = 0, []
-    for what, value, unit, ok in targets(results):
-        if value is None:
-            add(f"| {what} | not measured | NOT RUN |")
-            continue
-        good = ok(value)
-        met += good
-        missed += [] if good else [what]
-        add(f"| {what} | {show(value, unit)} | {'met' if good else '**MISSED**'} |")
-    add(f"\n{met} targets met, {len(missed)} MISSED.\n")
-    reasons, told = why_missed(results), set()
-    for what in missed:
-        reason = next((r for start, r in reasons.items() if what.startswith(start)), None)
-        add(f"- **{what}**: {'as above.' if reason in told else reason or 'not explained yet'}")
-        told.add(reason)
+
+def target_section(results: dict) -> tuple[list[str], list[Verdict]]:
+    rows, done = [], verdicts(results)
+    for v in done:
+        if v.met is None:
+            rows.append([v.what, "not measured", "NOT RUN"])
+        else:
+            rows.append([v.what, shown(v), "met" if v.met else "**MISSED**"])
+    missed = [v for v in done if v.met is False]
+    met = sum(1 for v in done if v.met)
+    lines = table(["target", "measured: median (range over runs or rounds)", "verdict"], rows)
+    lines.append(f"\n{met} targets met, {len(missed)} MISSED, {len(done) - met - len(missed)} "
+                 "not run.\n")  # fmt: skip
     if missed:
-        add("")
-    add("![throughput and latency per system](bench/chart.png)\n")
+        lines.append("### Missed, and why (computed from this run's figures)\n")
+        lines += [f"- **{v.what}**: {v.reason}" for v in missed]
+        lines.append("")
+    return lines, missed
 
-    add("## Method\n")
-    add(METHOD.format(**meta))
 
-    add("## Drain (pre-enqueued no-op messages)\n")
-    add(f"{meta.get('drain_n', '?'):,} messages, median of {meta.get('repeats', 1)} run(s).\n")
-    out += throughput_table(results, "drain", [("seconds", "seconds", 3)])
-    add("")
-    add("## Stream (a producer sending one message at a time, at full speed)\n")
-    out += throughput_table(
-        results,
-        "stream",
-        [
-            ("latency p50 ms", "p50_ms", 2),
-            ("latency p99 ms", "p99_ms", 2),
-            ("send s", "send_seconds", 2),
-        ],
+# --- the document ---------------------------------------------------------------------------------
+
+
+def markdown(results: dict, meta: dict) -> str:
+    out: list[str] = ["# Benchmarks\n"]
+    out.append(
+        "Generated by `bench/run.py` (do not edit by hand: run `make bench` to refresh). "
+        "Every system ran in the same run, on the same machine, in alternating rounds.\n"
     )
-    add("")
-    add("## CPU-bound (~5 ms of pure-Python work per message)\n")
-    add(
-        "Unit of work: the same `burn()` timed alone in the driver just before each run "
-        f"(~{meta.get('unit_ms', 0):.1f} ms; this machine's speed drifts by several % over "
-        "minutes). Efficiency = (messages x unit / 2) / measured time. The bare row is the "
-        "machine's ceiling: 2 forked processes running n/2 units each, no queue at all. "
-        f"Median of {meta.get('repeats', 1)} run(s).\n"
-    )
-    out += throughput_table(
-        results,
-        "cpu",
-        [("efficiency", "efficiency", 3), ("seconds", "seconds", 2), ("unit ms", "unit_ms", 2)],
-    )
-    add("")
-    add("## Send rate (durable)\n")
-    add("| producer | messages | msgs/s |\n| --- | --- | --- |")
-    for label, keys, system in (
-        ("msgd.send_many (one batch)", ("send_many",), "msgd"),
-        ("msgd.send (one by one)", ("send",), "msgd"),
-        ("Huey (SQLite) task call (one by one)", (), "huey-sqlite"),
-    ):
-        rate = get(results, "send", system, *keys, "msgs_per_s")
-        n = get(results, "send", system, *keys, "n")
-        add(f"| {label} | {fmt(n)} | {fmt(rate)} |")
-    add("")
-    add("## Signals (msgd)\n")
-    add("| signal → effect | p50 ms | p99 ms | max ms | samples |\n| --- | --- | --- | --- | --- |")
-    for label, keys in (
-        ("kill USR1 → action task running, idle", ("usr1", "msgd", "task_idle")),
-        ("kill USR1 → action task running, pool saturated", ("usr1", "msgd", "task_saturated")),
-        ("USR1 → stats file rewritten, idle", ("usr1", "msgd", "idle")),
-        ("USR1 → stats file rewritten, pool saturated", ("usr1", "msgd", "saturated")),
-        ("HUP → reload applied, stream running", ("hup", "msgd")),
-        ("HUP → first message run by the changed handler code", ("hup-code", "msgd")),
-    ):
-        cells = [fmt(get(results, *keys, k), 2) for k in ("p50_ms", "p99_ms", "max_ms")]
-        add(f"| {label} | " + " | ".join(cells) + f" | {fmt(get(results, *keys, 'samples'))} |")
-    hup = results.get("hup", {}).get("msgd", {})
-    if "sent" in hup:
-        add(
-            f"\nDuring the HUPs the producer sent {hup['sent']:,} messages; "
-            f"{hup['handled']:,} were handled, {hup['lost']} lost, "
-            f"{hup['duplicates']} handled twice, "
-            f"{hup['failed']} in failed/. Pool saturated throughout the USR1 samples: "
-            f"{results.get('usr1', {}).get('msgd', {}).get('saturated_throughout', '—')}.\n"
-        )
-    add("## Counter update cost\n")
-    c = results.get("counters", {}).get("msgd", {})
-    add("| update | ns |\n| --- | --- |")
-    lockfree = fmt(c.get("lockfree_ns"), 1)
-    add(f"| lock-free `Array('Q', lock=False)` slot `+= 1` (msgd) | {lockfree} |")
-    add(f"| locked `Value`: `with v.get_lock(): v.value += 1` | {fmt(c.get('locked_ns'), 1)} |")
-    add(
-        f"| msgd's per-message `SlotWriter.start` + `intend` + `finish` | "
-        f"{fmt(c.get('per_message_ns'), 1)} |"
-    )
-    add(f"\nEmpty-loop overhead ({fmt(c.get('loop_overhead_ns'), 1)} ns) subtracted; best of 5.\n")
-    add("### Drain with counters on vs off\n")
-    on = get(results, "nocounters", "msgd", "on_msgs_per_s")
-    off = get(results, "nocounters", "msgd", "msgs_per_s")
-    entry = results.get("nocounters", {}).get("msgd", {})
-    if off is None:
-        add(f"Not measured: {entry.get('skipped') or entry.get('error') or 'not run'}.\n")
-    else:
-        control = get(results, "nocounters", "msgd", "control_msgs_per_s")
-        add(
-            f"Median of {entry.get('rounds')} rounds; each round drains once per way, the order "
-            "rotating. The control starts msgd through the same launcher with nothing patched.\n"
-        )
-        add("| msgd drain | msgs/s | every run |\n| --- | --- | --- |")
-        for label, rate, key in (
-            ("counters on", on, "on_runs"),
-            ("counters off (SlotWriter updates no-ops)", off, "off_runs"),
-            ("control (launcher, counters on)", control, "control_runs"),
-        ):
-            add(f"| {label} | {fmt(rate)} | {', '.join(fmt(v) for v in entry.get(key, []))} |")
-        share = counters_share(results)
-        add(
-            f"\nOn ÷ off: {fmt(ratio(on, off), 2, 'x')}; control ÷ on: "
-            f"{fmt(ratio(control, on), 2, 'x')}, with the same code running: the spread between "
-            "runs is larger than the effect, so the verdict above uses the bound "
-            f"1 - c / t = {show(share, '%') if share is not None else '—'}, with c = "
-            f"{fmt(c.get('per_message_ns'))} ns (table above) and t = 2 workers ÷ the drain's "
-            "msgs/s.\n"
-        )
-    add("## Memory (idle, after a few messages)\n")
-    add("| system | processes | PSS MiB | RSS MiB |\n| --- | --- | --- | --- |")
-    for system in ("msgd", "huey-sqlite", "celery"):
-        m = results.get("memory", {}).get(system)
-        if m and "pss_mib" in m:
-            figures = f"{m['processes']} | {m['pss_mib']:.1f} | {m['rss_mib']:.1f}"
-            add(f"| {LABELS[system]} | {figures} |")
-        elif m:
-            add(f"| {LABELS[system]} | {status(results['memory'], system)} | | |")
-    add("\nWhole process tree of the master/consumer; Huey's includes its scheduler process.\n")
-    add("## Start → READY (msgd)\n")
-    s = results.get("start", {}).get("msgd", {})
-    add(
-        f"`sd_notify` READY=1 received on a bound NOTIFY_SOCKET: p50 "
-        f"{fmt(get(results, 'start', 'msgd', 'ready', 'p50_ms'), 1)} ms, max "
-        f"{fmt(get(results, 'start', 'msgd', 'ready', 'max_ms'), 1)} ms over "
-        f"{fmt(get(results, 'start', 'msgd', 'ready', 'samples'))} starts; state file present "
-        f"at p50 {fmt(s.get('state_file_p50_ms'), 1)} ms.\n"
-    )
-    errors = [
-        f"- {scenario} / {system}: {entry.get('error')}"
-        for scenario, runs in results.items()
-        for system, entry in runs.items()
-        if isinstance(entry, dict) and "error" in entry
-    ]
-    if errors:
-        add("## Failures in this run\n")
-        out += errors
-        add("")
+    out += machine(meta)
+    out.append("## Targets\n")
+    lines, _ = target_section(results)
+    out += lines
+    out.append("![throughput and latency per system](bench/chart.png)\n")
+    out.append("## Method\n")
+    out.append(METHOD.format(**{**DEFAULT_META, **meta}))
+    for section in SECTIONS:
+        out += section(results, meta)
+    out += failures(results)
     return "\n".join(out).rstrip() + "\n"
 
 
+DEFAULT_META = {"rate": "?", "repeats": 1, "drain_n": "?", "unit_ms": 0.0}
+
+
+def machine(meta: dict) -> list[str]:
+    out = ["## Machine and command\n", "| | |\n| --- | --- |"]
+    for key in ("date", "cores", "cpu", "python", "kernel", "spool_fs", "peers", "redis", "mode"):
+        out.append(f"| {key.replace('_', ' ')} | {meta.get(key, '—')} |")
+    out.append(f"\nCommand: `{meta.get('command')}` (total {meta.get('total_seconds', 0):.0f} s)\n")
+    out.append(
+        "One scenario alone, every system: `.venv/bin/python bench/run.py --only SCENARIO[,...]` "
+        "(`--quick`: smaller sizes, one run each); scenarios: "
+        f"{', '.join(meta.get('scenarios', []))}.\n"
+    )
+    if meta.get("partial"):
+        out.append(f"**Partial run** (`--only {meta['partial']}`): other scenarios were not run.\n")
+    return out
+
+
+def intro(title: str, text: str) -> list[str]:
+    """A section's heading and its opening paragraph."""
+    return [title + "\n", text]
+
+
+def drain_section(results: dict, meta: dict) -> list[str]:
+    out = intro(
+        "## Drain (pre-enqueued no-op messages)",
+        f"{fmt(meta.get('drain_n'))} messages sent durably before the consumers start; "
+        f"{meta.get('repeats', 1)} run(s) per system.\n",
+    )
+    cols = [(("msgs_per_s",), 0), (("seconds",), 3)]
+    out += table(
+        ["system", "msgs/s", "seconds", "msgd ÷ system"], system_rows(results, "drain", cols)
+    )
+    return [*out, ""]
+
+
+def stream_section(results: dict, meta: dict) -> list[str]:
+    out = intro(
+        f"## Stream at {fmt(meta.get('rate'))} msgs/s offered (latency at equal load)",
+        "One producer offers one message at a time on a fixed schedule, the same rate for every "
+        f"system. Sustained = the producer kept ≥ 95% of the offered rate and the last message "
+        f"was handled within {LAG_LIMIT:g} s of the last send (no backlog left growing).\n",
+    )
+    head = ["system", "sent msgs/s", "latency p50 ms", "latency p99 ms",
+            "last handled after the last send, s", "sustained"]  # fmt: skip
+    rows = []
+    for system in LABELS:
+        if system not in results.get("stream", {}):
+            continue
+        if not runs(results, "stream", system):
+            rows.append([LABELS[system], status(results, "stream", system), "", "", "", ""])
+            continue
+        found = runs(results, "stream", system)
+        sent = with_range([r["n"] / r["send_seconds"] for r in found])
+        lag = with_range([r["seconds"] - r["send_seconds"] for r in found], 3)
+        latency = cells(results, "stream", system, (("p50_ms",), 2), (("p99_ms",), 2))
+        rows.append([LABELS[system], sent, *latency, lag, sustained(found, meta)])
+    return out + table(head, rows) + [""]
+
+
+LAG_LIMIT = 1.0  # seconds
+
+
+def sustained(found: list[dict], meta: dict) -> str:
+    rate = meta.get("rate")
+    if not isinstance(rate, int | float):
+        return "—"
+    kept = [
+        r["n"] / r["send_seconds"] >= 0.95 * rate and r["seconds"] - r["send_seconds"] <= LAG_LIMIT
+        for r in found
+    ]
+    return f"{sum(kept)} of {len(kept)} runs"
+
+
+def latency_section(results: dict, meta: dict) -> list[str]:
+    out = intro(
+        "## send → handler start, idle daemon",
+        "One `msgd.send` at a time, 10-30 ms apart. Beside each: the `msgd.send` call alone, and "
+        "one flush of this disk measured in the same minutes (100 bytes appended to an open file "
+        "+ fdatasync).\n",
+    )
+    head = ["msgd", "p50 ms", "p99 ms", "max ms", "send call p99 ms", "flush p50 ms",
+            "flush p99 ms"]  # fmt: skip
+    rows = []
+    for system in ("msgd-nofsync", "msgd"):
+        if not runs(results, "idle-latency", system):
+            rows.append([LABELS[system], status(results, "idle-latency", system), *[""] * 5])
+            continue
+        keys = [("p50_ms",), ("p99_ms",), ("max_ms",), ("send_call", "p99_ms"),
+                ("flush", "p50_ms"), ("flush", "p99_ms")]  # fmt: skip
+        rows.append(
+            [LABELS[system], *cells(results, "idle-latency", system, *((k, 2) for k in keys))]
+        )
+    return out + table(head, rows) + [""]
+
+
+def cpu_section(results: dict, meta: dict) -> list[str]:
+    out = intro(
+        "## CPU-bound (~5 ms of pure-Python work per message)",
+        "The unit of work is timed inside the workers (each `burn()` in the process that runs it); "
+        "efficiency = messages x the median unit ÷ (2 x the measured span): the share of two "
+        "workers' time spent in the work. The ceiling is the bare claim loop in 2 processes on "
+        "the same flushed files.\n",
+    )
+    cols = [(("efficiency",), 3), (("unit_ms",), 2), (("msgs_per_s",), 0), (("seconds",), 2)]
+    head = ["system", "efficiency", "unit ms", "msgs/s", "seconds", "msgd ÷ system (msgs/s)"]
+    return out + table(head, system_rows(results, "cpu", cols)) + [""]
+
+
+def send_section(results: dict, meta: dict) -> list[str]:
+    out = ["## Sending (the producer side, no consumer running)\n"]
+    rows = []
+    for system in ("msgd", "huey-sqlite", "msgd-nofsync", "huey-sqlite-nofsync"):
+        for keys, how in (("send", "one by one"), ("send_many", "batch")):
+            batch = "`send_many`" if system.startswith("msgd") else "`task.map`"
+            label = f"{LABELS[system]}, {how}" + (f" ({batch})" if keys == "send_many" else "")
+            if not runs(results, "send", system):
+                rows.append([label, status(results, "send", system), ""])
+                continue
+            n = fmt(get(results, "send", system, keys, "n"))
+            rows.append([label, n, cell(results, "send", system, (keys, "msgs_per_s"))])
+    out += table(["producer", "messages", "msgs/s"], rows)
+    out.append(
+        "\nHuey's batch call `task.map` enqueues task by task (one commit each); msgd's "
+        "`send_many` makes the whole batch durable with one flush.\n"
+    )
+    out.append("This disk's floors, measured in the same rounds (100 bytes each):\n")
+    floors = [[label, cell(results, "send", "disk", (key, "msgs_per_s"))] for key, label in FLOORS]
+    out += table(["durable write", "per second"], floors)
+    out.append("\n4 producer processes, each sending one message at a time, flushes on:\n")
+    four = [
+        [LABELS[s], cell(results, "send-4", s, ("msgs_per_s",))] for s in ("msgd", "huey-sqlite")
+    ]
+    return out + table(["system", "msgs/s"], four) + [""]
+
+
+FLOORS = (
+    ("file_two_flushes", "new file + rename, the file and the directory flushed"),
+    ("file_one_flush", "new file + rename, the file flushed"),
+    ("append_fdatasync", "append to one open file + fdatasync"),
+    ("overwrite_fdatasync", "overwrite in place in a written file + fdatasync (a reused WAL)"),
+)
+
+
+def signals_section(results: dict, meta: dict) -> list[str]:
+    out = ["## Signals (msgd)\n"]
+    rows = []
+    for label, scenario, keys in SIGNALS:
+        columns = [((*keys, k), 2) for k in ("p50_ms", "p99_ms", "max_ms")]
+        samples = fmt(get(results, scenario, "msgd", *keys, "samples"))
+        rows.append([label, *cells(results, scenario, "msgd", *columns), samples])
+    out += table(["signal → effect", "p50 ms", "p99 ms", "max ms", "samples per run"], rows)
+    hup = runs(results, "hup", "msgd")
+    if hup:
+        total = lambda key: sum(r[key] for r in hup)  # noqa: E731
+        saturated = [r.get("saturated_throughout") for r in runs(results, "usr1", "msgd")]
+        out.append(
+            f"\nDuring the HUPs (all runs) the producer sent {total('sent'):,} messages; "
+            f"{total('handled'):,} were handled, {total('lost')} lost, {total('duplicates')} "
+            f"handled twice, {total('failed')} in failed/. Pool saturated throughout the USR1 "
+            f"samples: {saturated}.\n"
+        )
+    return out
+
+
+SIGNALS = (
+    ("kill USR1 → action task running, idle", "usr1", ("task_idle",)),
+    ("kill USR1 → action task running, pool saturated", "usr1", ("task_saturated",)),
+    ("USR1 → stats file rewritten, idle", "usr1", ("idle",)),
+    ("USR1 → stats file rewritten, pool saturated", "usr1", ("saturated",)),
+    ("HUP → reload applied, stream running", "hup", ()),
+    ("HUP → first message run by the changed handler code", "hup-code", ()),
+)
+
+
+def counters_section(results: dict, meta: dict) -> list[str]:
+    out = ["## Counters\n"]
+    rows = (
+        ("lock-free `Array('Q', lock=False)` slot `+= 1` (msgd)", "lockfree_ns"),
+        ("locked `Value`: `with v.get_lock(): v.value += 1`", "locked_ns"),
+        ("msgd's per-message `SlotWriter.start` + `intend` + `finish`", "per_message_ns"),
+    )
+    body = [[label, cell(results, "counters", "msgd", (key,), 1)] for label, key in rows]
+    out += table(["update", "ns"], body)
+    out.append("\nEmpty-loop overhead subtracted; best of 5 per run.\n")
+    out.append("### Drain with counters on vs off (measured)\n")
+    entry = (runs(results, "nocounters", "msgd") or [{}])[0]
+    if not entry:
+        return [*out, f"Not measured: {status(results, 'nocounters', 'msgd')}.\n"]
+    out.append(
+        f"{entry.get('rounds')} rounds; each round drains once per way, the order rotating. "
+        "Off = `SlotWriter.start`/`intend`/`finish` made no-ops before the workers fork; the "
+        "control starts msgd through the same launcher with nothing patched.\n"
+    )
+    arms = (("counters on", "on_runs"), ("counters off", "off_runs"), ("control", "control_runs"))
+    body = [[label, with_range(entry.get(key, [])), ", ".join(fmt(v) for v in entry.get(key, []))]
+            for label, key in arms]  # fmt: skip
+    out += table(["msgd drain", "msgs/s", "every round"], body)
+    on_off, control = goals.counters_rounds(results)
+    out.append(
+        f"\nPer round, on ÷ off: {with_range(on_off, 3, 'x')}; control ÷ on (the same code, "
+        f"twice: the noise): {with_range(control, 3, 'x')}.\n"
+    )
+    return out
+
+
+def memory_section(results: dict, meta: dict) -> list[str]:
+    out = ["## Memory (idle, after a few messages)\n"]
+    rows = []
+    for system in ("msgd", "huey-sqlite", "celery"):
+        if system not in results.get("memory", {}):
+            continue
+        if not runs(results, "memory", system):
+            rows.append([LABELS[system], status(results, "memory", system), "", ""])
+            continue
+        columns = ((("processes",), 0), (("pss_mib",), 1), (("rss_mib",), 1))
+        rows.append([LABELS[system], *cells(results, "memory", system, *columns)])
+    out += table(["system", "processes", "PSS MiB", "RSS MiB"], rows)
+    detail = pick(results, "memory", "msgd", "pss_mib").get("per_process", [])
+    if detail:
+        out.append("\nmsgd per process (the median run):\n")
+        body = [[process_name(p), fmt(p["pss_kib"] / 1024, 1),
+                 fmt(p.get("ssl_pss_kib", 0) / 1024, 1)] for p in detail]  # fmt: skip
+        out += table(["process", "PSS MiB", "of it OpenSSL (libssl, libcrypto, _ssl)"], body)
+    out.append("\nWhole process tree of the master/consumer; Huey's includes its scheduler.\n")
+    return out
+
+
+def start_section(results: dict, meta: dict) -> list[str]:
+    out = ["## Start → READY (msgd)\n"]
+    c = lambda *k: cell(results, "start", "msgd", k, 1)  # noqa: E731
+    run = pick(results, "start", "msgd", "ready", "p50_ms")
+    loaded, checked = run.get("optional_imported") or [], run.get("optional_checked") or []
+    out.append(
+        f"`sd_notify` READY=1 on a bound NOTIFY_SOCKET: p50 {c('ready', 'p50_ms')} ms, max "
+        f"{c('ready', 'max_ms')} ms; state file present at p50 {c('state_file_p50_ms')} ms. "
+        f"In fresh interpreters: Python's own start p50 {c('python_start_p50_ms')} ms; importing "
+        f"msgd's console-script module p50 {c('import_p50_ms')} ms. Of the modules a start "
+        f"needs only when configured, or never ({', '.join(checked)}), it loads: "
+        f"{', '.join(loaded) or 'none'}.\n"
+    )
+    return out
+
+
+def subscribers_section(results: dict, meta: dict) -> list[str]:
+    out = ["## With 50 WebSocket subscribers\n"]
+    if not runs(results, "subscribers", "msgd"):
+        return [*out, f"Not measured: {status(results, 'subscribers', 'msgd')}.\n"]
+    head = ["subscribers", "burst drain msgs/s", "USR1 → stats p99 ms", "events seen (min)"]
+    rows = []
+    for arm in ("none", "fifty"):
+        columns = (((arm, "msgs_per_s"), 0), ((arm, "usr1", "p99_ms"), 2), ((arm, "events_min"), 0))
+        rows.append([arm, *cells(results, "subscribers", "msgd", *columns)])
+    return out + table(head, rows) + [""]
+
+
+def failures(results: dict) -> list[str]:
+    errors = [
+        f"- {scenario} / {system}: {entry.get('error')}"
+        for scenario, found in results.items()
+        for system, entry in found.items()
+        if isinstance(entry, dict) and "error" in entry
+    ]
+    return ["## Failures in this run\n", *errors, ""] if errors else []
+
+
+SECTIONS = (
+    drain_section,
+    stream_section,
+    latency_section,
+    cpu_section,
+    send_section,
+    signals_section,
+    counters_section,
+    memory_section,
+    start_section,
+    subscribers_section,
+)
+
+
+# --- the README's paragraph ---------------------------------------------------------------------
+
+
+def readme_paragraph(results: dict, meta: dict) -> str:
+    """What the README says about performance: a few headline figures and every miss."""
+    _, missed = target_section(results)
+    drain = get(results, "drain", "msgd", "msgs_per_s")
+    versus = lambda system: median(ratios(results, ("drain", "msgd", "msgs_per_s"),  # noqa: E731
+                                          ("drain", system, "msgs_per_s")))  # fmt: skip
+    peers = [
+        f"{fmt(versus(system), 1, 'x')} {label}"
+        for system, label in (
+            ("bare-1", "the bare single-process claim loop"),
+            ("huey-sqlite-nofsync", "Huey (SQLite) at equal durability"),
+            ("celery", "Celery"),
+        )
+        if versus(system) is not None
+    ]
+    text = (
+        "`make bench` measures msgd and its peers side by side in one run on the same machine and "
+        "rewrites [BENCHMARKS.md](BENCHMARKS.md): the figures with their spread over repeated "
+        "runs, each target met or missed with the reason computed from the run, and a chart. "
+        f"In the run of {meta.get('date', '?')} ({meta.get('cores', '?')} cores, "
+        f"{meta.get('mode', '?')} mode), draining {fmt(meta.get('drain_n'))} durably sent no-op "
+        f"messages with 2 workers: msgd {fmt(drain)} msgs/s"
+        + "".join(f", {p}" for p in peers)
+        + "."
+    )
+    if not missed:
+        return textwrap.fill(text + " Every target was met.", 100)
+    listed = "; ".join(f"{v.what} (measured {shown(v)})" for v in missed)
+    return textwrap.fill(text + f" Missed there ({len(missed)}): {listed}.", 100)
+
+
+def update_readme(readme: str, paragraph: str) -> str:
+    """The README's text with the part between the markers replaced by `paragraph`."""
+    begin, end = readme.find(README_BEGIN), readme.find(README_END)
+    if begin < 0 or end < begin:
+        raise ValueError(f"README.md lacks the markers {README_BEGIN} ... {README_END}")
+    return readme[: begin + len(README_BEGIN)] + "\n" + paragraph + "\n" + readme[end:]
+
+
 METHOD = """\
-- 2 workers everywhere (2 cores). msgd: `workers = 2`, `fsync = true`, one continuous queue,
-  JSON log to a file. Huey: consumer `-k process -w 2`; SQLite in WAL mode with `fsync=True`
-  (synchronous=FULL). Celery: `worker -P prefork -c 2`, Redis broker, no result backend,
-  default prefetch. Textbook: `multiprocessing.Queue` + 2 `Process` consumers, and
-  `multiprocessing.Pool(2).imap` with its default chunksize (1). Redis: our own
-  `redis-server` on a free loopback port, `--save '' --appendonly no`.
+- 2 workers everywhere (2 cores). msgd: `workers = 2`, one continuous queue, JSON log to a file,
+  `fsync = true` unless a row says `fsync = false` (it changes the producer's flushes only: claims
+  and unlinks are never flushed). Huey: consumer `-k process -w 2`; SQLite in WAL mode with
+  `fsync=True` (synchronous=FULL: a flush per commit, enqueue and dequeue alike) or `fsync=False`
+  (synchronous=OFF: no flush at all). Consuming, msgd flushes nothing, so the drain compares it
+  with Huey `fsync=False` (equal durability); sending, `fsync = true` goes against `fsync=True`.
+  Celery: `worker -P prefork -c 2`, Redis broker, no result backend, default prefetch.
+  Textbook: `multiprocessing.Queue` + 2 `Process` consumers, and `multiprocessing.Pool(2).imap`
+  with its default chunksize (1). Redis: our own `redis-server` on a free loopback port,
+  `--save '' --appendonly no` (nothing flushed).
+- Every figure is repeated ({repeats} run(s) per system and scenario, in rounds: every system
+  once, then again), and shown as the median with the range over the runs. A ratio between two
+  systems is taken per round and its median shown with its range.
 - Every system runs the same handler body (`bench/tasks.py`). Each handler process records,
   lock-free in its own shared-memory file (`bench/probe.py`), its first handler start, last
-  handler end, count and one value per message (latency or sequence number). The driver reads
-  these files; no system is timed by its own statistics.
-- Drain and CPU-bound: the messages are enqueued first (msgd and the bare loop with the durable
-  `msgd.send_many`), then the consumers start; time runs from the first handler start to the
-  last handler end, so start-up is not counted for anyone. msgd unlinks finished files on
-  background threads, so its drain time runs on until no message file is left in `new/` or
-  `cur/` (the handler-only span is in `bench/out/results.json`). The bare loop is one process:
-  `listdir(new/)`, then per file `rename` to `cur/`, `open`+`read`, handler, `unlink`.
-- Stream: consumers started and warmed up first; one producer sends one message per call
-  (`msgd.send`, Huey task call, Celery `delay`, `Queue.put`, a generator fed to `imap`) with
-  `time.time()` in the body; latency = handler start - that time. msgs/s = messages / (last
-  handler end - first send). A producer faster than the consumers builds a backlog, and the
-  latency then shows the backlog.
-- CPU-bound: `burn()` iterations calibrated to ~5 ms once; before each run the driver times
-  them alone again (the unit); parallel efficiency = (messages x unit / 2) / measured time.
+  handler end, count and one value per message (latency, the unit of work's time, or sequence
+  number). The driver reads these files; no system is timed by its own statistics.
+- The bare claim loop is the one ceiling, for the drain and the CPU-bound scenario alike: the
+  same durably sent files, handled by 2 forked processes (as many as msgd's workers), each
+  `listdir(new/)`, then per file `rename` into `cur/`, `open`+`read`, the handler, `unlink` (one
+  walks the listing backwards, so they rarely race). No daemon, counters, log or background
+  unlinks. The 1-process loop is the same code in one process (the drain target's baseline).
+- Drain and CPU-bound: the messages are enqueued first, then the consumers start; time runs from
+  the first handler start to the last handler end, so start-up is not counted for anyone. msgd
+  unlinks finished files on background threads, so its time runs on until no message file is left
+  in `new/` or `cur/` (the bare loop unlinks as it goes: its time ends with its last handler).
+- Stream: consumers started and warmed up first; one producer offers {rate} msgs/s on a fixed
+  schedule (`msgd.send`, Huey task call, Celery `delay`, `Queue.put`, a generator fed to `imap`)
+  with `time.time()` in the body; latency = handler start - that time.
+- Sending: no consumer runs. One by one: `msgd.send`, a Huey task call. Batch: `msgd.send_many`,
+  Huey's `task.map`. 4 producers: 4 forked processes, each sending one at a time, timed from the
+  common start to the last one's end. The disk floors are measured in the same rounds
+  (`bench/disk.py`).
 - Signals: the driver watches the file's directory with inotify and reads the file after each
   rename; USR1 until the stats file's `generation` moves, HUP until the state file's
   `generations.reload` moves; after the handler's module was rewritten, HUP until a message
-  sent every 2 ms is run by the new code (the handler notes `time.monotonic()`). Kill → action
-  task running: the driver's `time.monotonic()` before `kill` against the state file's
-  `began_monotonic` for that USR1 (the same clock in every process). Samples are spaced
+  sent every 2 ms is run by the new code. Kill → action task running: the driver's
+  `time.monotonic()` before `kill` against the state file's `began_monotonic`. Samples are spaced
   10-30 ms apart at random. Saturated = both workers busy with ~5 ms messages throughout
-  (checked). Runtime files (pidfile, state, stats) on a tmpfs, as msgd's defaults put them in
-  /run/msgd; the spool on the disk.
+  (checked). Runtime files on a tmpfs, as msgd's defaults put them in /run/msgd.
 - Memory: summed `Pss`/`Rss` from `/proc/PID/smaps_rollup` over the process tree, 1 s idle
-  after warm-up messages.
+  after warm-up messages; OpenSSL's share from `/proc/PID/smaps`.
 - Start: `msgd -c CONFIG` started with `NOTIFY_SOCKET` set to a datagram socket bound by the
   driver; time until `READY=1` arrives.
-- Counters off: msgd started through `bench/launch_nocounters.py`, which turns
-  `msgd.stats.SlotWriter.start`/`intend`/`finish` into no-ops before the workers are forked; a
-  control run goes through the same launcher with nothing patched.
 - The disk is a virtual disk: durable-write and unlink times vary between runs by up to ~2x,
   so compare figures within one run, not across runs.
 """

@@ -3,6 +3,9 @@
     .venv/bin/python bench/run.py [--quick] [--only SCENARIO,...]   # make bench / make bench-quick
     .venv/bin/python bench/run.py --smoke   # tiny sizes, msgd + bare loop only, no peers:
                                             # exit 0 when every scenario produced a figure
+    .venv/bin/python bench/run.py --tiny    # the same sizes with every peer: the whole pipeline
+                                            # checked in a minute or two (bench/out/ only)
+    .venv/bin/python bench/run.py --quick --only send,send-4   # some scenarios, every system
 
 Run it with the interpreter that has msgd installed. The peers (Huey, Celery, matplotlib) live in
 their own venv, .venv-bench at the repo root, created from bench/requirements.txt when missing;
@@ -18,12 +21,11 @@ import os
 import platform
 import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -45,19 +47,24 @@ REQUIREMENTS = os.path.join(BENCH_DIR, "requirements.txt")
 STAMP = os.path.join(BENCH_VENV, ".bench-requirements")
 SCENARIOS = [
     "drain", "stream", "idle-latency", "cpu", "usr1", "hup", "hup-code", "counters", "memory",
-    "start", "send", "nocounters",
+    "start", "send", "send-4", "nocounters", "subscribers",
 ]  # fmt: skip
 EXIT_SKIPPED = 3
 
-# Sizes per mode: full, --quick, --smoke.
+# Sizes per mode: full, --quick, --smoke (--tiny: smoke's sizes). Every scenario runs `repeats`
+# times per system, in rounds; the counters-off drain runs `rounds` rounds in one run of its own.
 SIZES = {
-    "full": dict(drain=20_000, stream=10_000, latency=500, cpu=2_000, usr1=200, hup=30,
-                 counters=1_000_000, start=10, send=5_000, send_one=2_000, repeats=3),
-    "quick": dict(drain=5_000, stream=2_000, latency=100, cpu=400, usr1=30, hup=10,
-                  counters=200_000, start=5, send=5_000, send_one=500, repeats=1),
-    "smoke": dict(drain=300, stream=200, latency=10, cpu=20, usr1=5, hup=3, counters=20_000,
-                  start=2, send=200, send_one=50, repeats=1),
+    "full": dict(drain=20_000, stream=1_000, rate=200, latency=500, cpu=2_000, usr1=200, hup=30,
+                 counters=1_000_000, start=10, send=5_000, send_one=2_000, disk=1_000,
+                 repeats=3, rounds=9),
+    "quick": dict(drain=5_000, stream=400, rate=200, latency=100, cpu=400, usr1=30, hup=10,
+                  counters=200_000, start=5, send=5_000, send_one=500, disk=300, repeats=1,
+                  rounds=3),
+    "smoke": dict(drain=300, stream=40, rate=200, latency=10, cpu=20, usr1=5, hup=3,
+                  counters=20_000, start=2, send=200, send_one=40, disk=40, repeats=1, rounds=3),
 }  # fmt: skip
+SIZES["tiny"] = SIZES["smoke"]
+PRODUCERS = 4  # the send-4 scenario
 
 
 @dataclass
@@ -68,56 +75,92 @@ class Run:
     argv: list[str]
     peer: bool = False  # needs the bench venv
     redis: bool = False  # needs redis-server
-    repeats: int = 1
-    extra: dict = field(default_factory=dict)
+
+
+MSGD, HUEY, CELERY, TEXTBOOK = (
+    "msgd_bench.py", "peers/huey_peer.py", "peers/celery_peer.py", "peers/textbook.py"
+)  # fmt: skip
+
+
+class Plan:
+    """The runs of one mode, added scenario by scenario."""
+
+    def __init__(self) -> None:
+        self.runs: list[Run] = []
+
+    def add(self, scenario: str, system: str, script: str, argv: list, **kw: bool) -> None:
+        self.runs.append(Run(scenario, system, script, [str(a) for a in argv], **kw))
+
+    def peers(self, scenario: str, argv: list, huey_nofsync: bool = True) -> None:
+        """The textbook pair, Huey (SQLite with both fsync settings, Redis) and Celery."""
+        for kind in ("queue", "pool"):
+            self.add(scenario, f"mp-{kind}", TEXTBOOK, [f"{kind}-{scenario}", *argv])
+        sqlite = [scenario, "--backend", "sqlite", *argv]
+        self.add(scenario, "huey-sqlite", HUEY, sqlite, peer=True)
+        if huey_nofsync:
+            self.add(scenario, "huey-sqlite-nofsync", HUEY, [*sqlite, "--no-fsync"], peer=True)
+        redis = [scenario, "--backend", "redis", *argv]
+        self.add(scenario, "huey-redis", HUEY, redis, peer=True, redis=True)
+        self.add(scenario, "celery", CELERY, [scenario, *argv], peer=True, redis=True)
 
 
 def plan(mode: str, iterations: int, unit: float) -> list[Run]:
-    z = SIZES[mode]
-    cpu = ["--iterations", str(iterations), "--unit", str(unit)]
-    m = "msgd_bench.py"
-    runs: list[Run] = []
+    """Every (scenario, system) run of the mode (smoke: msgd, the bare loop and the disk only)."""
+    z, p = SIZES[mode], Plan()
+    cpu = ["--n", z["cpu"], "--iterations", iterations, "--unit", unit]
+    consuming(p, z, cpu)
+    steering(p, z, cpu)
+    producing(p, z)
+    if mode == "smoke":  # no peers, no bench venv
+        return [x for x in p.runs if not x.peer and not x.script.startswith("peers/")]
+    return p.runs
 
-    def add(scenario, system, script, argv, **kw):
-        runs.append(Run(scenario, system, script, [str(a) for a in argv], **kw))
 
-    def peers(scenario, n, argv=(), textbook=None, repeats=1):
-        for kind in textbook or ():
-            add(scenario, f"mp-{kind}", "peers/textbook.py", [f"{kind}-{textbook[kind]}", "--n", n,
-                *argv], repeats=repeats)  # fmt: skip
-        add(scenario, "huey-sqlite", "peers/huey_peer.py", [scenario, "--backend", "sqlite",
-            "--n", n, *argv], peer=True, repeats=repeats)  # fmt: skip
-        add(scenario, "huey-redis", "peers/huey_peer.py", [scenario, "--backend", "redis",
-            "--n", n, *argv], peer=True, redis=True, repeats=repeats)  # fmt: skip
-        add(scenario, "celery", "peers/celery_peer.py", [scenario, "--n", n, *argv], peer=True,
-            redis=True, repeats=repeats)  # fmt: skip
+def consuming(p: Plan, z: dict, cpu: list) -> None:
+    """Drain, stream, idle latency, CPU-bound: msgd, the bare claim loop and the peers."""
+    drain = ["--n", z["drain"]]
+    for system in ("msgd", "bare", "bare-1"):
+        p.add("drain", system, MSGD, [system if system != "msgd" else "drain", *drain])
+    p.peers("drain", drain)
+    stream = ["--n", z["stream"], "--rate", z["rate"]]
+    p.add("stream", "msgd", MSGD, ["stream", *stream])
+    p.add("stream", "msgd-nofsync", MSGD, ["stream", "--no-fsync", *stream])
+    p.peers("stream", stream)
+    latency = ["idle-latency", "--samples", z["latency"]]
+    p.add("idle-latency", "msgd", MSGD, latency)
+    p.add("idle-latency", "msgd-nofsync", MSGD, [*latency, "--no-fsync"])
+    p.add("cpu", "msgd", MSGD, ["cpu", *cpu])
+    p.add("cpu", "bare", MSGD, ["bare", *cpu])
+    p.peers("cpu", cpu, huey_nofsync=False)
 
-    r = z["repeats"]
-    add("drain", "msgd", m, ["drain", "--n", z["drain"]], repeats=r)
-    add("drain", "bare", m, ["bare", "--n", z["drain"]], repeats=r)
-    peers("drain", z["drain"], textbook={"queue": "drain", "pool": "drain"}, repeats=r)
-    add("stream", "msgd", m, ["stream", "--n", z["stream"]])
-    peers("stream", z["stream"], textbook={"queue": "stream", "pool": "stream"})
-    add("idle-latency", "msgd", m, ["idle-latency", "--samples", z["latency"]])
-    add("cpu", "msgd", m, ["cpu", "--n", z["cpu"], *cpu], repeats=r)
-    add("cpu", "bare", m, ["cpu-bare", "--n", z["cpu"], *cpu], repeats=r)
-    peers("cpu", z["cpu"], cpu, textbook={"queue": "cpu", "pool": "cpu"}, repeats=r)
-    add("usr1", "msgd", m, ["usr1", "--samples", z["usr1"], *cpu])
-    add("hup", "msgd", m, ["hup", "--samples", z["hup"]])
-    add("hup-code", "msgd", m, ["hup-code", "--samples", z["hup"]])
-    add("counters", "msgd", m, ["counters", "--n", z["counters"]])
-    add("memory", "msgd", m, ["memory"])
-    add("memory", "huey-sqlite", "peers/huey_peer.py", ["memory", "--backend", "sqlite"], peer=True)
-    add("memory", "celery", "peers/celery_peer.py", ["memory"], peer=True, redis=True)
-    add("start", "msgd", m, ["start", "--samples", z["start"]])
-    add("send", "msgd", m, ["send", "--n", z["send"], "--samples", z["send_one"]])
-    add("send", "huey-sqlite", "peers/huey_peer.py", ["enqueue", "--backend", "sqlite",
-        "--n", z["send"]], peer=True)  # fmt: skip
-    rounds = 3 * r  # a multiple of 3: each way of starting msgd goes first equally often
-    add("nocounters", "msgd", m, ["nocounters", "--n", z["drain"], "--samples", rounds])
-    if mode == "smoke":  # msgd and the bare loop only: no peers, no bench venv
-        runs = [x for x in runs if x.system in ("msgd", "bare")]
-    return runs
+
+def steering(p: Plan, z: dict, cpu: list) -> None:
+    """Signals, counters, memory, start, and the listener with 50 subscribers."""
+    p.add("usr1", "msgd", MSGD, ["usr1", "--samples", z["usr1"], *cpu[2:]])
+    p.add("hup", "msgd", MSGD, ["hup", "--samples", z["hup"]])
+    p.add("hup-code", "msgd", MSGD, ["hup-code", "--samples", z["hup"]])
+    p.add("counters", "msgd", MSGD, ["counters", "--n", z["counters"]])
+    p.add("memory", "msgd", MSGD, ["memory"])
+    p.add("memory", "huey-sqlite", HUEY, ["memory", "--backend", "sqlite"], peer=True)
+    p.add("memory", "celery", CELERY, ["memory"], peer=True, redis=True)
+    p.add("start", "msgd", MSGD, ["start", "--samples", z["start"]])
+    p.add("nocounters", "msgd", MSGD, ["nocounters", "--n", z["drain"], "--samples", z["rounds"]])
+    listener = ["drain", "--n", z["drain"], "--samples", z["usr1"]]
+    p.add("subscribers", "msgd", "subscribers.py", listener)
+
+
+def producing(p: Plan, z: dict) -> None:
+    """The producer side: the disk's floors, one by one and batches, 4 producers."""
+    sends = ["send", "--n", z["send"], "--samples", z["send_one"]]
+    p.add("send", "disk", "disk.py", ["floors", "--samples", z["disk"]])
+    p.add("send", "msgd", MSGD, sends)
+    p.add("send", "msgd-nofsync", MSGD, [*sends, "--no-fsync"])
+    p.add("send", "huey-sqlite", HUEY, [*sends, "--backend", "sqlite"], peer=True)
+    p.add("send", "huey-sqlite-nofsync", HUEY, [*sends, "--backend", "sqlite", "--no-fsync"],
+          peer=True)  # fmt: skip
+    four = ["send", "--n", z["send_one"], "--producers", PRODUCERS]
+    p.add("send-4", "msgd", MSGD, four)
+    p.add("send-4", "huey-sqlite", HUEY, [*four, "--backend", "sqlite"], peer=True)
 
 
 # --- environment --------------------------------------------------------------------------------
@@ -227,8 +270,8 @@ def busy_share(interval: float) -> float:
     return 1 - (idle1 - idle0) / max(total1 - total0, 1)
 
 
-def execute(run: Run, redis_url: str, index: int, timeout: float) -> dict:
-    """Run one scenario script once; its result, or why there is none."""
+def execute(run: Run, redis_url: str, index: int, timeout: float, settle: float) -> dict:
+    """Run one scenario script once (after up to `settle` s of quiet); its result, or why not."""
     python = BENCH_PY if run.peer else sys.executable
     workdir = os.path.join(OUT, f"{index:02d}-{run.scenario}-{run.system}")
     shutil.rmtree(workdir, ignore_errors=True)
@@ -238,7 +281,7 @@ def execute(run: Run, redis_url: str, index: int, timeout: float) -> dict:
     argv += ["--workdir", workdir, "--out", out]
     if run.redis:
         argv += ["--redis-url", redis_url]
-    quiet()
+    quiet(settle)
     with open(os.path.join(workdir, "stderr.log"), "w") as err:
         try:
             done = subprocess.run(argv, stdout=err, stderr=err, timeout=timeout)
@@ -259,13 +302,10 @@ def failed(entry: dict) -> bool:
     return "error" in entry or "skipped" in entry
 
 
-def median_run(results: list[dict]) -> dict:
-    """Of a system's repeated runs, the median one by msgs/s (the failure, if one failed)."""
-    if len(results) == 1 or failed(results[-1]):
-        return results[-1]
-    rates = [r.get("msgs_per_s", 0) for r in results]
-    chosen = results[rates.index(statistics.median_low(rates))]
-    return {**chosen, "runs_msgs_per_s": rates}
+def collect(entries: list[dict]) -> dict:
+    """A system's repeated runs as {"runs": [...]} (report.py takes medians and ranges), or the
+    failure or skip if one run had it: a figure with a failed repeat is not shown as measured."""
+    return next((e for e in entries if failed(e)), None) or {"runs": entries}
 
 
 def has_number(entry: dict) -> bool:
@@ -282,6 +322,44 @@ def has_number(entry: dict) -> bool:
     return False
 
 
+def run_rounds(runs: list[Run], mode: str, redis_url: str) -> dict[int, list[dict]]:
+    """Each run `repeats` times, in rounds: every system once, then again, so that no system
+    always runs right after another one, and the k-th runs of two systems ran side by side."""
+    repeats = SIZES[mode]["repeats"]
+    timeout = {"full": 900, "quick": 180, "smoke": 60, "tiny": 60}[mode]
+    settle = 10.0 if mode in ("full", "quick") else 0.0  # tiny sizes: no waiting for quiet
+    order = sorted(((i, n) for n in range(repeats) for i in range(len(runs))),
+                   key=lambda x: (SCENARIOS.index(runs[x[0]].scenario), x[1], x[0]))  # fmt: skip
+    outcomes: dict[int, list[dict]] = {i: [] for i in range(len(runs))}
+    for i, n in order:
+        run = runs[i]
+        if outcomes[i] and failed(outcomes[i][-1]):
+            continue  # a run that failed or was skipped once is not tried again
+        label = f"{run.scenario}/{run.system}" + (f" #{n + 1}" if repeats > 1 else "")
+        print(f"bench: {label} ...", end=" ", flush=True)
+        t = time.time()
+        if run.redis and not redis_url:
+            entry = {"skipped": "redis-server not installed (make system-deps)"}
+        else:
+            entry = execute(run, redis_url, i, timeout, settle)
+        outcomes[i].append(entry)
+        print(entry.get("error") or entry.get("skipped") or f"{time.time() - t:.1f} s", flush=True)
+    return outcomes
+
+
+def write_readme(results: dict, meta: dict) -> None:
+    """The README's performance paragraph, between its markers, from this run (full runs only:
+    a partial or quick run does not speak for the project)."""
+    if meta["partial"] or meta["mode"] != "full":
+        print("bench: README.md left as it is (only a full run rewrites its paragraph)")
+        return
+    path = os.path.join(REPO_DIR, "README.md")
+    with open(path) as f:
+        text = f.read()
+    with open(path, "w") as f:
+        f.write(report.update_readme(text, report.readme_paragraph(results, meta)))
+
+
 def command_line(argv: list[str]) -> str:
     python = sys.executable
     rel = os.path.relpath(python, REPO_DIR)
@@ -291,11 +369,12 @@ def command_line(argv: list[str]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smaller sizes, < 2 minutes")
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, 1 run each")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, msgd + bare loop only")
+    parser.add_argument("--tiny", action="store_true", help="tiny sizes, every system")
     parser.add_argument("--only", default="", help=f"comma-separated subset of {SCENARIOS}")
     args = parser.parse_args()
-    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+    mode = next((m for m in ("smoke", "tiny", "quick") if getattr(args, m)), "full")
     only = [s for s in args.only.split(",") if s]
     unknown = set(only) - set(SCENARIOS)
     if unknown:
@@ -309,73 +388,77 @@ def main() -> int:
         ensure_bench_venv()
     redis = Redis()
     redis_up = any(r.redis for r in runs) and redis.start()
-    results: dict[str, dict] = {}
-    timeout = {"full": 600, "quick": 120, "smoke": 60}[mode]
-    # Repeated runs go in rounds (every system once, then again), so that no system always runs
-    # right after another one, or first after a change of scenario.
-    rounds = [(i, run, n) for n in range(max(r.repeats for r in runs)) for i, run in
-              enumerate(runs) if n < run.repeats]  # fmt: skip
-    rounds.sort(key=lambda x: (SCENARIOS.index(x[1].scenario), x[2], x[0]))
-    outcomes: dict[int, list[dict]] = {i: [] for i in range(len(runs))}
     try:
-        for i, run, n in rounds:
-            if outcomes[i] and failed(outcomes[i][-1]):
-                continue  # a repeated run that failed once is not tried again
-            label = f"{run.scenario}/{run.system}" + (f" #{n + 1}" if run.repeats > 1 else "")
-            print(f"bench: {label} ...", end=" ", flush=True)
-            t = time.time()
-            if run.redis and not redis_up:
-                entry = {"skipped": "redis-server not installed (make system-deps)"}
-            else:
-                entry = execute(run, redis.url, i, timeout)
-            outcomes[i].append(entry)
-            shown = entry.get("error") or entry.get("skipped") or f"{time.time() - t:.1f} s"
-            print(shown, flush=True)
+        outcomes = run_rounds(runs, mode, redis.url if redis_up else "")
     finally:
         redis.stop()
+    results: dict[str, dict] = {}
     for i, run in enumerate(runs):
-        results.setdefault(run.scenario, {})[run.system] = median_run(outcomes[i])
+        results.setdefault(run.scenario, {})[run.system] = collect(outcomes[i])
+    meta = describe(mode, only, time.time() - began, redis.version(), (iterations, unit))
+    return publish(results, meta) if mode in ("full", "quick") else smoke_verdict(results, meta)
 
-    total = time.time() - began
-    meta = {
+
+def describe(mode: str, only: list[str], total: float, redis: str, work: tuple) -> dict:
+    """The machine, the command and the sizes, for the report's head."""
+    return {
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
         "cores": os.cpu_count(),
         "cpu": cpu_model(),
         "python": platform.python_version() + f" ({platform.python_implementation()})",
         "kernel": platform.release(),
         "spool_fs": f"{filesystem_type(OUT)} (spools under bench/out/)",
-        "redis": redis.version(),
+        "redis": redis,
         "peers": peer_versions() if os.path.exists(BENCH_PY) else "not installed",
         "mode": mode,
         "command": command_line(sys.argv[1:]),
         "total_seconds": total,
         "partial": ",".join(only),
-        "unit_ms": unit * 1e3,
-        "iterations": iterations,
+        "iterations": work[0],
+        "unit_ms": work[1] * 1e3,
         "drain_n": SIZES[mode]["drain"],
+        "rate": SIZES[mode]["rate"],
         "repeats": SIZES[mode]["repeats"],
+        "scenarios": SCENARIOS,
     }
-    name = "smoke-results.json" if mode == "smoke" else "results.json"
-    with open(os.path.join(OUT, name), "w") as f:
+
+
+def save(name: str, results: dict, meta: dict) -> str:
+    path = os.path.join(OUT, name)
+    with open(path, "w") as f:
         json.dump({"meta": meta, "results": results}, f, indent=1)
+    return path
 
-    if mode == "smoke":
-        bad = [f"{sc}/{sy}" for sc, runs_ in results.items() for sy, e in runs_.items()
-               if "skipped" not in e and not has_number(e)]  # fmt: skip
-        print(f"bench: smoke run took {total:.1f} s; " + (f"no figure from {bad}" if bad else "ok"))
-        return 1 if bad else 0
 
+def smoke_verdict(results: dict, meta: dict) -> int:
+    """0 when every scenario produced a figure; the report is rendered too (into bench/out/),
+    so that its code runs."""
+    mode = meta["mode"]
+    save(f"{mode}-results.json", results, meta)
+    with open(os.path.join(OUT, f"{mode}-BENCHMARKS.md"), "w") as f:
+        f.write(report.markdown(results, meta) + "\n" + report.readme_paragraph(results, meta))
+    bad = [f"{sc}/{sy}" for sc, runs_ in results.items() for sy, e in runs_.items()
+           if "skipped" not in e and not has_number(e)]  # fmt: skip
+    total = meta["total_seconds"]
+    print(f"bench: {mode} run took {total:.1f} s; " + (f"no figure from {bad}" if bad else "ok"))
+    return 1 if bad else 0
+
+
+def publish(results: dict, meta: dict) -> int:
+    """BENCHMARKS.md, the chart, and (full runs) the README's paragraph; 1 if a run failed."""
+    path = save("results.json", results, meta)
     with open(os.path.join(REPO_DIR, "BENCHMARKS.md"), "w") as f:
         f.write(report.markdown(results, meta))
+    write_readme(results, meta)
     if os.path.exists(BENCH_PY):
         chart = subprocess.run(
-            [BENCH_PY, os.path.join(BENCH_DIR, "chart.py"), os.path.join(OUT, name),
+            [BENCH_PY, os.path.join(BENCH_DIR, "chart.py"), path,
              os.path.join(BENCH_DIR, "chart.png")],
             env=dict(os.environ, PYTHONPATH=BENCH_DIR), capture_output=True, text=True,
         )  # fmt: skip
         if chart.returncode != 0:
             print(f"bench: chart failed: {chart.stderr.strip()[-500:]}", file=sys.stderr)
-    print(f"bench: wrote BENCHMARKS.md and bench/chart.png in {total:.0f} s")
+    print(f"bench: wrote BENCHMARKS.md and bench/chart.png in {meta['total_seconds']:.0f} s")
     broken = [f"{sc}/{sy}" for sc, r in results.items() for sy, e in r.items() if "error" in e]
     if broken:
         print(f"bench: failed: {broken}", file=sys.stderr)

@@ -1,19 +1,19 @@
-"""The "with 50 subscribers" row: drain rate and signal latency while WebSocket clients watch.
+"""msgd with 50 WebSocket subscribers on its `[http]` listener: the drain and USR1 still on target?
 
-    python bench/subscribers.py subscribers --n N --samples S --workdir D --out F [--clients C]
-    python bench/subscribers.py event-cost --n N --workdir D --out F
+    python bench/subscribers.py drain --n N --samples S --workdir D --out F
 
-`subscribers` starts msgd with an [http] listener and C clients (default 50, in a process of
-their own) subscribed to stats and every outcome event, then measures what msgd_bench.py's
-drain and usr1 scenarios measure: kill -USR1 -> stats file rewritten and -> the action's task
-running, and N messages drained by 2 workers. `--clients 0` is the same run without anyone
-connected (the figure to compare with). The clients report how many events they received and
-how many they were told they missed. `event-cost` times what a worker pays per message for the
-feed (events.EventWriter begin + end).
+Two arms in one run, the same shape: a burst-mode queue holding N durably sent no-op messages,
+msgd started and ready, then (arm "fifty") 50 subscribers connected to /ws, subscribed to stats
+and events, then USR2: the drain is timed from the first handler start until the spool is empty;
+then S USR1 → stats file samples while they stay connected. Arm "none": the same, no subscriber.
+
+Skipped (exit 3, with the reason) while msgd has no `[http]` listener (`msgd --check` rejects
+the table) or the websockets library is missing.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -26,127 +26,127 @@ sys.path.insert(0, BENCH)
 
 import scenario  # noqa: E402
 import tasks  # noqa: E402
-from common import latency_figures, wait_for, write_result  # noqa: E402
-from msgd_bench import Daemon, read_json, usr1_samples  # noqa: E402
+from common import free_port, latency_figures, wait_for, write_result  # noqa: E402
+from msgd_bench import EXIT_SKIPPED, Daemon, usr1_samples  # noqa: E402
 
-CLIENTS = """
-import asyncio, json, sys, time
-from websockets.asyncio.client import connect
+SUBSCRIBERS = 50
+HTTP = '\n[http]\nlisten = "127.0.0.1:{port}"\n'
+SUBSCRIBE = {"op": "subscribe", "topics": ["stats", "events"]}
 
-async def client(url, counts):
-    async with connect(url, max_size=None) as ws:
-        await ws.send(json.dumps({{"op": "subscribe", "topics": ["stats", "events"]}}))
-        counts["connected"] += 1
-        async for frame in ws:
-            f = json.loads(frame)
-            if f.get("topic") == "event":
-                counts["events"] += 1
-            elif f.get("topic") == "missed":
-                counts["missed"] += f["count"]
 
-async def main():
-    counts = {{"connected": 0, "events": 0, "missed": 0}}
-    tasks = [asyncio.create_task(client({url!r}, counts)) for _ in range({clients})]
-    while counts["connected"] < {clients}:
-        await asyncio.sleep(0.01)
+def skip_unless_supported(workdir: str) -> None:
+    """Exit 3 with one line saying why, unless msgd accepts an [http] table and websockets loads."""
+    try:
+        import websockets  # noqa: F401
+    except ImportError:
+        print("the websockets library is not installed (msgd[http])", file=sys.stderr)
+        sys.exit(EXIT_SKIPPED)
+    d = Daemon(os.path.join(workdir, "check"), extra=HTTP.format(port=free_port()))
+    done = subprocess.run([*d.command(), "--check"], capture_output=True, text=True)
+    if done.returncode != 0:
+        why = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        print(f"msgd has no [http] listener yet: msgd --check says: {why}", file=sys.stderr)
+        sys.exit(EXIT_SKIPPED)
+
+
+class Subscribers:
+    """`count` WebSocket subscribers in a process of their own (not the driver's, not msgd's),
+    each counting the event frames it receives until stopped."""
+
+    def __init__(self, url: str, count: int) -> None:
+        code = f"import sys; sys.path.insert(0, {BENCH!r}); import subscribers as s; s.client()"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", code, url, str(count)], stdout=subprocess.PIPE, text=True
+        )
+        assert self.proc.stdout is not None
+        if self.proc.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"the subscribers did not connect (status {self.proc.wait()})")
+
+    def stop(self) -> list[int]:
+        """Events each subscriber saw."""
+        assert self.proc.stdout is not None
+        self.proc.send_signal(signal.SIGTERM)
+        counts = json.loads(self.proc.stdout.readline() or "[]")
+        self.proc.wait(10)
+        return counts
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def client() -> None:
+    """The subscribers' process: argv = URL COUNT; prints "ready", then the counts at SIGTERM."""
+    asyncio.run(subscribe(sys.argv[1], int(sys.argv[2])))
+
+
+async def subscribe(url: str, count: int) -> None:
+    from websockets.asyncio.client import connect
+
+    conns = [await connected(connect, url) for _ in range(count)]
+    counts = [0] * count
+
+    async def read(k: int) -> None:
+        async for frame in conns[k]:
+            if json.loads(frame).get("topic") == "event":
+                counts[k] += 1
+
+    for c in conns:
+        await c.send(json.dumps(SUBSCRIBE))
+    readers = [asyncio.create_task(read(k)) for k in range(count)]
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     print("ready", flush=True)
-    expected = int(sys.stdin.readline())  # outcome events each client should see or be told of
-    while counts["events"] + counts["missed"] < expected * {clients}:
-        await asyncio.sleep(0.005)
-    counts["all_seen_at"] = time.time()
+    await stop.wait()
+    for task in readers:
+        task.cancel()
     print(json.dumps(counts), flush=True)
 
-asyncio.run(main())
-"""
+
+async def connected(connect, url: str, timeout: float = 10.0):
+    """A connection, retried until the listener answers (it starts with the daemon)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return await connect(url)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.05)  # the next attempt; the deadline bounds the wait
 
 
-def with_listener(d: Daemon) -> None:
-    with open(d.config, "a") as f:
-        f.write('\n[http]\nlisten = "127.0.0.1:0"\n')
-
-
-def start_clients(address: str, clients: int) -> subprocess.Popen | None:
-    if not clients:
-        return None
-    code = CLIENTS.format(url=f"ws://{address}/ws", clients=clients)
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
-    if proc.stdout is None or proc.stdout.readline().strip() != "ready":
-        raise RuntimeError("the WebSocket clients did not connect")
-    return proc
-
-
-def feed_caught_up(proc: subprocess.Popen | None, n: int, last_done: float) -> dict:
-    """Wait until every client has seen (or been told it missed) each of the n outcomes."""
-    if proc is None:
-        return {}
-    out, _ = proc.communicate(f"{n}\n", timeout=300)
-    counts = json.loads(out.strip().splitlines()[-1])
-    counts["caught_up_after_drain_s"] = counts.pop("all_seen_at") - last_done
-    return counts
-
-
-def subscribers(args) -> dict:
-    """USR1 latencies (idle, C clients connected), then N messages drained while they watch."""
-    d = Daemon(os.path.join(args.workdir, "msgd"), mode="burst")
-    with_listener(d)
+def burst_drain(args, subscribers: int) -> dict:
+    """One arm: N messages in a burst queue, `subscribers` connected, USR2, USR1 samples."""
+    port = free_port()
+    d = Daemon(os.path.join(args.workdir, "msgd"), mode="burst", extra=HTTP.format(port=port))
     probe_dir = scenario.fresh_probe(args.workdir, args.n)
+    d.send_many([tasks.encode(i) for i in range(args.n)])
     d.start()
-    clients = None
+    feed = None
     try:
-        state = d.wait_ready()
-        wait_for(lambda: read_json(d.stats_file), 10, "the first stats file")
-        clients = start_clients(state["http"], args.clients)
-        rewritten, running = usr1_samples(d, args.samples)
-        d.send_many([tasks.encode(i) for i in range(args.n)])
-        d.signal(signal.SIGUSR2)  # a burst: both workers start on the full queue at once
+        d.wait_ready()
+        if subscribers:
+            feed = Subscribers(f"ws://127.0.0.1:{port}/ws", subscribers)
+        d.signal(signal.SIGUSR2)
         s = scenario.wait_count(probe_dir, args.n, args.timeout, proc=d.proc)
-        seen = feed_caught_up(clients, args.n, s.last_done)
+        wait_for(d.spool_clean, 60, "new/ and cur/ to be empty", 0.002)
+        clean = time.time()
+        rewritten, _ = usr1_samples(d, args.samples)
+        events = feed.stop() if feed else []
     finally:
-        if clients is not None and clients.poll() is None:
-            clients.kill()
+        if feed:
+            feed.close()
         d.stop()
-    return {
-        "clients": args.clients,
-        "usr1_rewritten": latency_figures(rewritten),
-        "usr1_task_running": latency_figures(running),
-        "drain": scenario.drain_result(s, args.n),
-        "feed": seen,
-    }
-
-
-def event_cost(args) -> dict:
-    """Nanoseconds a worker spends on the feed per message: EventWriter.begin + end."""
-    from msgd.events import Rings
-
-    writer = Rings().writer(0)
-    mid = "18ecfa641bb01db994ee7309"
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter_ns()
-        for i in range(args.n):
-            writer.begin(0, 0, mid, 1, i)
-            writer.end(0, 0)
-        best = min(best, (time.perf_counter_ns() - t0) / args.n)
-    return {"n": args.n, "ns_per_message": round(best, 1)}
-
-
-SCENARIOS = {"subscribers": subscribers, "event-cost": event_cost}
+    result = scenario.drain_result(s, args.n, end=clean)
+    return {**result, "usr1": latency_figures(rewritten), "events_min": min(events, default=0)}
 
 
 def main() -> None:
-    import argparse
-
-    p = argparse.ArgumentParser()
-    p.add_argument("scenario", choices=list(SCENARIOS))
-    p.add_argument("--clients", type=int, default=50)
-    argv = sys.argv[1:]
-    known, rest = p.parse_known_args(argv)
-    sys.argv = [sys.argv[0], known.scenario, *rest]
-    args = scenario.parse(list(SCENARIOS))
-    args.clients = known.clients
-    write_result(args.out, SCENARIOS[args.scenario](args))
+    args = scenario.parse(["drain"])
+    skip_unless_supported(args.workdir)
+    result = {"none": burst_drain(args, 0), "fifty": burst_drain(args, SUBSCRIBERS)}
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

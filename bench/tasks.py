@@ -3,8 +3,9 @@
 A message is three numbers: a sequence number, an enqueue timestamp (0 when latency is not measured)
 and a number of `burn` iterations (0 for no-op messages). A negative sequence number is a warm-up
 message: it only marks the worker as ready. What is recorded per message is the latency
-(handler start minus enqueue time) when a timestamp was sent, else the sequence number (so that
-lost or duplicated messages can be counted).
+(handler start minus enqueue time) when a timestamp was sent; else, for CPU-bound messages, the
+time the `burn` took in this worker (the unit of work, timed where it runs); else the sequence
+number (so that lost or duplicated messages can be counted).
 """
 
 from __future__ import annotations
@@ -20,9 +21,12 @@ def run(seq: int, enqueued: float, iterations: int) -> None:
     if seq < 0:
         probe.touch()
         return
+    value = float(seq)
     if iterations:
+        t = time.perf_counter()
         burn(iterations)
-    probe.record(started, started - enqueued if enqueued else float(seq))
+        value = time.perf_counter() - t
+    probe.record(started, started - enqueued if enqueued else value)
 
 
 def encode(seq: int, enqueued: float = 0.0, iterations: int = 0) -> bytes:

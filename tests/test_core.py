@@ -355,6 +355,9 @@ def test_msgctl_never_signals_a_process_that_is_not_msgd(daemon: Msgd) -> None:
         daemon.pidfile.write_text(f"{holder.pid}\n")
         refused = daemon.msgctl("stop")
         assert refused.returncode == 1 and "not msgd" in refused.stderr
+        # A main pid vouched for (as systemd does) stands in only for a name /proc hides.
+        vouched = daemon.msgctl("--main-pid", str(holder.pid), "stop")
+        assert vouched.returncode == 1 and "not msgd" in vouched.stderr
         daemon.pidfile.write_text(f"{victim.pid}\n")
         refused = daemon.msgctl("stop")
         assert refused.returncode == 1 and "holds its lock" in refused.stderr
@@ -409,3 +412,26 @@ def test_a_handler_import_that_hangs_is_a_config_error(
     monkeypatch.setattr(handlers, "CHECK_TIMEOUT", 0.5)
     with pytest.raises(config.ConfigError, match=r"importing the handlers took over 0.5s"):
         handlers.check(config.load(daemon.config_path))
+
+
+def test_a_failing_action_is_reported_and_the_next_signal_runs_it_again(daemon: Msgd) -> None:
+    """An action that raises (here: the stats file cannot be replaced, a directory is in its
+    way) is logged once with its traceback, recorded as an error in the state file, and makes
+    msgctl exit 1 with the reason; it neither hangs msgctl nor ends the action's task."""
+    daemon.start()
+    stats_file = daemon.root / "run/stats.json"
+    stats_file.unlink()
+    stats_file.mkdir()
+    failed = daemon.msgctl("stats")
+    assert failed.returncode == 1
+    assert failed.stderr.startswith("msgctl: stats failed in msgd: ") and "Is a directory" in (
+        failed.stderr
+    ), failed.stderr
+    assert daemon.state()["last"]["stats"]["outcome"] == "error"
+    [event] = wait_for(lambda: daemon.events("action failed"), what="the failure logged")
+    assert event["action"] == "stats" and "IsADirectoryError" in event["exception"]
+    stats_file.rmdir()
+    again = daemon.msgctl("stats", "--json")
+    assert again.returncode == 0, again.stderr
+    assert daemon.state()["last"]["stats"]["outcome"] == "ok"
+    assert daemon.stop() == 0

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 from conftest import BIN, Msgd, wait_for
+from faultkit import title
 
 Message = dict[str, str]
 
@@ -312,3 +313,42 @@ def test_no_notify_socket_no_harm(daemon: Msgd) -> None:
     daemon.send(b"x")
     daemon.wait_processed(1)
     assert daemon.stop() == 0
+
+
+# -- the loop never blocks ------------------------------------------------------------------------
+
+
+def idle_workers(daemon: Msgd) -> list[int]:
+    return [p for p in daemon.workers() if " idle" in title(p)]
+
+
+def test_a_slow_handler_import_during_reload_stalls_nothing(
+    daemon: Msgd, path_notify: NotifySocket
+) -> None:
+    """While a reload imports a handler module that takes long (until the test releases it), USR1
+    is answered, a worker killed with -9 is replaced and the watchdog keeps being fed: the check
+    runs off the master's loop. Each is seen before the reload's acknowledgement."""
+    daemon.queues["default"] = {"handler": "slow_import:record"}
+    daemon.write_config()
+    daemon.start(env=path_notify.env(WATCHDOG_USEC="400000"))
+    path_notify.wait(is_ready, "READY=1")
+    wait_for(lambda: len(idle_workers(daemon)) == 2, what="the workers' own imports done")
+    (daemon.out / "slow").touch()
+    daemon.kill(signal.SIGHUP)
+    wait_for(lambda: (daemon.out / "importing").exists(), what="the reload's import under way")
+    pings_before = len([m for _, m in path_notify.received if m.get("WATCHDOG")])
+    stats = daemon.msgctl("stats", "--json")
+    assert stats.returncode == 0, stats.stderr
+    victim = daemon.workers()[0]
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: len(set(daemon.workers()) - {victim}) == 2, what="the worker replaced")
+    path_notify.poll(0.5)
+    pings = len([m for _, m in path_notify.received if m.get("WATCHDOG")])
+    assert daemon.generation("reload") == 0, "the import is still going on"
+    assert pings > pings_before, "the watchdog was fed while the import ran"
+    (daemon.out / "release").touch()
+    wait_for(lambda: daemon.generation("reload") == 1, 15, what="the reload's acknowledgement")
+    assert daemon.state()["last"]["reload"]["outcome"] == "ok"
+    daemon.send(b"after")
+    daemon.wait_processed(1)
+    daemon.stop()

@@ -219,6 +219,9 @@ def test_unit_lifecycle_settings() -> None:
     reload = s["ExecReload"].split()
     assert reload[0].endswith("/msgctl") and reload[-1] == "reload", s["ExecReload"]
     assert reload[1:3] == ["-c", CONFIG]
+    if s["PrivateUsers"] == "yes" and s["ProtectProc"] != "default":
+        # ExecReload= then cannot see msgd in /proc: systemd must vouch for the pid.
+        assert reload[3:5] == ["--main-pid", "$MAINPID"], s["ExecReload"]
     assert s["KillMode"] == "mixed"
     assert seconds(s["TimeoutStopSec"]) > GRACE_PERIOD
     assert seconds(s["WatchdogSec"]) > 0

@@ -10,6 +10,7 @@ import multiprocessing as mp
 import os
 import sys
 import time
+from collections.abc import Iterable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -40,7 +41,7 @@ def queue_scenario(kind: str, args) -> dict:
         for p in procs:
             p.start()
         scenario.wait_ready(args.probe)
-        first, last = scenario.produce(lambda i, ts: q.put((i, ts, 0)), args.n)
+        first, last = scenario.produce(lambda i, ts: q.put((i, ts, 0)), args.n, args.rate)
     else:  # pre-enqueued: everything is put before the consumers start
         for i in range(args.n):
             q.put((i, 0.0, args.iterations))
@@ -48,29 +49,30 @@ def queue_scenario(kind: str, args) -> dict:
             p.start()
     for _ in procs:
         q.put(None)
-    s = scenario.wait_count(args.probe, args.n, args.timeout, with_values=kind == "stream")
+    s = scenario.wait_count(args.probe, args.n, args.timeout, with_values=kind != "drain")
     for p in procs:
         p.join()
     if kind == "stream":
         return scenario.stream_result(s, args.n, first, last)
-    return scenario.drain_result(s, args.n, args.unit)
+    return scenario.drain_result(s, args.n)
 
 
 def pool_scenario(kind: str, args) -> dict:
     with mp.Pool(WORKERS) as pool:
         pool.map(run_item, [(-1, 0.0, 0)] * WORKERS)  # workers up and warm
+        items: Iterable[tuple[int, float, int]]
         if kind == "stream":
             first = time.time()
-            items = ((i, time.time(), 0) for i in range(args.n))
+            items = ((i, ts, 0) for i, ts in scenario.paced(args.n, args.rate))
         else:
             items = [(i, 0.0, args.iterations) for i in range(args.n)]
         for _ in pool.imap(run_item, items):  # default chunksize (1), as the docs show it
             pass
         last = time.time()
-        s = scenario.wait_count(args.probe, args.n, args.timeout, with_values=kind == "stream")
+        s = scenario.wait_count(args.probe, args.n, args.timeout, with_values=kind != "drain")
     if kind == "stream":
         return scenario.stream_result(s, args.n, first, last)
-    return scenario.drain_result(s, args.n, args.unit)
+    return scenario.drain_result(s, args.n)
 
 
 def main() -> None:

@@ -57,7 +57,7 @@ class Context:
         return self._config
 
     def daemon(self) -> Daemon:
-        return Daemon(self.pidfile, state_path(self.pidfile))
+        return Daemon(self.pidfile, state_path(self.pidfile), self.args.main_pid)
 
 
 def _lenient_daemon(path: str) -> DaemonConfig:
@@ -283,6 +283,13 @@ def parser() -> argparse.ArgumentParser:
         "-c", "--config", help="msgd's config file (default: $MSGD_CONFIG or /etc/msgd/msgd.toml)"
     )
     p.add_argument("--pidfile", help="use this pidfile instead of the config's")
+    p.add_argument(
+        "--main-pid",
+        type=int,
+        metavar="PID",
+        help="the service manager's main pid for msgd ($MAINPID under systemd): stands in "
+        "for msgd's name when /proc hides msgd from msgctl",
+    )
     p.add_argument(
         "--timeout",
         type=float,

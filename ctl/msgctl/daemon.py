@@ -4,6 +4,13 @@ A pid in a file proves nothing (pids are reused). msgctl signals only when three
 the pidfile is locked, the lock's holder (per /proc/locks) is the pid the file names, and that
 process calls itself msgd. It opens a pidfd before checking, and signals through it, so the
 process checked is the process signalled.
+
+Under systemd, msgctl may be unable to look at msgd at all: msgd.service's ExecReload= runs in
+a user namespace of its own (PrivateUsers=: one per process systemd starts), and /proc, mounted
+with ProtectProc=invisible, hides every process the reader could not ptrace, which across user
+namespaces is all of them. Then, and only then, systemd's word stands in for the name: the unit
+passes `--main-pid $MAINPID`, and a pid that holds the pidfile's lock, is the service's main
+process, and cannot be seen in /proc is msgd.
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ class NotRunning(CtlError):
 class Daemon:
     """A verified, running msgd: its pid, a pidfd on it, and its state file."""
 
-    def __init__(self, pidfile: str, state_file: str) -> None:
+    def __init__(self, pidfile: str, state_file: str, main_pid: int | None = None) -> None:
         self.pidfile = pidfile
         self.state_file = state_file
         pid = read_pid(pidfile)
@@ -56,7 +63,7 @@ class Daemon:
         if holder is not None and holder != pid:
             raise CtlError(f"refusing: {pidfile} names pid {pid} but pid {holder} holds its lock")
         command = cmdline(pid)
-        if not is_msgd(command):
+        if not is_msgd(command) and not vouched_for(pid, holder, main_pid):
             raise CtlError(f"refusing to signal pid {pid}: it is not msgd ({command[:60]!r})")
         self.pid = pid
 
@@ -66,10 +73,10 @@ class Daemon:
     def generation(self, action: str) -> int:
         return self.state()["generations"].get(action, 0)
 
-    def signal(self, sig: signal.Signals) -> None:
+    def signal(self, sig: int) -> None:
         signal.pidfd_send_signal(self.pidfd, sig)
 
-    def ask(self, sig: signal.Signals, action: str, timeout: float) -> dict[str, Any]:
+    def ask(self, sig: int, action: str, timeout: float) -> dict[str, Any]:
         """Send `sig` and wait until the daemon's `action` generation moves; its last outcome."""
         before = self.generation(action)
         self.signal(sig)
@@ -120,6 +127,12 @@ def is_msgd(command: str) -> bool:
     return command.startswith("msgd: master") or any(
         os.path.basename(w) == "msgd" for w in words[:3]
     )
+
+
+def vouched_for(pid: int, holder: int | None, main_pid: int | None) -> bool:
+    """Whether the service manager names `pid`, which holds the pidfile's lock but is hidden
+    from this process, as msgd's main process (a pid that can be seen must call itself msgd)."""
+    return pid == main_pid == holder and not os.path.exists(f"/proc/{pid}")
 
 
 def cmdline(pid: int) -> str:

@@ -11,6 +11,7 @@ One `Burst` covers one signal, or several that overlap (reported together). Its 
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -20,6 +21,9 @@ import structlog
 
 from msgd.backend import BackendError, BurstMark, Store
 from msgd.stats import Totals
+from msgd.supervise import off_loop
+
+POLL = 0.01  # seconds between looks at whether a burst's messages are all worked
 
 
 @dataclass
@@ -57,6 +61,11 @@ class Burst:
             self.marks.setdefault(name, []).append(mark)
             pending += mark.pending
         return pending
+
+    async def until_worked(self, stores: Mapping[str, Store]) -> None:
+        """Return once every mark's messages are settled, asking the stores off the loop."""
+        while not await off_loop(self.worked, stores):
+            await asyncio.sleep(POLL)
 
     def worked(self, stores: Mapping[str, Store]) -> bool:
         """Off the loop: whether every mark's messages are settled (a queue dropped by a reload

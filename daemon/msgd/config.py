@@ -194,10 +194,7 @@ def _check(config: Config) -> None:
 
 
 def _check_backend(where: str, q: QueueConfig) -> None:
-    """The backend's library is installed, and only its own keys are set."""
-    missing = missing_library(q.backend)
-    if missing:
-        raise ConfigError(f"{where}.backend: {missing}")
+    """Only the backend's own keys are set, they make sense, and its library is installed."""
     for key, backends in BACKEND_KEYS.items():
         if q.backend not in backends and getattr(q, key) != getattr(DEFAULT_QUEUE, key):
             raise ConfigError(f"{where}.{key}: only for backend = {' or '.join(backends)}")
@@ -208,6 +205,9 @@ def _check_backend(where: str, q: QueueConfig) -> None:
             f"{where}.claim_idle: must be longer than timeout ({q.timeout:g} s), or another "
             "host takes over a message whose handler is still running"
         )
+    missing = missing_library(q.backend)
+    if missing:
+        raise ConfigError(f"{where}.backend: {missing}")
 
 
 def split_listen(listen: str) -> tuple[str, int]:

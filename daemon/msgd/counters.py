@@ -149,7 +149,7 @@ class Counters:
 
     def read(self) -> list[array]:
         """A copy of every slot (one memcpy per segment: a few µs)."""
-        slots = []
+        slots: list[array] = []
         for segment in self.segments:
             data = array("Q", bytes(memoryview(segment)))
             slots.extend(data[i * SLOT : (i + 1) * SLOT] for i in range(SLOTS_PER_SEGMENT))

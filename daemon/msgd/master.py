@@ -15,8 +15,6 @@ master watches them, keeps time (retries, timeouts) and reports.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures.thread  # noqa: F401 - asyncio.to_thread's, loaded before dropping root
-import contextlib
 import multiprocessing
 import multiprocessing.connection  # these three multiprocessing would load on first use, and
 import multiprocessing.popen_fork  # the interpreter's files may be unreadable for daemon.user
@@ -24,11 +22,10 @@ import multiprocessing.sharedctypes  # noqa: F401 - once privileges are dropped:
 import os
 import resource  # noqa: F401 - the same, for the workers
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import msgspec
-import setproctitle
 import structlog
 
 from msgd import handlers, logs, stats
@@ -44,14 +41,12 @@ from msgd.pool import Pool
 from msgd.reporter import Reporter
 from msgd.signals import Action, SignalWatcher
 from msgd.stats import DaemonInfo, Snapshot, daemon_info, summary
+from msgd.supervise import Duties, off_loop
 from msgd.sysutil import PrivilegeError, drop_privileges, make_dirs
 
 TICK = 0.05  # seconds between checks of timeouts and due retries
-BURST_POLL = 0.01  # how often a burst looks whether its messages are all worked
 STATUS_EVERY = 5.0  # seconds between STATUS= lines to systemd
-STORE_DEADLINE = 10.0  # seconds a store call off the loop may take before it counts as failed
 RECORDED_AS = {Action.SCALE_UP: "scale", Action.SCALE_DOWN: "scale"}  # state file action names
-T = TypeVar("T")
 
 
 class StartError(Exception):
@@ -60,11 +55,6 @@ class StartError(Exception):
 
 def open_stores(config: Config) -> dict[str, Store]:
     return {name: open_store(name, q, config.daemon) for name, q in config.queues.items()}
-
-
-async def off_loop(call: Callable[..., T], *args: Any, deadline: float = STORE_DEADLINE) -> T:
-    """Run a call that may block in a thread; TimeoutError after `deadline` seconds."""
-    return await asyncio.wait_for(asyncio.to_thread(call, *args), deadline)
 
 
 class Master:
@@ -85,7 +75,7 @@ class Master:
         self.reloads = 0
         self.dumps = 0
         self.draining = False
-        self.failing: dict[str, str] = {}  # periodic duties failing now, logged once each
+        self.duties = Duties()
 
     # -- life cycle ------------------------------------------------------------------------------
 
@@ -218,10 +208,11 @@ class Master:
                 continue
             began = time.monotonic()
             try:
-                outcome = await run()
+                outcome = {"outcome": "ok", **await run()}
             except Exception as e:
                 outcome = self.failed(name, e)
-            self.state.record(name, began=began, **{"outcome": "ok", **outcome})
+            with self.duties.duty(f"acknowledging {name}"):
+                self.state.record(name, outcome, began=began)
 
     def failed(self, action: str, error: Exception) -> dict[str, Any]:
         """An action that raised: logged once with its traceback, and reported to msgctl."""
@@ -280,13 +271,8 @@ class Master:
         """USR1: fresh depths, one `stats` log event and a fresh stats file (same generation)."""
         self.dumps += 1
         await off_loop(self.reporter.gather, self.stores)
-        self.log_stats(self.publish())
-        return {"generation": self.dumps}
-
-    def log_stats(self, snap: Snapshot) -> None:
-        fields = msgspec.to_builtins(snap)
-        del fields["histogram_bounds_s"]
-        self.log.info("stats", **fields)
+        self.reporter.log_event(self.publish())
+        return {}
 
     async def burst(self) -> dict[str, Any]:
         """USR2: deferred retries become due now and burst-mode queues run until drained."""
@@ -303,17 +289,19 @@ class Master:
     async def finish_burst(self) -> None:
         """Wait until every message pending at the signal(s) has been worked, then report."""
         burst = self.burst_now
+        outcome: dict[str, Any]
         try:
-            while not await off_loop(burst.worked, self.stores):
-                await asyncio.sleep(BURST_POLL)
-            outcome = {"outcome": "ok", **burst.report(self.reporter.queue_totals(self.snapshot()))}
-            self.log.info("burst", **{**outcome, "outcome": "done"})
+            await burst.until_worked(self.stores)
+            counts = burst.report(self.reporter.queue_totals(self.snapshot()))
+            self.log.info("burst", outcome="done", **counts)
+            outcome = {"outcome": "ok", **counts}
         except Exception as e:
             outcome = self.failed("burst", e)
         self.burst_now = Burst()
         generation = self.state.generation("burst")
         self.flags.finished.value = generation
-        self.state.record("burst_done", generation=generation, **outcome)
+        with self.duties.duty("acknowledging burst_done"):
+            self.state.record("burst_done", outcome, generation=generation)
 
     async def scale(self, delta: int) -> dict[str, Any]:
         size = self.pool.scale(delta)
@@ -328,7 +316,7 @@ class Master:
             await asyncio.sleep(TICK)
             if self.draining:
                 continue
-            with self.duty("timeouts and retries"):
+            with self.duties.duty("timeouts and retries"):
                 self.pool.check_timeouts()
                 await off_loop(self.release_due)
 
@@ -338,45 +326,20 @@ class Master:
 
     async def report(self) -> None:
         """Every second: depths, the stats file, the process title; STATUS to systemd."""
-        next_status = next_log = time.monotonic()
         while True:
             await asyncio.sleep(1.0)
             if self.draining:
                 continue
-            now = time.monotonic()
-            with self.duty("stats file"):
+            with self.duties.duty("stats file"):
                 await off_loop(self.reporter.gather, self.stores)
-                snap = self.publish()
-                self.reporter.step(snap, now)
-                setproctitle.setproctitle(f"msgd: master -c {self.config.path} {summary(snap)}")
-                interval = self.config.daemon.stats_log_interval
-                if interval and now >= next_log:
-                    next_log = now + interval
-                    self.log_stats(snap)
-                if now >= next_status:
-                    next_status = now + STATUS_EVERY
-                    self.notify.status(summary(snap))
+                self.reporter.tick(self.publish(), self.config, self.notify)
 
     async def watchdog(self) -> None:
         """WATCHDOG=1 while the loop turns and the pool has the workers it should have."""
         while self.notify.watchdog_interval:
-            if self.pool.workers or self.pool.size == 0:
+            if not self.draining and (self.pool.workers or self.pool.size == 0):
                 self.notify.watchdog()
             await asyncio.sleep(self.notify.watchdog_interval)
-
-    @contextlib.contextmanager
-    def duty(self, what: str) -> Iterator[None]:
-        """A periodic duty's error (a full /run, a spool gone read-only) is logged once, while it
-        lasts, and never ends the task: timeouts and retries must keep running."""
-        try:
-            yield
-        except Exception as e:
-            if self.failing.get(what) != str(e):
-                self.failing[what] = str(e)
-                self.log.exception("periodic duty failed", duty=what)
-        else:
-            if self.failing.pop(what, None) is not None:
-                self.log.info("periodic duty recovered", duty=what)
 
     # -- reporting -------------------------------------------------------------------------------
 

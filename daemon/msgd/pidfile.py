@@ -122,7 +122,11 @@ class StateFile:
         }
 
     def record(
-        self, action: str, generation: int | None = None, began: float | None = None, **outcome: Any
+        self,
+        action: str,
+        outcome: dict[str, Any],
+        generation: int | None = None,
+        began: float | None = None,
     ) -> int:
         """Count one run of `action` (or set its generation), keep its outcome, publish.
 

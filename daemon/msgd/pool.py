@@ -104,8 +104,10 @@ class Pool:
         gc.freeze()  # keeps the child's first GC from copying every shared page
         process.start()
         theirs.close()
-        writer.set_pid(process.pid)
-        handle = WorkerHandle(slot, process, ours, os.pidfd_open(process.pid), self.config)
+        pid = process.pid
+        assert pid is not None  # started
+        writer.set_pid(pid)
+        handle = WorkerHandle(slot, process, ours, os.pidfd_open(pid), self.config)
         self.workers[slot] = handle
         self.exited.clear()
         self.loop.add_reader(process.sentinel, self._on_exit, handle)
@@ -240,7 +242,7 @@ class Pool:
         (its counts and its fast-death record stay with it, not with the lowest free slot)."""
         while not self.stopping and len(self.workers) < self.size:
             taken = slot is None or slot in self.workers or slot in {h.slot for h in self.retired}
-            self.spawn(self.free_slot() if taken else slot)
+            self.spawn(self.free_slot() if taken or slot is None else slot)
             slot = None
 
     # -- steering --------------------------------------------------------------------------------

@@ -155,8 +155,25 @@ def _defer_member(mid: bytes, attempts: int, body: bytes) -> bytes:
     return b"%d:%d:%s%s" % (attempts, len(mid), mid, body)
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+Entry = tuple[str, dict[bytes, bytes]]  # a stream entry: its id and its fields
+
+
+def _text(value: object) -> str:
+    """A reply's bytes as text. redis-py declares its replies as unions of what RESP2 and RESP3
+    could return; what this module reads is converted here and in _entries, once."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _entries(reply: Any) -> list[Entry]:
+    """XRANGE's entries, or those of XREADGROUP's one stream ([[stream, entries]])."""
+    if (
+        reply
+        and isinstance(reply[0], list | tuple)
+        and len(reply[0]) == 2
+        and (isinstance(reply[0][1], list))
+    ):
+        reply = reply[0][1]
+    return [(_text(eid), fields or {}) for eid, fields in reply or []]
 
 
 def _enqueued_at(mid: str, entry_id: str) -> float:
@@ -225,8 +242,8 @@ class RedisStore:
         """The id of the stream's newest entry ("0-0" if none) and how many entries it holds."""
 
         def newest(client: redis.Redis) -> tuple[str, int]:
-            entry = client.xrevrange(self.stream, count=1)
-            return (_text(entry[0][0]) if entry else "0-0"), int(client.xlen(self.stream))
+            entry = _entries(client.xrevrange(self.stream, count=1))
+            return (entry[0][0] if entry else "0-0"), int(client.xlen(self.stream))
 
         mark, length = self._call(newest)
         return BurstMark(length, mark)
@@ -263,17 +280,17 @@ class RedisStore:
         def revive_all(client: redis.Redis) -> list[str]:
             moved: list[str] = []
             revive = client.register_script(_REVIVE)
-            newest = client.xrevrange(failed, count=1)
-            start, end = "-", _text(newest[0][0]) if newest else None
-            while end and (page := client.xrange(failed, min=start, max=end, count=1000)):
+            newest = _entries(client.xrevrange(failed, count=1))
+            start, end = "-", newest[0][0] if newest else None
+            while end and (page := _entries(client.xrange(failed, min=start, max=end, count=1000))):
                 chosen = [
                     entry
                     for entry, fields in page
                     if wanted is None or _text(fields.get(b"id", b"")) in wanted
                 ]
                 if chosen:
-                    moved += map(_text, revive(keys=[failed, self.stream], args=chosen))
-                start = "(" + _text(page[-1][0])
+                    moved += map(_text, revive(keys=[failed, self.stream], args=list(chosen)))
+                start = "(" + page[-1][0]
             return moved
 
         moved = self._call(revive_all)
@@ -315,7 +332,7 @@ def depths(client: redis.Redis, stream: str, group: str) -> Depths:
             raise result
     if isinstance(groups, Exception):  # no stream yet: nothing sent, no daemon started
         groups = []
-    ours = next((g for g in groups if _text(g["name"]) == group), {})
+    ours: dict[str, Any] = next((g for g in groups if _text(g["name"]) == group), {})
     pending = int(ours.get("pending", 0))
     return Depths(
         new=max(0, length - pending),
@@ -530,7 +547,7 @@ class RedisInbox:
         )
         if not read:
             return None
-        entries = [(_text(eid), fields) for eid, fields in read[0][1]]
+        entries = _entries(read)
         with self._lock:
             self._batch.extend(entries)
             self._fetched.notify_all()
@@ -553,34 +570,33 @@ class RedisInbox:
             read = self.redis.xreadgroup(
                 self.group, self.consumer, {self.stream: self._history}, count=1
             )
-            entries = read[0][1] if read else []
+            entries = _entries(read)
             if not entries:
                 self._history = None
                 break
-            eid, fields = entries[0]
-            self._history = entry_id = _text(eid)
+            entry_id, fields = entries[0]
+            self._history = entry_id
             if not fields:  # deleted from the stream while pending: nothing left to work
                 self.redis.xack(self.stream, self.group, entry_id)
             elif (taken := self._take_reclaimed(entry_id, fields)) is not None:
                 return taken
         now = time.monotonic()
         while now >= self._next_claim:
-            cursor, entries = self.redis.xautoclaim(
+            reply: Any = self.redis.xautoclaim(
                 self.stream,
                 self.group,
                 self.consumer,
                 int(self.policy.claim_idle * 1000),
                 start_id=self._cursor,
                 count=1,
-            )[:2]
-            self._cursor = _text(cursor)
+            )
+            self._cursor = _text(reply[0])
             if self._cursor == "0-0":
                 self._next_claim = now + min(max(self.policy.claim_idle / 2, 0.2), 5.0)
-            for eid, fields in entries:
-                entry_id = _text(eid)
+            for entry_id, fields in _entries(reply[1]):
                 taken = self._take_reclaimed(entry_id, fields)
                 if taken is not None:
-                    self.log.info("reclaimed", id=_text(fields.get(b"id", eid)))
+                    self.log.info("reclaimed", id=_text(fields.get(b"id", entry_id)))
                     return taken
         return ""
 

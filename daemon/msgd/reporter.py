@@ -7,14 +7,21 @@ costs a few microseconds on the loop.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Mapping
 
+import msgspec
+import setproctitle
 import structlog
 
 from msgd import stats
 from msgd.backend import BackendError, Depths, Outcome, Store
+from msgd.config import Config
 from msgd.counters import Counters, QueueIndex, running
+from msgd.notify import Notifier
 from msgd.stats import DaemonInfo, Rates, Snapshot, Totals
+
+STATUS_EVERY = 5.0  # seconds between STATUS= lines to systemd
 
 
 class Reporter:
@@ -25,6 +32,7 @@ class Reporter:
         self.depths: dict[str, Depths] = {}
         self.unreachable: dict[str, str] = {}  # queue -> the error, logged once while it lasts
         self.log = structlog.get_logger()
+        self.next_log = self.next_status = time.monotonic()
 
     def gather(self, stores: Mapping[str, Store]) -> None:
         """In a thread: each store's depths; a store that cannot be asked keeps its last ones."""
@@ -51,9 +59,26 @@ class Reporter:
             info=info,
         )
 
-    def step(self, snap: Snapshot, now: float) -> None:
-        """Once a second: fold the runs counted so far into the moving averages."""
+    def tick(self, snap: Snapshot, config: Config, notify: Notifier) -> None:
+        """Once a second, after publishing `snap`: fold its runs into the moving averages, show
+        it in the process title, log it every `stats_log_interval`, STATUS every 5 s."""
+        now = time.monotonic()
         self.rates.step(snap.processed, now)
+        line = stats.summary(snap)
+        setproctitle.setproctitle(f"msgd: master -c {config.path} {line}")
+        interval = config.daemon.stats_log_interval
+        if interval and now >= self.next_log:
+            self.next_log = now + interval
+            self.log_event(snap)
+        if now >= self.next_status:
+            self.next_status = now + STATUS_EVERY
+            notify.status(line)
+
+    def log_event(self, snap: Snapshot) -> None:
+        """The `stats` event: the snapshot's fields, less the histogram's fixed bounds."""
+        fields = msgspec.to_builtins(snap)
+        del fields["histogram_bounds_s"]
+        self.log.info("stats", **fields)
 
     @staticmethod
     def queue_totals(snap: Snapshot) -> dict[str, Totals]:

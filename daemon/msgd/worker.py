@@ -72,7 +72,8 @@ class Worker:
     def run(self) -> None:
         """The process body; returns when the worker has stopped cleanly."""
         set_parent_death_signal()
-        if os.getppid() != multiprocessing.parent_process().pid:  # the master died first: it
+        parent = multiprocessing.parent_process()
+        if parent is None or os.getppid() != parent.pid:  # the master died first: it
             # was reaped by init or by a subreaper, so not "ppid 1" (containers, systemd --user)
             return
         signal.signal(signal.SIGTERM, lambda *_: self.stop())
