@@ -152,7 +152,7 @@ class HttpListener:
     def address(self) -> str:
         return address(self.sock) if self.sock is not None else ""
 
-    def writer(self, slot: int) -> Any:
+    def writer(self, slot: int) -> NullWriter:
         """A worker's event writer: a real one only while a listener can read it."""
         if self.rings is None or self.sock is None:
             return NullWriter()

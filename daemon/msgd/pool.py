@@ -27,7 +27,7 @@ from msgd.backend import Death, Outcome, Settled, open_store
 from msgd.burst import BurstFlags
 from msgd.config import Config
 from msgd.counters import Counters, QueueIndex, Running, running
-from msgd.events import NullWriter
+from msgd.events import NullWriter, no_events
 from msgd.worker import DUMP_SIGNAL, Word, Worker
 
 FAST_DEATH = 1.0  # a worker dying sooner than this after its start is respawned with backoff
@@ -75,7 +75,7 @@ class Pool:
         self.index = index
         self.flags = flags
         self.close_in_child = close_in_child
-        self.events: Callable[[int], Any] = NullWriter  # http: a slot's event writer
+        self.events: Callable[[int], NullWriter] = no_events  # http: a slot's event writer
         self.size = config.daemon.workers
         self.workers: dict[int, WorkerHandle] = {}  # slot -> live worker
         self.retired: set[WorkerHandle] = set()  # retiring workers whose slots are being freed
