@@ -44,6 +44,7 @@ BACKLOG = 1000  # frames a subscriber may fall behind before its oldest are drop
 FLUSH_WAIT = 1.0  # seconds a stopping listener gives subscribers to take their backlog
 NICE = 10  # the listener yields the CPU to the workers
 ACTIONS = ("reload", "stats", "burst")
+EVENT_FRAME = '{"topic": "event"'  # how an event frame starts (json.dumps of _event_frame)
 
 
 class BadFrame(Exception):
@@ -74,9 +75,8 @@ class Subscriber:
         self.task = asyncio.create_task(self.pump())
 
     def push(self, frame: str) -> None:
-        if len(self.backlog) >= BACKLOG:
-            self.backlog.popleft()
-            self.missed += 1
+        if len(self.backlog) >= BACKLOG and self.backlog.popleft().startswith(EVENT_FRAME):
+            self.missed += 1  # (a stats frame dropped is not an event missed)
         self.backlog.append(frame)
         self.wake.set()
 
@@ -102,6 +102,9 @@ class Subscriber:
 
 
 class Listener:
+    """The listener process's state: the settings of the last reload, the rings' reader, the
+    subscribers, the last stats snapshot, the stores sends go to."""
+
     def __init__(self, settings: Settings, rings: Rings) -> None:
         self.settings = settings
         self.reader = Reader(rings)
@@ -159,7 +162,10 @@ class Listener:
         path = urlsplit(request.path).path
         if path == "/ws":
             origin = request.headers.get("Origin")
-            if origin and urlsplit(origin).netloc != request.headers.get("Host", ""):
+            if (
+                origin
+                and urlsplit(origin).netloc.lower() != request.headers.get("Host", "").lower()
+            ):
                 return connection.respond(403, "Origin not allowed\n")
             return None  # on to the WebSocket handshake
         if path == "/":
@@ -176,22 +182,21 @@ class Listener:
 
     # -- the feed --------------------------------------------------------------------------------
 
-    def read_stats(self) -> bool:
-        """Whether the stats file changed since the last look (then self.snapshot is fresh)."""
+    def read_stats(self) -> None:
+        """Take the stats file again if it changed since the last look."""
         try:
             mtime = os.stat(self.settings.config.daemon.stats_file).st_mtime_ns
         except OSError:
-            return False
+            return
         if mtime == self.stats_mtime:
-            return False
+            return
         try:
             with open(self.settings.config.daemon.stats_file, "rb") as f:
                 raw = f.read()
             snap = msgspec.json.decode(raw, type=stats.Snapshot)
         except (OSError, msgspec.DecodeError):
-            return False
+            return  # half a rename away: the next look takes it
         self.snapshot, self.snapshot_json, self.stats_mtime = snap, raw, mtime
-        return True
 
     async def feed_stats(self) -> None:
         while True:
