@@ -41,9 +41,13 @@ test-all: $(STAMP) system-deps
 SYSTEM_PROGRAMS := redis-server:redis-server logrotate:logrotate \
   rabbitmq-server:rabbitmq-server systemd-nspawn:systemd-container fusermount3:fuse3 \
   chromium:chromium prometheus:prometheus
+# Libraries, as library:Debian package: libfuse 2, which fusepy (the power-cut disk's server) loads.
+SYSTEM_LIBRARIES := libfuse.so.2:libfuse2
 system-deps:
 	@missing=""; for p in $(SYSTEM_PROGRAMS); do \
 	  command -v $${p%%:*} >/dev/null || missing="$$missing $${p#*:}"; done; \
+	for l in $(SYSTEM_LIBRARIES); do \
+	  ldconfig -p | grep -q "$${l%%:*}" || missing="$$missing $${l#*:}"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \

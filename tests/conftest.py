@@ -20,6 +20,7 @@ import msgd
 import pytest
 from msgd.config import DaemonConfig, QueueConfig
 from msgd.spool import SpoolStore
+from rabbitkit import rabbit  # noqa: F401  (the session's RabbitMQ node, a fixture)
 
 TESTS = Path(__file__).parent
 BIN = Path(sys.executable).parent
@@ -173,10 +174,13 @@ class Msgd:
             self.wait_ready()
 
     def wait_ready(self) -> None:
+        """Ready: the state file is there and is this daemon's (not one a killed daemon left)."""
+
         def ready() -> bool:
-            if self.proc is not None and self.proc.poll() is not None:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
                 raise AssertionError(f"msgd exited {self.proc.returncode}: {self.stderr()}")
-            return self.state_file.exists()
+            return self.state().get("pid") == self.proc.pid
 
         wait_for(ready, 15, "msgd to be ready")
 

@@ -33,7 +33,7 @@ def noop(message: msgd.Message) -> None:
 
 def by_body(message: msgd.Message) -> None:
     """The body says what to do: b"ok", b"fail", b"fail-once", b"reject", b"sleep:<s>",
-    b"abort", b"exit:<n>", b"hang", b"leak:<mb>", b"segv"."""
+    b"abort", b"exit:<n>", b"hang", b"leak:<mb>", b"segv", b"until:<path>" (wait for a file)."""
     body = message.body
     _append("started", f"{message.id} {message.attempt}")
     if body == b"fail" or (body == b"fail-once" and message.attempt == 1):
@@ -42,6 +42,8 @@ def by_body(message: msgd.Message) -> None:
         raise msgd.Reject("not acceptable")
     if body.startswith(b"sleep:"):
         time.sleep(float(body[6:]))
+    while body.startswith(b"until:") and not os.path.exists(body[6:]):
+        time.sleep(0.005)
     if body == b"abort":
         os.abort()
     if body == b"segv":
@@ -109,3 +111,35 @@ def pid_after_a_while(message: msgd.Message) -> None:
     time.sleep(0.2)
     _append("pids", f"{message.id} {os.getpid()}")
     _append("succeeded", message.id)
+
+
+def keep(message: msgd.Message) -> None:
+    """Succeed, keeping the body as bodies/<id> (the power-loss tests compare it byte for byte).
+    Written aside and renamed: a worker stopped mid-write leaves no partial body behind."""
+    path = os.path.join(OUT, "bodies")
+    os.makedirs(path, exist_ok=True)
+    aside = os.path.join(path, f".{message.id}.{os.getpid()}")
+    with open(aside, "wb") as f:
+        f.write(message.body)
+    os.replace(aside, os.path.join(path, message.id))
+
+
+def keep_slowly(message: msgd.Message) -> None:
+    """`keep`, after 10 ms of work: a message stays claimed long enough to be caught claimed."""
+    time.sleep(0.01)
+    keep(message)
+
+
+def together(message: msgd.Message) -> None:
+    """Succeed only once int(body) runs have arrived here at the same time (10 s at most): a
+    queue's `threads` running side by side in one worker."""
+    _append("arrived", message.id)
+    deadline = time.monotonic() + 10
+    path = os.path.join(OUT, "arrived")
+    while time.monotonic() < deadline:
+        with open(path) as f:
+            if len(f.read().split()) >= int(message.body):
+                _append("succeeded", message.id)
+                return
+        time.sleep(0.01)
+    raise RuntimeError("ran alone")

@@ -151,6 +151,7 @@ def test_second_instance_is_refused(daemon: Msgd) -> None:
 def test_stale_pidfile_is_taken_over(daemon: Msgd) -> None:
     daemon.pidfile.parent.mkdir(parents=True, exist_ok=True)
     daemon.pidfile.write_text("999999\n")
+    daemon.state_file.write_text('{"pid": 999999}')  # a killed daemon leaves both
     daemon.start()
     assert daemon.pid == daemon.proc.pid
     warnings = daemon.events("stale pidfile taken over")
@@ -213,6 +214,17 @@ def test_daemon_mode_detaches_and_msgctl_stops_it(daemon: Msgd) -> None:
     finally:  # a failed assertion must not leave a detached daemon behind
         if alive(pid):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_daemon_mode_reports_a_start_error_of_the_detached_daemon(daemon: Msgd) -> None:
+    """The spool is made only once detached (the config itself is valid): the error comes back
+    to the command as its one line, with exit 1, and no daemon is left running."""
+    (daemon.root / "spool").write_text("a file where the spool directory must go")
+    assert run_msgd("-c", str(daemon.config_path), "--check").returncode == 0
+    done = run_msgd("-c", str(daemon.config_path), "--daemon")
+    assert done.returncode == 1
+    assert done.stderr.startswith("msgd: daemon.spool: ") and done.stderr.count("\n") == 1, done
+    assert daemon.msgctl("status").returncode != 0  # nobody holds the pidfile's lock
 
 
 # -- signals and acknowledgements -----------------------------------------------------------------
@@ -283,9 +295,55 @@ def test_signal_storm_never_loses_the_hup(daemon: Msgd) -> None:
         os.kill(pid, signal.SIGHUP if i == 5_000 else signal.SIGUSR1)
     wait_for(lambda: daemon.generation("reload") == 1, what="the HUP sent mid-storm")
     gen = wait_for(lambda: daemon.generation("stats"), what="the coalesced USR1s to dump stats")
-    daemon.kill(signal.SIGUSR1)  # every action runs at least once after its last signal
+    daemon.kill(signal.SIGUSR1)  # and a signal after the storm still runs its action
     wait_for(lambda: daemon.generation("stats") > gen, what="stats after the storm")
     assert daemon.proc.poll() is None
+
+
+GATED = """# A handler whose import waits at a numbered gate, in the master's config check only.
+import os, time
+from pathlib import Path
+
+GATE = Path(os.environ["MSGD_TEST_OUT"]) / "gate"
+if GATE.is_dir() and Path("/proc/self/cmdline").read_bytes().startswith(b"msgd: master"):
+    N = len(list(GATE.glob("arrived.*"))) + 1
+    (GATE / f"arrived.{N}").touch()
+    while not (GATE / f"open.{N}").exists():
+        time.sleep(0.005)
+
+
+def handle(message):
+    pass
+"""
+
+
+def test_signals_during_an_action_make_exactly_one_more_run(daemon: Msgd, tmp_path: Path) -> None:
+    """50 HUPs that arrive while a reload runs make exactly one more reload: not none, not one
+    each. Each reload's handler check is held at a gate until the test opens it."""
+    (tmp_path / "gated.py").write_text(GATED)
+    daemon.daemon["pythonpath"] = [str(tmp_path)]
+    daemon.queues["default"] = {"handler": "gated:handle"}
+    daemon.write_config()
+    daemon.start()
+    gate = daemon.out / "gate"
+    gate.mkdir()
+    daemon.kill(signal.SIGHUP)
+    wait_for((gate / "arrived.1").exists, what="the first reload held at the gate")
+    for _ in range(50):
+        daemon.kill(signal.SIGHUP)
+    (gate / "open.1").touch()
+    wait_for((gate / "arrived.2").exists, what="one more reload")
+    (gate / "open.2").touch()
+    wait_for(lambda: daemon.generation("reload") == 2, what="both reloads acknowledged")
+    # One more HUP: a third reload must be its doing, so it begins after it was sent (a third
+    # run owed to the storm would have begun as soon as the second ended).
+    sent = time.monotonic()
+    daemon.kill(signal.SIGHUP)
+    wait_for((gate / "arrived.3").exists, what="the reload of the last HUP")
+    (gate / "open.3").touch()
+    wait_for(lambda: daemon.generation("reload") == 3, what="the third reload acknowledged")
+    assert daemon.state()["last"]["reload"]["began_monotonic"] > sent, "a run nobody asked for"
+    assert not (gate / "arrived.4").exists()
 
 
 def test_hundred_hups_leave_a_coherent_daemon(daemon: Msgd) -> None:
@@ -320,6 +378,17 @@ def test_msgctl_status_pid_and_exit_codes(daemon: Msgd) -> None:
     assert daemon.msgctl("pid").stdout.strip() == str(daemon.pid)
     usage = daemon.msgctl("frobnicate")
     assert usage.returncode == 2
+
+
+def test_msgctl_status_is_1_when_the_daemon_died_and_left_its_pidfile(daemon: Msgd) -> None:
+    daemon.start()
+    pid = daemon.pid
+    daemon.proc.kill()  # kill -9: no clean-up, the pidfile stays behind (unlocked)
+    daemon.wait_exit()
+    status = daemon.msgctl("status")
+    assert status.returncode == 1
+    said = status.stdout + status.stderr
+    assert "stale pidfile" in said and f"pid {pid}" in said, said
 
 
 def test_msgctl_finds_the_daemon_while_the_config_is_broken(daemon: Msgd) -> None:
@@ -375,6 +444,20 @@ def test_msgctl_stop_waits_for_exit(daemon: Msgd) -> None:
     assert daemon.proc.poll() == 0
 
 
+def test_msgctl_stop_now_returns_in_flight_messages_untouched(daemon: Msgd) -> None:
+    daemon.queues["default"] = {"handler": "handlers:by_body"}
+    daemon.write_config()
+    daemon.start()
+    pid = daemon.pid
+    mid = daemon.send(b"sleep:30")
+    wait_for((daemon.out / "started").exists, what="the message started")
+    done = daemon.msgctl("stop", "--now")
+    assert done.returncode == 0 and f"stopped (pid {pid})" in done.stdout, done
+    assert daemon.proc.poll() == 0
+    assert [e["mode"] for e in daemon.events("stopping")] == ["now"]
+    assert daemon.files("default", "new") == [mid]  # back, its attempt not counted
+
+
 def test_root_without_user_is_refused(daemon: Msgd) -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root")
@@ -387,10 +470,20 @@ def test_root_without_user_is_refused(daemon: Msgd) -> None:
 
 def test_state_file_is_valid_json_throughout(daemon: Msgd) -> None:
     daemon.start()
+    files = (daemon.state_file, daemon.root / "run/stats.json")
+    readers = [open(p, "rb") for p in files]  # noqa: SIM115 - readers caught mid-read
+    seen = [r.read() for r in readers]
     for _ in range(20):
         daemon.kill(signal.SIGUSR1)
-        json.loads(daemon.state_file.read_text())  # atomic rewrites: never a partial file
+        json.loads(daemon.state_file.read_text())
     wait_for(lambda: daemon.generation("stats") >= 1, what="stats ack")
+    # Atomic rewrites: each one is a new file renamed into place, so a reader that opened the
+    # old one still reads it whole, never a truncated or half-written file.
+    for path, reader, old in zip(files, readers, seen, strict=True):
+        with reader:
+            assert os.fstat(reader.fileno()).st_ino != os.stat(path).st_ino, f"{path} in place"
+            reader.seek(0)
+            assert reader.read() == old and json.loads(old)
 
 
 def test_pidfile_lock_is_held(daemon: Msgd) -> None:

@@ -124,7 +124,6 @@ def test_kill9_worker_with_ack_pending_is_not_rerun(daemon: Msgd) -> None:
     wait_for(lambda: daemon.events("worker exited"), what="the death noticed")
     wait_for(lambda: not list(cur.iterdir()), what="cur/0 settled")
     tally = Tally(daemon, sent=[*ids, done_id])
-    time.sleep(0.2)
     tally.check("kill -9 worker after success, before unlink", 1)
     assert daemon.events("worker exited")[0]["finished"] == 1
 
@@ -393,7 +392,11 @@ def test_unwritable_run_directory_does_not_stop_timekeeping(daemon: Msgd) -> Non
     blocker = daemon.root / "run" / f"stats.json.tmp.{daemon.pid}"
     blocker.mkdir()  # atomic_write's temporary name is taken by a directory: every write fails
     (blocker / "x").write_text("")
-    time.sleep(1.2)  # at least one failed stats rewrite
+
+    def failed() -> list[dict]:
+        return [e for e in daemon.events("periodic duty failed") if e["duty"] == "stats file"]
+
+    wait_for(failed, 5, "a stats rewrite to fail")
     tally = Tally(daemon)
     tally.add(daemon.store().send_many([b"fail-once"]))  # needs a due retry released
     tally.add(daemon.store().send_many([b"hang"]), fail=True)  # needs the timeout enforced
@@ -401,6 +404,8 @@ def test_unwritable_run_directory_does_not_stop_timekeeping(daemon: Msgd) -> Non
     assert daemon.proc.poll() is None
     (blocker / "x").unlink()
     blocker.rmdir()
+    wait_for(lambda: daemon.events("periodic duty recovered"), 5, "the stats file rewritten")
+    assert len(failed()) == 1  # logged once while it lasted, not every second
     tally.check("stats file unwritable", 1)
 
 

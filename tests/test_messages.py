@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import stat
 from pathlib import Path
 
 import pytest
 from conftest import Msgd, wait_for
+from faultkit import title
 
 
 def use(daemon: Msgd, handler: str, **queue: object) -> None:
@@ -182,6 +184,21 @@ def test_retry_failed_gives_dead_letters_a_fresh_start(daemon: Msgd) -> None:
     assert daemon.msgctl("retry-failed", "default", "../../etc").returncode == 1
 
 
+def test_retry_failed_without_ids_moves_every_dead_letter(daemon: Msgd) -> None:
+    use(daemon, "handlers:by_body", max_attempts=1)
+    daemon.start()
+    ids = daemon.send_many([b"fail"] * 3)
+    wait_for(lambda: len(daemon.files("default", "failed")) == 6, what="3 dead letters, 3 records")
+    for _ in range(2):  # no worker left to take them again
+        assert daemon.msgctl("scale", "down").returncode == 0
+    wait_for(lambda: not daemon.workers(), what="no workers")
+    done = daemon.msgctl("retry-failed", "default")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("3 message(s) back in default")
+    assert daemon.files("default", "new") == sorted(ids)  # bare ids: no attempt counted
+    assert daemon.files("default", "failed") == []  # their error records gone with them
+
+
 @pytest.mark.parametrize(("code", "outcome"), [(0, "succeeded"), (65, "failed"), (3, "retried")])
 def test_command_handler_exit_codes(daemon: Msgd, code: int, outcome: str) -> None:
     script = (
@@ -236,6 +253,25 @@ def test_kill_9_of_a_worker_retries_its_message_and_replaces_it(daemon: Msgd) ->
     daemon.kill(signal.SIGQUIT)
     assert daemon.wait_exit() == 0
     assert daemon.files("default", "new")[0].startswith(f"{mid}@1")  # returned, attempt kept
+
+
+def test_term_to_one_worker_stops_it_alone_and_the_master_replaces_it(daemon: Msgd) -> None:
+    use(daemon, "handlers:by_body")
+    gate = daemon.out / "gate"
+    mid = send_and_await_start(daemon, b"until:%s" % bytes(gate))
+    (busy,) = wait_for(
+        lambda: [w for w in daemon.workers() if " busy " in title(w)], what="the busy worker"
+    )
+    (other,) = [w for w in daemon.workers() if w != busy]
+    os.kill(busy, signal.SIGTERM)
+    gate.touch()  # the message in hand may finish
+    exited = wait_for(lambda: daemon.events("worker exited"), what="the worker's exit")
+    assert (exited[0]["pid"], exited[0]["how"]) == (busy, "exit status 0")  # a clean stop
+    wait_for(lambda: len(daemon.workers()) == 2, what="a replacement")
+    assert busy not in daemon.workers() and other in daemon.workers()
+    assert daemon.succeeded() == [mid]  # the message in hand finished, not retried
+    assert (daemon.out / "started").read_text() == f"{mid} 1\n"
+    assert len(daemon.events("worker exited")) == 1 and daemon.proc.poll() is None
 
 
 def test_a_message_that_kills_workers_ends_in_failed(daemon: Msgd) -> None:
@@ -345,6 +381,82 @@ def test_burst_reports_failures(daemon: Msgd) -> None:
     daemon.send_many([b"ok", b"reject", b"ok"], queue="nightly")
     done = daemon.msgctl("burst", "--wait")
     assert done.stdout.strip() == "burst done: 2 succeeded, 0 retried, 1 failed"
+
+
+def test_messages_are_worked_oldest_first(daemon: Msgd) -> None:
+    daemon.daemon["workers"] = 0
+    daemon.write_config()
+    daemon.start()
+    ids = [daemon.send(b"x") for _ in range(30)]  # one by one: each its own enqueue time
+    assert ids == sorted(ids)
+    # Back into new/ in a shuffled order, so that no directory order matches the enqueue order.
+    spool = daemon.root / "spool" / "default"
+    for mid in ids:
+        os.rename(spool / "new" / mid, spool / "tmp" / mid)
+    for mid in random.sample(ids, len(ids)):
+        os.rename(spool / "tmp" / mid, spool / "new" / mid)
+    assert daemon.msgctl("scale", "up").returncode == 0
+    daemon.wait_processed(30)
+    assert daemon.succeeded() == ids
+
+
+SELECT_CALLS = {"x86_64": {23, 270}, "aarch64": {72}}  # select, pselect6
+IN_MOVED_TO = 0x80
+
+
+def inotify_watching(pid: int, directory: Path) -> int | None:
+    """The descriptor of `pid` that is an inotify instance watching arrivals in `directory`."""
+    ino = os.stat(directory).st_ino
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:  # a descriptor may close while we look
+            if os.readlink(f"/proc/{pid}/fd/{fd}") != "anon_inode:inotify":
+                continue
+            info = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
+        except OSError:
+            continue
+        for line in info.splitlines():
+            if line.startswith("inotify "):  # inotify wd:1 ino:3b4c sdev:fd00001 mask:88 ...
+                watch = dict(field.split(":", 1) for field in line.split()[1:])
+                if int(watch["ino"], 16) == ino and int(watch["mask"], 16) & IN_MOVED_TO:
+                    return int(fd)
+    return None
+
+
+def asleep_on(pid: int, fd: int) -> bool:
+    """Whether a thread of `pid` is blocked in select() on `fd` with no timeout: it sleeps
+    until `fd` (or another descriptor of the set) turns readable, however long that takes."""
+    calls = SELECT_CALLS[os.uname().machine]
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:  # syscall: number, six arguments (hex), stack and instruction pointers
+            nr, _, readfds, _, _, timeout = (
+                Path(f"/proc/{pid}/task/{tid}/syscall").read_text().split()[:6]
+            )
+        except (OSError, ValueError):
+            continue  # gone, or "running"
+        if not nr.isdigit() or int(nr) not in calls or int(timeout, 16) != 0:
+            continue
+        with open(f"/proc/{pid}/mem", "rb") as mem:  # the fd_set the thread passed
+            mem.seek(int(readfds, 16) + fd // 8)
+            if mem.read(1)[0] & (1 << fd % 8):
+                return True
+    return False
+
+
+def test_an_idle_worker_is_woken_by_inotify_not_a_poll(daemon: Msgd) -> None:
+    """The worker sleeps in select() without a timeout on its inotify watch of new/: nothing
+    but inotify can wake it, so a message sent then and worked proves inotify did."""
+    if os.uname().machine not in SELECT_CALLS:
+        pytest.skip(f"select's syscall numbers on {os.uname().machine} are not listed here")
+    daemon.daemon["workers"] = 1
+    daemon.write_config()
+    daemon.start()
+    (worker,) = wait_for(daemon.workers, what="the worker")
+    new = daemon.root / "spool" / "default" / "new"
+    fd = wait_for(lambda: inotify_watching(worker, new), what="an inotify watch on new/")
+    wait_for(lambda: asleep_on(worker, fd), what="the worker asleep on it, with no timeout")
+    mid = daemon.send(b"wake up")
+    daemon.wait_processed(1)
+    assert daemon.succeeded() == [mid] and daemon.workers() == [worker]
 
 
 def test_threads_run_handlers_concurrently(daemon: Msgd) -> None:

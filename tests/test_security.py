@@ -97,6 +97,11 @@ def test_files_are_0600_and_directories_0700_by_default(daemon: Msgd) -> None:
     assert (spool / "default" / "failed" / f"{ids[0]}.error.json") in files
     assert any(p.name.startswith("dump.") for p in files)  # the workers' traceback files
     assert {str(p.relative_to(spool)): oct(mode(p)) for p in files if mode(p) != 0o600} == {}
+    # The run directory (pidfile, state and stats files, rewritten every second) and the log.
+    run = daemon.root / "run"
+    assert oct(mode(run)) == oct(0o700)
+    made = {p.name: oct(mode(p)) for p in [*run.iterdir(), daemon.root / "msgd.log"]}
+    assert made == dict.fromkeys(["msgd.pid", "msgd.state", "stats.json", "msgd.log"], oct(0o600))
 
 
 def test_privileges_drop_to_the_configured_user(tmp_path: Path) -> None:
@@ -173,22 +178,32 @@ BAIT = [
 ]
 
 
-def test_command_handlers_get_the_body_on_stdin_never_a_shell(daemon: Msgd) -> None:
+ARG_BAIT = ["$(touch PWNED7)", "`touch PWNED8`", "; touch PWNED9 #", "' \" | touch PWNED0", "*"]
+
+
+def test_command_handlers_get_the_body_on_stdin_never_a_shell(
+    daemon: Msgd, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The configured argv is executed as it is, the body goes to stdin: no bait in either one
+    reaches a shell. (The program here is a shell the config names: its script quotes "$@".)"""
     bodies = daemon.out / "bodies"
-    daemon.queues["default"] = {"command": ["tee", "-a", str(bodies)], "handler": ""}
+    script = 'cat >> "$0" && printf "%s\\n" "$@" > "$0.argv"'
+    daemon.queues["default"] = {
+        "command": ["sh", "-c", script, str(bodies), *ARG_BAIT],
+        "handler": "",
+        "max_attempts": 1,
+    }
     daemon.write_config()
-    os.chdir(daemon.root)
+    monkeypatch.chdir(daemon.root)  # where a shell's `touch` would land
     daemon.start()
     ids = daemon.send_many(BAIT)
-    wait_for(
-        lambda: bodies.exists() and len(bodies.read_bytes()) == sum(map(len, BAIT)),
-        what="every body through the command",
-    )
-    wait_for(lambda: not daemon.files("default", "cur"), what="settled")
-    assert sorted(bodies.read_bytes()) == sorted(b"".join(BAIT))  # bytes intact, none lost
-    for place in (daemon.root, daemon.out, Path("/"), Path.cwd()):
+    wait_for(lambda: daemon.stats().get("processed") == len(BAIT), what="every message worked")
+    for place in (daemon.root, daemon.out, Path("/")):
         assert not list(place.glob("PWNED*")), place
-    assert len(ids) == len(BAIT) and not daemon.files("default", "failed")
+    assert not daemon.files("default", "failed")
+    assert sorted(bodies.read_bytes()) == sorted(b"".join(BAIT))  # bytes intact, none lost
+    assert (daemon.out / "bodies.argv").read_text().splitlines() == ARG_BAIT
+    assert len(ids) == len(BAIT)
 
 
 def test_exception_text_is_recorded_verbatim_never_formatted(daemon: Msgd) -> None:

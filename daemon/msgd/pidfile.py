@@ -37,10 +37,10 @@ class Pidfile:
         locked before it is renamed into place, so readers never see a partial pid and the lock
         is never let go between the two. A symlink at `path` is refused, not followed.
         """
-        make_dirs(os.path.dirname(self.path), 0o755)
+        make_dirs(os.path.dirname(self.path), 0o700)
         flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
         while True:
-            fd = os.open(self.path, flags, 0o644)
+            fd = os.open(self.path, flags, 0o600)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -53,7 +53,7 @@ class Pidfile:
         tmp = f"{self.path}.{os.getpid()}"
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        self.fd = os.open(tmp, flags | os.O_EXCL, 0o644)
+        self.fd = os.open(tmp, flags | os.O_EXCL, 0o600)
         fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         os.write(self.fd, f"{os.getpid()}\n".encode())
         os.rename(tmp, self.path)
@@ -147,7 +147,7 @@ class StateFile:
         return self.data["generations"][action]
 
     def write(self) -> None:
-        atomic_write(self.path, json.dumps(self.data, indent=1).encode(), 0o644)
+        atomic_write(self.path, json.dumps(self.data, indent=1).encode(), 0o600)
 
     def remove(self) -> None:
         with contextlib.suppress(FileNotFoundError):

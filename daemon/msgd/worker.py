@@ -100,9 +100,9 @@ class Worker:
                 runner_no += 1
         if len(runners) > 1:
             self.counters.shared_by_threads()
+        self.title("idle")  # before the runners: a runner's "busy" must not be overwritten
         for t in runners:
             t.start()
-        self.title("idle")
         self.listen()
         for t in runners:
             t.join()

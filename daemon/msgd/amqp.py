@@ -1,0 +1,806 @@
+"""Queues kept by a RabbitMQ broker, reached through pika, so that several daemons share them.
+
+    <amqp_queue>               the queue: classic, durable, x-max-priority 9; persistent messages
+    <amqp_queue>.delay.<ms>    one per backoff delay: x-message-ttl <ms>, dead-lettered back
+                               (exchange "", routing key <amqp_queue>) when the time is up
+    <amqp_queue>.failed        dead letters: the original body and properties, the error in headers
+
+Every producer and worker declares these queues with exactly the same arguments (a publish to a
+queue nobody declared would be dropped, and a declaration with other arguments is refused with
+406). Messages are published persistent, with `mandatory` and publisher confirms: `send_many`
+returns ids only once the broker confirmed every message. Each carries its msgd id as the AMQP
+message_id and the attempts done before it in the header x-msgd-attempts (an integer).
+
+Workers consume with manual acknowledgement, sent after the handler returned. A pika connection is
+not thread-safe, so each inbox has one I/O thread that owns its connection and channel: it pumps
+the connection (heartbeats go on while a handler runs for minutes), hands deliveries to the runner
+threads, and performs their acknowledgements and publishes (`add_callback_threadsafe`, waiting
+for the result). A continuous queue consumes with `basic_qos(prefetch or threads)`; a burst-mode
+queue takes one message per claim with basic.get, whose "empty" is the broker's own word that the
+queue is drained. A delivery tag belongs to its channel: after a reconnect, a message taken
+before it is never acknowledged on the new channel; the broker redelivers it (a duplicate, which
+at-least-once allows).
+
+The attempt rule. Classic queues do not count deliveries; they only flag a message `redelivered`
+when it comes back unacknowledged: its worker or daemon was killed, its connection was lost, or the
+broker restarted while it was delivered. msgd charges that as a failed attempt: a worker that
+receives a redelivered message does not run it, but settles it as a failure (error_type
+"Redelivered") - retried after the queue's backoff, or a dead letter once out of attempts. So a
+message that kills its workers ends in <amqp_queue>.failed after max_attempts deliveries, as on the
+spool; the price is that the innocent ones delivered with it are charged too (at most the prefetch
+of the worker that died, also when the master killed it for a timeout, a QUIT or a TERM past the
+grace period; every unacknowledged message on a broker restart), and that a dead letter made so
+says "Redelivered", not why the worker died. A worker that stops cleanly (drain, reload) gives back
+the deliveries it had not begun uncharged: it cancels its consumer, publishes them again with the
+same attempts and acknowledges the originals (only a delivery that crosses the cancel on the wire
+is requeued by pika, and charged). These charges are not in the daemons' retried/failed counters
+(no daemon saw that run end).
+
+Retries go to the delay queue of their backoff (confirmed, then the original is acknowledged), so
+no runner is held while a retry waits. RabbitMQ's dead-lettering out of a classic queue is not
+confirmed: a broker crash at the instant a delay expires may lose that one retry.
+
+A dead letter keeps its body and message_id; the header x-msgd-error holds the error record as
+JSON (id, queue, attempts, failed_at, error_type, error, traceback...). `retry_failed` publishes
+dead letters back to the queue with no attempts counted and acknowledges them.
+
+What the master sees without the management plugin: queue.declare's ready counts of the queue,
+its delay queues and .failed. `cur` (delivered, not yet acknowledged) is what this daemon's
+workers hold, counted in shared memory set up before the workers fork; other daemons' are not
+known. A burst is worked when the queue has no ready message and this daemon's workers hold
+none, on two looks at least BURST_LOOK apart: exact for a burst-mode queue (a worker counts a
+message before it asks the broker for it), and for a continuous queue but for a delivery still
+on the wire at the instant of the check.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import multiprocessing
+import os
+import select
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import pika
+import pika.exceptions
+from pika.adapters.blocking_connection import BlockingChannel
+
+from msgd.backend import BackendError, BurstMark, Death, Depths, Outcome, Settled
+from msgd.handlers import Message
+from msgd.spool import new_id
+
+if TYPE_CHECKING:
+    from msgd.config import DaemonConfig, QueueConfig
+
+T = TypeVar("T")
+ATTEMPTS = "x-msgd-attempts"  # header: attempts done before this delivery
+ERROR = "x-msgd-error"  # header of a dead letter: its error record, JSON
+# Never change these: the broker refuses a queue declared again with other arguments (406). The
+# type is explicit, so a vhost whose default queue type is quorum still gets a classic queue.
+CLASSIC = {"x-queue-type": "classic"}
+QUEUE_ARGUMENTS = {**CLASSIC, "x-max-priority": 9}
+CONNECT_TIMEOUT = 5.0  # seconds
+TICK = 0.1  # seconds the I/O thread pumps the connection between looks at its stop fd
+WAIT = 0.5  # seconds a runner's wait lasts at most
+BACKOFF = (0.1, 5.0)  # first and longest wait between attempts to reach the broker
+BURST_LOOK = 0.2  # seconds between the two looks that find a burst worked
+SLOTS = 1024  # cells of the per-slot held counts (worker slots are small numbers)
+MAX_ERROR_TEXT = 8000  # characters of an error text and a traceback kept in a dead letter
+BROKER_ERRORS = (pika.exceptions.AMQPError, OSError)
+logging.getLogger("pika").setLevel(logging.CRITICAL)  # msgd logs an outage itself, once
+
+REDELIVERED = {
+    "error_type": "Redelivered",
+    "error": "delivered before and never acknowledged: its worker or daemon died, its "
+    "connection was lost, or the broker restarted",
+}
+
+
+def safe_url(url: str) -> str:
+    """The URL without its password, for logs and errors."""
+    scheme, sep, rest = url.partition("://")
+    return f"{scheme}{sep}{rest.rpartition('@')[2]}"
+
+
+def describe(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+
+
+# -- the queues and their messages -----------------------------------------------------------------
+
+
+class Names:
+    """The broker queues of one msgd queue, each with the arguments every msgd declares it with."""
+
+    def __init__(self, queue: str, policy: QueueConfig) -> None:
+        self.main = policy.amqp_queue or f"msgd.{queue}"
+        self.failed = f"{self.main}.failed"
+        self.delays = sorted({ms for ms in map(_ms, policy.backoff) if ms > 0})
+        self.arguments: dict[str, dict[str, Any]] = {
+            self.main: QUEUE_ARGUMENTS,
+            self.failed: CLASSIC,
+        }
+        for ms in self.delays:
+            self.arguments[self.delay(ms)] = {
+                **CLASSIC,
+                "x-message-ttl": ms,
+                "x-dead-letter-exchange": "",
+                "x-dead-letter-routing-key": self.main,
+            }
+
+    def delay(self, ms: int) -> str:
+        """Where a retry waits `ms` before it returns: the main queue itself for no delay."""
+        return f"{self.main}.delay.{ms}" if ms > 0 else self.main
+
+    def declare(self, channel: BlockingChannel) -> None:
+        """Create what is missing."""
+        for name in self.arguments:
+            self.ready(channel, name)
+
+    def ready(self, channel: BlockingChannel, name: str) -> int:
+        """Messages waiting in one of these queues (declared again: never a 404, and a 406 if
+        someone else's queue has the name)."""
+        ok = channel.queue_declare(name, durable=True, arguments=self.arguments[name])
+        return int(ok.method.message_count)
+
+
+def _ms(seconds: float) -> int:
+    return round(seconds * 1000)
+
+
+def publish(
+    channel: BlockingChannel,
+    routing_key: str,
+    mid: str,
+    body: bytes,
+    attempts: int,
+    error: str | None = None,
+) -> None:
+    """One persistent message, confirmed by the broker before this returns (the channel is in
+    confirm mode); `mandatory`, so that a queue that does not exist is an error, not a loss."""
+    headers: dict[str, Any] = {ATTEMPTS: attempts}
+    if error is not None:
+        headers[ERROR] = error
+    properties = pika.BasicProperties(
+        message_id=mid, delivery_mode=2, headers=headers, timestamp=int(time.time())
+    )
+    channel.basic_publish("", routing_key, body, properties, mandatory=True)
+
+
+@dataclass
+class Delivery:
+    """A message as the broker delivered it to one channel generation of an inbox."""
+
+    generation: int
+    tag: int
+    mid: str
+    attempts: int  # done before this delivery
+    body: bytes
+    timestamp: float
+
+    @classmethod
+    def of(
+        cls, generation: int, method: Any, properties: pika.BasicProperties, body: bytes
+    ) -> Delivery:
+        headers = properties.headers or {}
+        try:
+            attempts = max(0, int(headers.get(ATTEMPTS, 0)))
+        except (TypeError, ValueError):
+            attempts = 0
+        return cls(
+            generation,
+            method.delivery_tag,
+            properties.message_id or new_id(),
+            attempts,
+            body,
+            float(properties.timestamp or time.time()),
+        )
+
+    def enqueued_at(self) -> float:
+        """msgd's ids carry the enqueue time in ns; a foreign message has its timestamp."""
+        if len(self.mid) == 24:
+            try:
+                return int(self.mid[:16], 16) / 1e9
+            except ValueError:
+                pass
+        return self.timestamp
+
+
+def error_record(queue: str, mid: str, attempt: int, error: dict[str, Any]) -> str:
+    """The JSON a dead letter carries in its x-msgd-error header (kept under a frame's size)."""
+    record = {"id": mid, "queue": queue, "attempts": attempt, "failed_at": time.time(), **error}
+    if isinstance(record.get("error"), str):
+        record["error"] = record["error"][:MAX_ERROR_TEXT]
+    if isinstance(record.get("traceback"), str):
+        record["traceback"] = record["traceback"][-MAX_ERROR_TEXT:]
+    return json.dumps(record, default=str)
+
+
+def settle_failure(
+    channel: BlockingChannel,
+    names: Names,
+    policy: QueueConfig,
+    queue: str,
+    delivery: Delivery,
+    attempt: int,
+    error: dict[str, Any],
+    permanent: bool = False,
+) -> Outcome:
+    """Publish a failed delivery to its next home (a delay queue, or .failed), confirmed; then
+    acknowledge the original. Returns RETRIED or FAILED."""
+    if permanent or attempt >= policy.max_attempts:
+        record = error_record(queue, delivery.mid, attempt, error)
+        publish(channel, names.failed, delivery.mid, delivery.body, attempt, record)
+        outcome = Outcome.FAILED
+    else:
+        ms = _ms(policy.delay(attempt))  # one of names.delays, or 0
+        publish(channel, names.delay(ms), delivery.mid, delivery.body, attempt)
+        outcome = Outcome.RETRIED
+    channel.basic_ack(delivery.tag)
+    return outcome
+
+
+# -- the held counts: what this daemon's workers hold, visible to its master -----------------------
+
+_HELD: dict[str, Any] = {}
+
+
+def held_counts(main: str) -> Any:
+    """Per worker slot, how many messages of the queue `main` that worker holds unacknowledged.
+
+    Shared memory made on first use in the master (which opens its stores before it forks the
+    workers), so the workers' counts are the master's to read.
+    """
+    if main not in _HELD:
+        _HELD[main] = multiprocessing.RawArray("q", SLOTS)
+    return _HELD[main]
+
+
+# -- the store: producers, msgctl and the master ---------------------------------------------------
+
+
+class Link:
+    """One connection and confirm-mode channel for the calls of a store, one call at a time."""
+
+    def __init__(self, queue: str, url: str, names: Names) -> None:
+        self.queue, self.url, self.names = queue, url, names
+        self._lock = threading.Lock()
+        self._connection: pika.BlockingConnection | None = None
+        self._channel: BlockingChannel | None = None
+        self._pid = 0
+
+    def run(self, operation: Callable[[BlockingChannel], T]) -> T:
+        """Run `operation` on the channel; any broker error is a BackendError naming the URL.
+
+        A connection left idle may have been dropped by the broker meanwhile (nobody pumped its
+        heartbeats): a failure on a reused connection is tried once more on a new one.
+        """
+        with self._lock:
+            if self._channel is not None:
+                try:
+                    return operation(self._open())
+                except BROKER_ERRORS:
+                    self._drop()
+            try:
+                return operation(self._open())
+            except BROKER_ERRORS as e:
+                self._drop()
+                raise BackendError(f"{self.queue}: {safe_url(self.url)}: {describe(e)}") from None
+
+    def _open(self) -> BlockingChannel:
+        if self._pid != os.getpid():  # a forked copy: the parent's socket is not ours to use
+            self._connection = self._channel = None
+        if self._channel is None or not self._channel.is_open:
+            self._drop()
+            self._connection = connect(self.url)
+            self._pid = os.getpid()
+            self._channel = self._connection.channel()
+            self._channel.confirm_delivery()
+            self.names.declare(self._channel)
+        return self._channel
+
+    def _drop(self) -> None:
+        connection, self._connection, self._channel = self._connection, None, None
+        if connection is not None and self._pid == os.getpid() and connection.is_open:
+            try:
+                connection.close()
+            except BROKER_ERRORS:
+                pass
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop()
+
+
+def connect(url: str) -> pika.BlockingConnection:
+    parameters = pika.URLParameters(url)
+    parameters.socket_timeout = CONNECT_TIMEOUT
+    parameters.stack_timeout = CONNECT_TIMEOUT * 2
+    parameters.blocked_connection_timeout = 60.0
+    parameters.connection_attempts = 1
+    return pika.BlockingConnection(parameters)
+
+
+@dataclass
+class EmptySince:
+    """A burst mark's state: when the queue and this daemon's hands were first seen empty."""
+
+    at: float | None = None
+
+
+class AmqpStore:
+    """One RabbitMQ queue: produce, inspect, revive dead letters; `inbox` for a worker."""
+
+    def __init__(self, queue: str, policy: QueueConfig, daemon: DaemonConfig) -> None:
+        self.queue, self.policy = queue, policy
+        self.url = policy.url
+        self.names = Names(queue, policy)
+        self.link = Link(queue, self.url, self.names)
+        self.held = held_counts(self.names.main)
+
+    def send_many(self, bodies: Sequence[bytes]) -> list[str]:
+        ids = [new_id() for _ in bodies]
+
+        def send(channel: BlockingChannel) -> None:
+            for mid, body in zip(ids, bodies, strict=True):
+                publish(channel, self.names.main, mid, body, 0)
+
+        if ids:
+            self.link.run(send)
+        return ids
+
+    def check(self) -> None:
+        """Nothing on the network: a daemon starts while its broker is down (its spool queues
+        work meanwhile), and the workers log the outage. The names must fit AMQP's 255 bytes,
+        and "amq." names are the broker's own."""
+        if len(self.names.delay(max(self.names.delays, default=0)).encode()) > 255:
+            raise BackendError(f"{self.queue}: amqp_queue {self.names.main!r} is too long")
+        if self.names.main.startswith("amq."):
+            raise BackendError(f"{self.queue}: amqp_queue {self.names.main!r}: amq. is reserved")
+
+    def depths(self) -> Depths:
+        names = self.names
+
+        def look(channel: BlockingChannel) -> tuple[int, int, int]:
+            ready = names.ready(channel, names.main)
+            deferred = sum(names.ready(channel, names.delay(ms)) for ms in names.delays)
+            return ready, deferred, names.ready(channel, names.failed)
+
+        ready, deferred, failed = self.link.run(look)
+        return Depths(
+            new=ready,
+            cur=sum(self.held),
+            defer=deferred,
+            failed=failed,
+            detail=f"amqp queue {names.main}; cur: held by this daemon's workers (0 in msgctl)",
+        )
+
+    def release_due(self, force: bool) -> None:
+        """The broker keeps the retries' time; a burst (`force`) moves them all back now."""
+        if force:
+            self.link.run(self._release_all)
+
+    def _release_all(self, channel: BlockingChannel) -> None:
+        for ms in self.names.delays:
+            for method, properties, body in self._take(channel, self.names.delay(ms)):
+                delivery = Delivery.of(0, method, properties, body)
+                publish(channel, self.names.main, delivery.mid, body, delivery.attempts)
+                channel.basic_ack(method.delivery_tag)
+
+    def _take(self, channel: BlockingChannel, name: str) -> list[tuple[Any, Any, bytes]]:
+        """The messages in one of the queues when asked (not those that arrive meanwhile, which
+        may be the ones being moved coming back), unacknowledged."""
+        taken = []
+        for _ in range(self.names.ready(channel, name)):
+            method, properties, body = channel.basic_get(name)
+            if method is None:
+                break
+            taken.append((method, properties, body))
+        return taken
+
+    def burst_mark(self) -> BurstMark:
+        """The messages ready in the queue and held by this daemon's workers at the signal."""
+        ready = self.link.run(lambda channel: self.names.ready(channel, self.names.main))
+        return BurstMark(pending=ready + sum(self.held), state=EmptySince())
+
+    def burst_worked(self, mark: BurstMark) -> bool:
+        """Whether the queue has no ready message and this daemon's workers hold none, on two
+        looks BURST_LOOK apart (the ready count is read before the held counts: a worker counts
+        a message before it takes it). False while the broker cannot be asked."""
+        empty: EmptySince = mark.state
+        try:
+            ready = self.link.run(lambda channel: self.names.ready(channel, self.names.main))
+        except BackendError:
+            return False
+        now = time.monotonic()
+        if ready or sum(self.held):
+            empty.at = None
+        elif empty.at is None:
+            empty.at = now
+        return empty.at is not None and now - empty.at >= BURST_LOOK
+
+    def retry_failed(self, ids: Sequence[str] | None) -> list[str]:
+        """Dead letters back to the queue, attempts 0. All-or-nothing: if an id asked for is
+        not a dead letter, nothing moves and the error names it."""
+        return self.link.run(lambda channel: self._revive(channel, ids))
+
+    def _revive(self, channel: BlockingChannel, ids: Sequence[str] | None) -> list[str]:
+        """Move the chosen dead letters of those there at the start (a revived one that fails
+        again at once is a new dead letter, not moved twice); the others go back to .failed, in
+        order, by a confirmed publish (a requeue would return them only some time later)."""
+        wanted = set(ids) if ids else None
+        taken = self._take(channel, self.names.failed)
+        chosen = {m.delivery_tag for m, p, _ in taken if wanted is None or p.message_id in wanted}
+        missing = (wanted or set()) - {
+            p.message_id for m, p, _ in taken if m.delivery_tag in chosen
+        }
+        moved = []
+        for method, properties, body in taken:
+            if method.delivery_tag in chosen and not missing:
+                publish(channel, self.names.main, properties.message_id or new_id(), body, 0)
+                moved.append(properties.message_id)
+            else:
+                channel.basic_publish("", self.names.failed, body, properties, mandatory=True)
+            channel.basic_ack(method.delivery_tag)
+        if missing:
+            raise BackendError(f"{self.queue}: no failed message {sorted(missing)[0]}")
+        return moved
+
+    def recover(self) -> Settled:
+        """Nothing: the broker gave a previous master's unacknowledged messages back itself."""
+        return Settled()
+
+    def settle(self, death: Death) -> Settled:
+        """Nothing on the network: the broker redelivers what the dead worker held when its
+        connection closes (and the next worker charges it, see the module's attempt rule). The
+        slot's held count is cleared, and the runs it had begun to settle are counted: their
+        acknowledgement or retry was sent or will be redone, so the outcome stands."""
+        self.held[death.slot % SLOTS] = 0
+        return Settled(uncounted=[outcome for _, outcome in death.intended])
+
+    def inbox(self, slot: int, stop_fd: int, log: Any) -> AmqpInbox:
+        return AmqpInbox(self, slot, stop_fd, log)
+
+    def close(self) -> None:
+        self.link.close()
+
+
+# -- the worker's side -----------------------------------------------------------------------------
+
+
+class Gone(Exception):
+    """The channel a delivery or a request belonged to is closed."""
+
+
+class AmqpInbox:
+    """A worker's view of one RabbitMQ queue; see the module docstring for the threads."""
+
+    def __init__(self, store: AmqpStore, slot: int, stop_fd: int, log: Any) -> None:
+        self.queue, self.policy, self.names = store.queue, store.policy, store.names
+        self.url = store.url
+        self.log = log.bind(queue=store.queue)
+        self.bursty = store.policy.mode == "burst"
+        self._held_cells, self._cell = store.held, slot % SLOTS
+        self._stop_fd = stop_fd
+        self._lock = threading.Lock()
+        self._arrived = threading.Condition(self._lock)
+        self._ready: collections.deque[Delivery] = collections.deque()  # delivered, not claimed
+        self._claimed: dict[str, Delivery] = {}
+        self._counted = 0  # this worker's held count: ready + claimed + reserved basic.gets
+        self._pending: set[Future[Any]] = set()  # runners' requests the I/O thread has not run
+        self._connection: pika.BlockingConnection | None = None
+        self._channel: BlockingChannel | None = None
+        self._generation = 0
+        self._consumer = ""
+        self._stopping = self._down = self._broken = False
+        self._closing = threading.Event()
+        self._thread = threading.Thread(target=self._pump, name=f"amqp-{store.queue}", daemon=True)
+        self._thread.start()
+
+    # -- the runners' side -----------------------------------------------------------------------
+
+    def claim(self) -> str | None:
+        if self.bursty:
+            return self._get()
+        with self._lock:
+            if not self._ready:
+                return None
+            return self._hold(self._ready.popleft())
+
+    def wait(self) -> None:
+        with self._arrived:
+            self._arrived.wait_for(lambda: self._ready or self._stopping, WAIT)
+
+    def read(self, handle: str, max_size: int) -> Message:
+        delivery = self._claimed[handle]
+        if max_size and len(delivery.body) > max_size:
+            raise BackendError(f"message of {len(delivery.body)} bytes exceeds max_message_size")
+        return Message(
+            id=delivery.mid,
+            queue=self.queue,
+            body=delivery.body,
+            attempt=delivery.attempts + 1,
+            enqueued_at=delivery.enqueued_at(),
+        )
+
+    def label(self, handle: str) -> tuple[str, int]:
+        delivery = self._claimed[handle]
+        return delivery.mid, delivery.attempts + 1
+
+    def done(self, handle: str) -> None:
+        """Acknowledge; if its channel is gone, the broker will redeliver it (a duplicate)."""
+        delivery = self._claimed[handle]
+        try:
+            self._on_channel(delivery, lambda channel: channel.basic_ack(delivery.tag))
+        finally:
+            self._release(handle)
+
+    def fail(self, handle: str, error: dict[str, Any], permanent: bool) -> Outcome:
+        """Retry through a delay queue or dead-letter; if the channel is gone, the broker's
+        redelivery does it (and counts the attempt)."""
+        delivery = self._claimed[handle]
+        attempt = delivery.attempts + 1
+        expected = (
+            Outcome.FAILED if permanent or attempt >= self.policy.max_attempts else Outcome.RETRIED
+        )
+
+        def settle(channel: BlockingChannel) -> Outcome:
+            return settle_failure(
+                channel, self.names, self.policy, self.queue, delivery, attempt, error, permanent
+            )
+
+        try:
+            outcome = self._on_channel(delivery, settle)
+        finally:
+            self._release(handle)
+        return expected if outcome is None else outcome
+
+    def burst(self) -> None:
+        """Nothing: the broker keeps the retries' time (the master releases them in a burst)."""
+
+    def close(self) -> None:
+        """Give back what was delivered and not begun, then close the connection."""
+        self._closing.set()
+        self._thread.join()
+
+    # -- handing work between the runners and the I/O thread -------------------------------------
+
+    def _hold(self, delivery: Delivery) -> str:
+        """Under the lock: a delivery becomes a runner's, under a handle of this channel."""
+        handle = f"{delivery.generation}.{delivery.tag}"
+        self._claimed[handle] = delivery
+        return handle
+
+    def _release(self, handle: str) -> None:
+        with self._lock:
+            del self._claimed[handle]
+            self._count(-1)
+
+    def _count(self, change: int) -> None:
+        """Under the lock: this worker's held count, published for the master."""
+        self._counted += change
+        self._held_cells[self._cell] = self._counted
+
+    def _get(self) -> str | None:
+        """A burst-mode claim: one basic.get, counted as held before it is asked for. Through an
+        outage it waits for the broker (or the stop fd): None must mean "drained"."""
+        while True:
+            with self._lock:
+                self._count(1)
+            try:
+                delivery = self._call(self._basic_get)
+                drained = delivery is None
+            except Gone:
+                delivery, drained = None, False
+            with self._lock:
+                if delivery is not None:
+                    return self._hold(delivery)
+                self._count(-1)
+            if drained or select.select([self._stop_fd], [], [], WAIT)[0]:
+                return None
+
+    def _on_channel(
+        self, delivery: Delivery, operation: Callable[[BlockingChannel], T]
+    ) -> T | None:
+        """Run `operation` in the I/O thread if `delivery`'s channel is still the open one."""
+        if delivery.generation != self._generation:
+            return None
+        try:
+            return self._call(lambda: self._same_channel(delivery, operation))
+        except Gone:
+            return None
+
+    def _same_channel(self, delivery: Delivery, operation: Callable[[BlockingChannel], T]) -> T:
+        if delivery.generation != self._generation or self._channel is None:
+            raise Gone
+        try:
+            return operation(self._channel)
+        except BROKER_ERRORS:
+            self._broken = True  # a refused publish: the original must come back by redelivery
+            raise
+
+    def _call(self, operation: Callable[[], T]) -> T:
+        """Run `operation` in the I/O thread and wait for its result; Gone if the connection is
+        (or goes) down before it ran."""
+        future: Future[T] = Future()
+        with self._lock:
+            connection = self._connection
+            if connection is None:
+                raise Gone
+            self._pending.add(future)
+
+        def run() -> None:
+            with self._lock:
+                self._pending.discard(future)
+            if not future.set_running_or_notify_cancel():
+                return
+            try:
+                future.set_result(operation())
+            except BaseException as e:
+                future.set_exception(e)
+
+        try:
+            connection.add_callback_threadsafe(run)
+        except BROKER_ERRORS:
+            with self._lock:
+                self._pending.discard(future)
+            raise Gone from None
+        try:
+            return future.result()
+        except BROKER_ERRORS:
+            raise Gone from None
+
+    # -- the I/O thread --------------------------------------------------------------------------
+
+    def _pump(self) -> None:
+        """Keep a connection, pump it, and hand deliveries over, until `close`."""
+        backoff = BACKOFF[0]
+        while not self._closing.is_set():
+            if self._connection is None:
+                try:
+                    self._connect()
+                    backoff = BACKOFF[0]
+                except BROKER_ERRORS as e:
+                    self._lost(e)
+                    self._closing.wait(backoff)
+                    backoff = min(backoff * 2, BACKOFF[1])
+                continue
+            try:
+                self._connection.process_data_events(time_limit=TICK)
+                if self._broken:
+                    raise BackendError("a settlement was refused; reconnecting")
+                if not self._stopping and select.select([self._stop_fd], [], [], 0)[0]:
+                    self._stop_consuming()
+            except (*BROKER_ERRORS, BackendError) as e:
+                self._lost(e)
+        self._shut()
+
+    def _connect(self) -> None:
+        connection = connect(self.url)
+        try:
+            channel = connection.channel()
+            channel.confirm_delivery()
+            self.names.declare(channel)
+            channel.basic_qos(prefetch_count=self.policy.prefetch or self.policy.threads)
+        except BaseException:
+            connection.close()
+            raise
+        with self._lock:
+            self._generation += 1
+            self._connection, self._channel = connection, channel
+        if not self.bursty and not self._stopping:
+            self._consumer = channel.basic_consume(self.names.main, self._deliver)
+        if self._down:
+            self._down = False
+            self.log.info("amqp back", url=safe_url(self.url))
+
+    def _deliver(self, channel: BlockingChannel, method: Any, properties: Any, body: bytes) -> None:
+        """A consumer delivery, in the I/O thread: to the runners, unless it is a redelivery."""
+        delivery = self._accept(method, properties, body)
+        if delivery is not None:
+            with self._arrived:
+                self._ready.append(delivery)
+                self._count(1)
+                self._arrived.notify()
+
+    def _basic_get(self) -> Delivery | None:
+        """In the I/O thread: the next message for a burst-mode claim (None when drained)."""
+        assert self._channel is not None
+        while True:
+            method, properties, body = self._channel.basic_get(self.names.main)
+            if method is None:
+                return None
+            delivery = self._accept(method, properties, body)
+            if delivery is not None:
+                return delivery
+
+    def _accept(self, method: Any, properties: Any, body: bytes) -> Delivery | None:
+        """A delivery to work, or None for a redelivered one, which is charged an attempt and
+        settled here (the module docstring's attempt rule)."""
+        delivery = Delivery.of(self._generation, method, properties, body)
+        if not method.redelivered:
+            return delivery
+        assert self._channel is not None
+        attempt = delivery.attempts + 1
+        outcome = settle_failure(
+            self._channel,
+            self.names,
+            self.policy,
+            self.queue,
+            delivery,
+            attempt,
+            REDELIVERED,
+            False,
+        )
+        self.log.warning(
+            "message " + outcome.label,
+            id=delivery.mid,
+            attempt=attempt,
+            error=f"{REDELIVERED['error_type']}: {REDELIVERED['error']}",
+        )
+        return None
+
+    def _stop_consuming(self) -> None:
+        """The worker is stopping: no more deliveries; those not begun go back uncharged."""
+        with self._lock:
+            self._stopping = True
+            self._arrived.notify_all()
+        if self._consumer and self._channel is not None:
+            self._channel.basic_cancel(self._consumer)
+            self._consumer = ""
+        self._give_back()
+
+    def _give_back(self) -> None:
+        """Publish the deliveries not begun again (same attempts) and acknowledge the originals,
+        so that a clean stop charges nothing."""
+        while self._channel is not None:
+            with self._lock:
+                if not self._ready:
+                    return
+                delivery = self._ready[0]
+            publish(self._channel, self.names.main, delivery.mid, delivery.body, delivery.attempts)
+            self._channel.basic_ack(delivery.tag)
+            with self._lock:
+                self._ready.popleft()
+                self._count(-1)
+
+    def _lost(self, error: BaseException) -> None:
+        """The connection failed: forget its deliveries (the broker has them back), fail the
+        runners' requests, log the outage once."""
+        connection = self._connection
+        if connection is not None and connection.is_open:
+            try:  # unacknowledged deliveries go back to the queue when it closes
+                connection.close()
+            except BROKER_ERRORS:
+                pass
+        with self._lock:
+            self._connection = self._channel = None
+            self._consumer = ""
+            self._broken = False
+            self._count(-len(self._ready))
+            self._ready.clear()
+            pending, self._pending = self._pending, set()
+        for future in pending:
+            if future.set_running_or_notify_cancel():
+                future.set_exception(Gone())
+        if not self._down:
+            self._down = True
+            self.log.warning("amqp unavailable", url=safe_url(self.url), error=describe(error))
+
+    def _shut(self) -> None:
+        try:
+            if self._connection is not None:
+                if not self._stopping:
+                    self._stop_consuming()
+                self._connection.close()
+        except BROKER_ERRORS:
+            pass
+        with self._lock:
+            self._connection = self._channel = None
