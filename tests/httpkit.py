@@ -82,3 +82,19 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def check_send_and_events(daemon: Msgd, queue: str) -> None:
+    """Over /ws, with the token: send "ok" and "fail" (max_attempts 2) to `queue`, and see their
+    outcome events come in order: succeeded; retried then failed."""
+    with client(daemon, token=TOKEN) as ws:
+        subscribe(ws, ["events"], queues=[queue])
+        ok = ask(ws, {"op": "send", "queue": queue, "body": "ok", "ref": 1})
+        fail = ask(ws, {"op": "send", "queue": queue, "body": "fail", "ref": 2})
+        assert ok["op"] == fail["op"] == "sent", (ok, fail)
+        got = [next_frame(ws, lambda f: f.get("topic") == "event", 30) for _ in range(3)]
+    by_id: dict[str, list[tuple[str, int]]] = {}
+    for e in got:
+        assert e["queue"] == queue
+        by_id.setdefault(e["id"], []).append((e["event"], e["attempt"]))
+    assert by_id == {ok["id"]: [("succeeded", 1)], fail["id"]: [("retried", 1), ("failed", 2)]}
