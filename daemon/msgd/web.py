@@ -21,6 +21,7 @@ import json
 import multiprocessing
 import os
 import signal
+import socket
 import threading
 from typing import Any
 from urllib.parse import urlsplit
@@ -41,6 +42,7 @@ POLL = 0.025  # seconds between looks at the event rings
 STATS_POLL = 0.25  # seconds between looks at the stats file
 STATS_EVERY = 1.0  # at most one stats frame a second per subscriber
 BACKLOG = 1000  # frames a subscriber may fall behind before its oldest are dropped
+SEND_BUFFER = 65536  # bytes of kernel send buffer per connection (no autotuning to megabytes)
 FLUSH_WAIT = 1.0  # seconds a stopping listener gives subscribers to take their backlog
 NICE = 10  # the listener yields the CPU to the workers
 ACTIONS = ("reload", "stats", "burst")
@@ -247,6 +249,9 @@ class Listener:
     # -- one connection --------------------------------------------------------------------------
 
     async def session(self, ws: ServerConnection) -> None:
+        sock = ws.transport.get_extra_info("socket")
+        if sock is not None:  # a fixed kernel buffer: what a stalled client holds stays bounded
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
         sub = Subscriber(ws)
         self.subscribers.add(sub)
         authorized = self.authorized(ws.request)
