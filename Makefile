@@ -15,7 +15,7 @@ run: $(STAMP)
 	$(VENV)/bin/msgd -c examples/msgd.toml
 
 test: $(STAMP) system-deps lint test-plain
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadgroup
 
 # The way users install msgd: `pip install .`, no extras. The spool suites run again there, so
 # that a missing optional library can never hide behind the development environment.
@@ -23,11 +23,12 @@ PLAIN := .venv-plain
 PLAIN_TESTS := tests/test_extras.py tests/test_core.py tests/test_messages.py
 test-plain: $(PLAIN)/.installed
 	$(PLAIN)/bin/python -m pip install -q --no-deps --no-build-isolation --force-reinstall .
-	$(PLAIN)/bin/python -m pytest -q -p no:cacheprovider $(PLAIN_TESTS)
+	$(PLAIN)/bin/python -m pytest -q -p no:cacheprovider -n 2 $(PLAIN_TESTS)
 
 $(PLAIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(PLAIN)
-	$(PLAIN)/bin/python -m pip install -q . "setuptools>=68" "pytest>=8.0" "pytest-timeout>=2.2"
+	$(PLAIN)/bin/python -m pip install -q . "setuptools>=68" "pytest>=8.0" "pytest-timeout>=2.2" \
+	  "pytest-xdist>=3.5"
 	touch $@
 
 # The long fault-injection runs too (100 worker kills in a 10,000-message stream, ...).

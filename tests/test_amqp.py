@@ -27,6 +27,8 @@ from faultkit import report
 from msgd.backend import BackendError, Death, Outcome
 from msgd.config import DaemonConfig, QueueConfig
 
+pytestmark = pytest.mark.xdist_group("rabbit")  # one worker: see pyproject's addopts
+
 pika = pytest.importorskip("pika", reason="pika missing (pip install -e '.[amqp]')")
 amqp = pytest.importorskip("msgd.amqp")
 

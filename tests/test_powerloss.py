@@ -32,7 +32,10 @@ import pytest
 from conftest import Msgd, alive, wait_for
 
 WHY_NOT = powercut.unavailable()
-pytestmark = pytest.mark.skipif(WHY_NOT is not None, reason=f"power-cut disk: {WHY_NOT}")
+pytestmark = [
+    pytest.mark.skipif(WHY_NOT is not None, reason=f"power-cut disk: {WHY_NOT}"),
+    pytest.mark.xdist_group("mounts"),  # one worker: see pyproject's addopts
+]
 
 TESTS = Path(__file__).parent
 BLOCK = powercut.BLOCK

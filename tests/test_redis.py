@@ -23,9 +23,12 @@ from conftest import Msgd, alive, wait_for
 
 redis = pytest.importorskip("redis", reason="redis-py missing (pip install -e '.[redis]')")
 REDIS_SERVER = shutil.which("redis-server")
-pytestmark = pytest.mark.skipif(
-    REDIS_SERVER is None, reason="redis-server not installed (run `make system-deps`)"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        REDIS_SERVER is None, reason="redis-server not installed (run `make system-deps`)"
+    ),
+    pytest.mark.xdist_group("redis"),  # one worker: see pyproject's addopts
+]
 
 
 def free_port() -> int:

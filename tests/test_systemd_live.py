@@ -19,6 +19,8 @@ import pytest
 from conftest import wait_for
 from test_systemd_units import MAX_EXPOSURE
 
+pytestmark = pytest.mark.xdist_group("mounts")  # one worker: see pyproject's addopts
+
 CHECKOUT = Path(__file__).resolve().parent.parent
 README = CHECKOUT / "README.md"
 SOURCE = "/srv/msgd-checkout"  # the checkout, bound read-only
