@@ -12,6 +12,8 @@ pytest.importorskip("pika", reason="pika missing (pip install -e '.[amqp]')")
 from conftest import Msgd
 from httpkit import check_send_and_events, configure
 
+pytestmark = pytest.mark.xdist_group("rabbit")  # the session's server: one worker (pyproject)
+
 
 def test_send_and_events_on_an_amqp_queue(daemon: Msgd, rabbit: Any) -> None:
     daemon.queues["aq"] = {

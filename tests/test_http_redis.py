@@ -9,6 +9,8 @@ from conftest import Msgd
 from httpkit import check_send_and_events, configure
 from test_redis import RedisServer, on_redis, redis_server, stream  # noqa: F401 - fixtures
 
+pytestmark = pytest.mark.xdist_group("redis")  # the session's server: one worker (pyproject)
+
 
 def test_send_and_events_on_a_redis_queue(
     daemon: Msgd,
