@@ -14,9 +14,11 @@ from websockets.sync.client import ClientConnection, connect
 TOKEN = "s3cret-token"
 
 
-def configure(daemon: Msgd, token: str | None = TOKEN, listen: str = "127.0.0.1:0") -> None:
+def configure(
+    daemon: Msgd, token: str | None = TOKEN, listen: str = "127.0.0.1:0", **keys: Any
+) -> None:
     """Write the daemon's config with an [http] table (and its token file, 0600)."""
-    http: dict[str, Any] = {"listen": listen}
+    http: dict[str, Any] = {"listen": listen, **keys}
     if token is not None:
         path = daemon.root / "token"
         path.write_text(f"{token}\n")

@@ -10,6 +10,8 @@ import signal
 import socket
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -414,3 +416,34 @@ def test_stop_takes_the_listener_down_after_the_drain(web: Msgd) -> None:
         assert events_until(ws, 1)[0]["event"] == "succeeded"  # the drain is still watched
     assert web.wait_exit() == 0
     wait_for(lambda: not alive(pid), 10, "the listener to exit")
+
+
+def test_a_host_that_is_not_loopback_is_refused(web: Msgd) -> None:
+    """DNS rebinding: a page of evil.example whose name now points at 127.0.0.1 reaches the
+    listener with `Host: evil.example`; only loopback names, the listen address and [http] hosts
+    are served."""
+    port = address(web).rpartition(":")[2]
+    for host, status in (("evil.example", 403), (f"localhost:{port}", 200), ("[::1]", 200)):
+        request = urllib.request.Request(f"http://{address(web)}/stats", headers={"Host": host})
+        try:
+            with urllib.request.urlopen(request, timeout=10) as r:
+                assert (host, r.status) == (host, status)
+        except urllib.error.HTTPError as e:
+            assert (host, e.code) == (host, status)
+    upgrade = {
+        "Host": "evil.example",
+        "Upgrade": "websocket",
+        "Connection": "Upgrade",
+        "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+        "Sec-WebSocket-Version": "13",
+    }
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(
+            urllib.request.Request(f"http://{address(web)}/ws", headers=upgrade), timeout=10
+        )
+    assert refused.value.code == 403
+    configure(web, hosts=["evil.example"])  # a proxy's public name, say
+    assert web.msgctl("reload").returncode == 0
+    named = urllib.request.Request(f"http://{address(web)}/stats", headers={"Host": "evil.example"})
+    with urllib.request.urlopen(named, timeout=10) as r:
+        assert r.status == 200

@@ -87,6 +87,7 @@ class HttpConfig(_Table):
 
     listen: str = ""  # "host:port"; port 0 picks a free one (the state file says which)
     token_file: str = ""  # a file holding the bearer token that sending and actions need
+    hosts: list[str] = []  # names clients may use in Host besides loopback (a proxy's name)
 
 
 DEFAULT_QUEUE = QueueConfig(handler="-")

@@ -41,6 +41,11 @@ from msgd.sysutil import read_json, set_parent_death_signal
 POLL = 0.025  # seconds between looks at the event rings
 STATS_POLL = 0.25  # seconds between looks at the stats file
 STATS_EVERY = 1.0  # at most one stats frame a second per subscriber
+LOOPBACK_NAMES = {
+    "localhost",
+    "127.0.0.1",
+    "::1",
+}  # what a Host header may name without [http] hosts
 BACKLOG = 1000  # frames a subscriber may fall behind before its oldest are dropped
 SEND_BUFFER = 65536  # bytes of kernel send buffer per connection (no autotuning to megabytes)
 FLUSH_WAIT = 1.0  # seconds a stopping listener gives subscribers to take their backlog
@@ -161,6 +166,8 @@ class Listener:
     # -- plain HTTP ------------------------------------------------------------------------------
 
     def route(self, connection: ServerConnection, request: Request) -> Response | None:
+        if not self.host_allowed(request.headers.get("Host", "")):
+            return connection.respond(403, "Host not allowed (see [http] hosts)\n")
         path = urlsplit(request.path).path
         if path == "/ws":
             origin = request.headers.get("Origin")
@@ -181,6 +188,14 @@ class Listener:
             text = stats.prometheus(self.snapshot).encode()
             return _typed(connection.respond(200, ""), text, "text/plain; version=0.0.4")
         return _typed(connection.respond(200, ""), self.snapshot_json, "application/json")
+
+    def host_allowed(self, host: str) -> bool:
+        """A loopback name, or one of `[http] hosts`: a page on another site that rebinds its
+        own name to 127.0.0.1 (DNS rebinding) still sends its own name in Host, and is refused."""
+        http = self.settings.config.http
+        name = urlsplit(f"//{host}").hostname or ""
+        listening = urlsplit(f"//{http.listen}").hostname
+        return name in LOOPBACK_NAMES or name == listening or name in http.hosts
 
     # -- the feed --------------------------------------------------------------------------------
 
