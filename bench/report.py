@@ -412,10 +412,23 @@ def subscribers_section(results: dict, meta: dict) -> list[str]:
     out = ["## With 50 WebSocket subscribers\n"]
     if not runs(results, "subscribers", "msgd"):
         return [*out, f"Not measured: {status(results, 'subscribers', 'msgd')}.\n"]
-    head = ["subscribers", "burst drain msgs/s", "USR1 → stats p99 ms", "events seen (min)"]
+    head = [
+        "subscribers",
+        "burst drain msgs/s",
+        "USR1 → stats p99 ms",
+        "events seen (min)",
+        "told missed (max)",
+        "accounted for (min)",
+    ]
     rows = []
     for arm in ("none", "fifty"):
-        columns = (((arm, "msgs_per_s"), 0), ((arm, "usr1", "p99_ms"), 2), ((arm, "events_min"), 0))
+        columns = (
+            ((arm, "msgs_per_s"), 0),
+            ((arm, "usr1", "p99_ms"), 2),
+            ((arm, "events_min"), 0),
+            ((arm, "missed_max"), 0),
+            ((arm, "accounted_min"), 0),
+        )
         rows.append([arm, *cells(results, "subscribers", "msgd", *columns)])
     return out + table(head, rows) + [""]
 

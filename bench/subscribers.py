@@ -53,21 +53,24 @@ class Subscribers:
     """`count` WebSocket subscribers in a process of their own (not the driver's, not msgd's),
     each counting the event frames it receives until stopped."""
 
-    def __init__(self, url: str, count: int) -> None:
+    def __init__(self, url: str, count: int, expected: int) -> None:
         code = f"import sys; sys.path.insert(0, {BENCH!r}); import subscribers as s; s.client()"
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", code, url, str(count)], stdout=subprocess.PIPE, text=True
+            [sys.executable, "-c", code, url, str(count), str(expected)],
+            stdout=subprocess.PIPE,
+            text=True,
         )
         assert self.proc.stdout is not None
         if self.proc.stdout.readline().strip() != "ready":
             raise RuntimeError(f"the subscribers did not connect (status {self.proc.wait()})")
 
-    def stop(self) -> list[int]:
-        """Events each subscriber saw."""
+    def stop(self) -> dict[str, list[int]]:
+        """Events each subscriber saw and those it was told it missed, once every subscriber
+        has accounted for the expected outcomes (or 10 s have passed)."""
         assert self.proc.stdout is not None
         self.proc.send_signal(signal.SIGTERM)
-        counts = json.loads(self.proc.stdout.readline() or "[]")
-        self.proc.wait(10)
+        counts = json.loads(self.proc.stdout.readline() or '{"events": [], "missed": []}')
+        self.proc.wait(20)
         return counts
 
     def close(self) -> None:
@@ -77,20 +80,24 @@ class Subscribers:
 
 
 def client() -> None:
-    """The subscribers' process: argv = URL COUNT; prints "ready", then the counts at SIGTERM."""
-    asyncio.run(subscribe(sys.argv[1], int(sys.argv[2])))
+    """The subscribers' process: argv = URL COUNT EXPECTED; prints "ready", then at SIGTERM,
+    once each has seen or been told it missed EXPECTED events, the counts."""
+    asyncio.run(subscribe(sys.argv[1], int(sys.argv[2]), int(sys.argv[3])))
 
 
-async def subscribe(url: str, count: int) -> None:
+async def subscribe(url: str, count: int, expected: int) -> None:
     from websockets.asyncio.client import connect
 
     conns = [await connected(connect, url) for _ in range(count)]
-    counts = [0] * count
+    events, missed = [0] * count, [0] * count
 
     async def read(k: int) -> None:
         async for frame in conns[k]:
-            if json.loads(frame).get("topic") == "event":
-                counts[k] += 1
+            f = json.loads(frame)
+            if f.get("topic") == "event":
+                events[k] += 1
+            elif f.get("topic") == "missed":
+                missed[k] += f["count"]
 
     for c in conns:
         await c.send(json.dumps(SUBSCRIBE))
@@ -99,9 +106,14 @@ async def subscribe(url: str, count: int) -> None:
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     print("ready", flush=True)
     await stop.wait()
+    deadline = time.monotonic() + 10
+    while min(e + m for e, m in zip(events, missed, strict=True)) < expected:
+        if time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.01)  # polling the counts, bounded by the deadline
     for task in readers:
         task.cancel()
-    print(json.dumps(counts), flush=True)
+    print(json.dumps({"events": events, "missed": missed}), flush=True)
 
 
 async def connected(connect, url: str, timeout: float = 10.0):
@@ -127,19 +139,26 @@ def burst_drain(args, subscribers: int) -> dict:
     try:
         d.wait_ready()
         if subscribers:
-            feed = Subscribers(f"ws://127.0.0.1:{port}/ws", subscribers)
+            feed = Subscribers(f"ws://127.0.0.1:{port}/ws", subscribers, args.n)
         d.signal(signal.SIGUSR2)
         s = scenario.wait_count(probe_dir, args.n, args.timeout, proc=d.proc)
         wait_for(d.spool_clean, 60, "new/ and cur/ to be empty", 0.002)
         clean = time.time()
         rewritten, _ = usr1_samples(d, args.samples)
-        events = feed.stop() if feed else []
+        seen = feed.stop() if feed else {"events": [], "missed": []}
     finally:
         if feed:
             feed.close()
         d.stop()
     result = scenario.drain_result(s, args.n, end=clean)
-    return {**result, "usr1": latency_figures(rewritten), "events_min": min(events, default=0)}
+    accounted = [e + m for e, m in zip(seen["events"], seen["missed"], strict=True)]
+    return {
+        **result,
+        "usr1": latency_figures(rewritten),
+        "events_min": min(seen["events"], default=0),
+        "missed_max": max(seen["missed"], default=0),
+        "accounted_min": min(accounted, default=0),
+    }
 
 
 def main() -> None:

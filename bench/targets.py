@@ -311,7 +311,9 @@ def why_subscribers(r: dict) -> str:
     return (
         f"with 50 subscribers the burst drain made {fmt(fifty)} msgs/s, with none {fmt(none)} "
         f"(same run); the fewest events a subscriber saw: "
-        f"{n(r, 'subscribers', 'msgd', 'fifty', 'events_min')}."
+        f"{n(r, 'subscribers', 'msgd', 'fifty', 'events_min')}, the most it was told it missed: "
+        f"{n(r, 'subscribers', 'msgd', 'fifty', 'missed_max')} (a slow subscriber is skipped "
+        "ahead, never the workers slowed)."
     )
 
 

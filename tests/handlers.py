@@ -143,3 +143,11 @@ def together(message: msgd.Message) -> None:
                 return
         time.sleep(0.01)
     raise RuntimeError("ran alone")
+
+
+def tls(message: msgd.Message) -> None:
+    """Needs the real ssl module (which the master runs without), then succeeds."""
+    import ssl
+
+    ssl.create_default_context()
+    _append("succeeded", message.id)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from msgd.config import DaemonConfig, QueueConfig
+from msgd.config import DaemonConfig, HttpConfig, QueueConfig
 from msgd.signals import TABLE
 
 ROOT = Path(__file__).parent.parent
@@ -23,6 +23,6 @@ def test_readme_signal_table_mirrors_the_code() -> None:
 def test_example_config_mentions_every_key() -> None:
     example = (ROOT / "examples" / "msgd.toml").read_text()
     keys = set(re.findall(r"^#?\s*([a-z_]+)\s*=", example, re.MULTILINE))
-    for struct in (DaemonConfig, QueueConfig):
+    for struct in (DaemonConfig, HttpConfig, QueueConfig):
         missing = set(struct.__struct_fields__) - keys
         assert not missing, f"examples/msgd.toml does not document {sorted(missing)}"

@@ -84,6 +84,18 @@ def test_spool_queues_import_no_optional_library(daemon: Msgd) -> None:
     assert done.stdout.strip().splitlines()[-1] == "[]"
 
 
+@pytest.mark.skipif(not missing("websockets"), reason="websockets is installed (plain venv only)")
+def test_an_http_listener_without_websockets_is_a_config_error(daemon: Msgd) -> None:
+    daemon.write_config(daemon.config_path.read_text() + '[http]\nlisten = "127.0.0.1:0"\n')
+    check = subprocess.run(
+        [str(BIN / "msgd"), "-c", str(daemon.config_path), "--check"],
+        capture_output=True,
+        text=True,
+    )
+    error = "msgd: http.listen: needs websockets: pip install 'msgd[http]'"
+    assert (check.returncode, check.stderr.strip()) == (1, error)
+
+
 @pytest.mark.skipif(not missing("cronsim"), reason="cronsim is installed (runs in the plain venv)")
 def test_a_cron_schedule_needs_cronsim_and_every_does_not(daemon: Msgd) -> None:
     daemon.queues["nightly"] = {"handler": "handlers:record", "mode": "burst"}

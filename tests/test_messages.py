@@ -517,9 +517,11 @@ def test_foreign_producer_files_and_corrupt_entries(daemon: Msgd) -> None:
     """A program that writes tmp/ then renames into new/ is a producer; junk is quarantined."""
     daemon.start()
     spool = daemon.root / "spool" / "default"
+    # Junk first: a mkdir wakes no worker (inotify watches renames and closed writes), the
+    # rename after it does, and the listing that follows sees both.
+    (spool / "new" / "a-directory").mkdir()
     (spool / "tmp" / "job-42").write_bytes(b"from a shell script")
     os.rename(spool / "tmp" / "job-42", spool / "new" / "job-42")
-    (spool / "new" / "a-directory").mkdir()
     wait_for(lambda: daemon.succeeded() == ["job-42"], what="the foreign message")
     wait_for(lambda: "a-directory" in daemon.files("default", "failed"), what="quarantine")
     ok = daemon.send(b"after the junk")

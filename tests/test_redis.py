@@ -331,7 +331,9 @@ def test_burst_mode_redis_queue_waits_for_usr2(
 def test_graceful_stop_finishes_in_flight_and_leaves_the_rest_pending(
     daemon: Msgd, redis_server: RedisServer, stream: str
 ) -> None:
-    on_redis(daemon, redis_server, stream, handler="handlers:by_body", threads=2, claim_idle=1.0)
+    # claim_idle is short so the restart's takeover is quick, and 3 s so that a batch a loaded
+    # machine is slow to work is not taken over (and run twice) by the new daemon's other worker.
+    on_redis(daemon, redis_server, stream, handler="handlers:by_body", threads=2, claim_idle=3.0)
     daemon.queues["rq"]["timeout"] = 0.9
     daemon.write_config()
     daemon.start()

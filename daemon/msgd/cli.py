@@ -9,12 +9,16 @@ from collections.abc import Callable
 
 import setproctitle
 
-from msgd import __version__, handlers, logs
-from msgd.config import Config, ConfigError, default_path
-from msgd.config import load as load_config
-from msgd.master import Master, StartError
-from msgd.notify import Notifier
-from msgd.pidfile import AlreadyRunning
+from msgd.nossl import import_asyncio_without_ssl
+
+import_asyncio_without_ssl()  # before structlog (in msgd.logs) and msgd.master import asyncio
+
+from msgd import __version__, handlers, logs  # noqa: E402
+from msgd.config import Config, ConfigError, default_path  # noqa: E402
+from msgd.config import load as load_config  # noqa: E402
+from msgd.master import Master, StartError  # noqa: E402
+from msgd.notify import Notifier  # noqa: E402
+from msgd.pidfile import AlreadyRunning  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

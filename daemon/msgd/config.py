@@ -8,6 +8,7 @@ with the dotted key it is about, so an operator editing the file knows where to 
 from __future__ import annotations
 
 import importlib.util
+import ipaddress
 import os
 import re
 import tomllib
@@ -84,6 +85,14 @@ class QueueConfig(_Table):
         return self.backoff[min(attempt, len(self.backoff)) - 1]
 
 
+class HttpConfig(_Table):
+    """The optional HTTP and WebSocket listener (msgd.http); `listen = ""` is none."""
+
+    listen: str = ""  # "host:port"; port 0 picks a free one (the state file says which)
+    token_file: str = ""  # a file holding the bearer token that sending and actions need
+    hosts: list[str] = []  # names clients may use in Host besides loopback (a proxy's name)
+
+
 DEFAULT_QUEUE = QueueConfig(handler="-")
 BACKEND_KEYS = {  # the keys one backend reads and the others would silently ignore
     "url": ("redis", "amqp"),
@@ -100,6 +109,7 @@ class Config(msgspec.Struct, kw_only=True):
     path: str
     daemon: DaemonConfig
     queues: dict[str, QueueConfig]
+    http: HttpConfig = msgspec.field(default_factory=HttpConfig)
 
 
 def default_path() -> str:
@@ -118,10 +128,10 @@ def load(path: str | os.PathLike[str]) -> Config:
         raise ConfigError(f"{path}: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: TOML syntax error: {e}") from None
-    unknown = set(raw) - {"daemon", "queues"}
+    unknown = set(raw) - {"daemon", "queues", "http"}
     if unknown:
         raise ConfigError(
-            f"{sorted(unknown)[0]}: unknown table (expected [daemon] or [queues.NAME])"
+            f"{sorted(unknown)[0]}: unknown table (expected [daemon], [http] or [queues.NAME])"
         )
     daemon = _convert(raw.get("daemon", {}), DaemonConfig, "daemon")
     tables = raw.get("queues", {})
@@ -130,8 +140,13 @@ def load(path: str | os.PathLike[str]) -> Config:
     queues = {
         name: _convert(table, QueueConfig, f"queues.{name}") for name, table in tables.items()
     }
-    config = Config(path=path, daemon=_resolve(daemon, os.path.dirname(path)), queues=queues)
+    http = _convert(raw.get("http", {}), HttpConfig, "http")
+    base = os.path.dirname(path)
+    if http.token_file:
+        http = msgspec.structs.replace(http, token_file=os.path.join(base, http.token_file))
+    config = Config(path=path, daemon=_resolve(daemon, base), queues=queues, http=http)
     _check(config)
+    _check_http(config.http)
     return config
 
 
@@ -198,6 +213,42 @@ def _check_backend(where: str, q: QueueConfig) -> None:
     missing = missing_library(q.backend)
     if missing:
         raise ConfigError(f"{where}.backend: {missing}")
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    """`host:port` or `[v6 address]:port` -> (host, port); ValueError says what is wrong."""
+    host, colon, port = listen.rpartition(":")
+    if not colon or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError("expected 'host:port', e.g. '127.0.0.1:8470'")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` names this machine only (a literal loopback address, or localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_http(http: HttpConfig) -> None:
+    """A listener past loopback must have a token; its library must be installed."""
+    if not http.listen:
+        return
+    try:
+        host, _ = split_listen(http.listen)
+    except ValueError as e:
+        raise ConfigError(f"http.listen: {e}") from None
+    if not is_loopback(host) and not http.token_file:
+        raise ConfigError(
+            f"http.listen: {host} is not a loopback address: set http.token_file as well"
+        )
+    if importlib.util.find_spec("websockets") is None:
+        raise ConfigError("http.listen: needs websockets: pip install 'msgd[http]'")
 
 
 def check_reloadable(old: Config, new: Config, names_since_start: set[str]) -> None:

@@ -34,6 +34,7 @@ from msgd.burst import Burst, BurstFlags
 from msgd.config import Config, ConfigError, check_reloadable
 from msgd.config import load as load_config
 from msgd.counters import Counters, QueueIndex
+from msgd.http import HttpListener
 from msgd.notify import Notifier
 from msgd.pidfile import Pidfile, StateFile, state_path
 from msgd.pool import Pool
@@ -137,14 +138,23 @@ class Master:
             raise StartError(str(e)) from None
         except OSError as e:
             raise StartError(f"daemon.spool: {e}") from None
+        close_in_workers = [self.pidfile.fd]  # http: the listening socket joins it
+        self.http = HttpListener(close_in_workers, lambda: [self.pidfile.fd])  # http
+        try:  # http
+            self.http.check(self.config.http)
+        except ConfigError as e:
+            raise StartError(str(e)) from None
         self.pool = Pool(
-            self.config, self.counters, self.index, self.flags, self.limits, [self.pidfile.fd]
+            self.config, self.counters, self.index, self.flags, self.limits, close_in_workers
         )
+        self.pool.events = self.http.writer  # http
+        self.http.apply(self.config, self.index)  # http: before the workers fork
         self.pool.start()
         self.state = StateFile(
             state_path(d.pidfile),
             {"pid": os.getpid(), "started_at": self.started, "config": self.config.path},
         )
+        self.state.data["http"] = self.http.address  # http
         self.publish()
 
     def recover(self) -> None:
@@ -186,6 +196,7 @@ class Master:
                 self.notify.extend_timeout(2 * STATUS_EVERY)
         cut_short.cancel()
         self.log.info("stopped", **msgspec.structs.asdict(self.publish().totals))
+        self.http.stop()  # http
         self.state.remove()
         self.pidfile.release()
 
@@ -231,6 +242,7 @@ class Master:
             logs.setup(new.daemon.log_file, new.daemon.log_format, new.daemon.log_level)
         except Exception as e:
             reason = str(e) if isinstance(e, ConfigError | BackendError) else repr(e)
+            self.http.discard_pending()  # http
             self.log.error("reload", outcome="rejected", error=reason)
             self.notify.ready(f"reload rejected: {reason}")
             return {"outcome": "rejected", "error": reason}
@@ -239,6 +251,8 @@ class Master:
         self.stores = open_stores(new)
         for store in old.values():
             store.close()
+        self.http.apply(new, self.index)  # http: before new workers fork
+        self.state.data["http"] = self.http.address  # http
         self.limits = RateLimits(new, self.limits)
         self.scheduler = self.schedules(new, self.scheduler)
         self.pool.replace_all(new, self.limits)
@@ -261,6 +275,7 @@ class Master:
         for store in open_stores(new).values():
             store.check()
         handlers.check(new)
+        self.http.check(new.http)  # http: binds a changed address
         return new
 
     async def dump_stats(self) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import multiprocessing
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,7 @@ from msgd.backend import Death, Outcome, Settled, open_store
 from msgd.burst import BurstFlags
 from msgd.config import Config
 from msgd.counters import Counters, QueueIndex, Running, running
+from msgd.events import NullWriter, no_events
 from msgd.ratelimit import RateLimits
 from msgd.worker import DUMP_SIGNAL, Word, Worker
 
@@ -76,6 +78,7 @@ class Pool:
         self.flags = flags
         self.limits = limits
         self.close_in_child = close_in_child
+        self.events: Callable[[int], NullWriter] = no_events  # http: a slot's event writer
         self.size = config.daemon.workers
         self.workers: dict[int, WorkerHandle] = {}  # slot -> live worker
         self.retired: set[WorkerHandle] = set()  # retiring workers whose slots are being freed
@@ -129,6 +132,7 @@ class Pool:
             conn=conn,
             flags=self.flags,
             limits=self.limits,
+            events=self.events(slot),  # http
         ).run()
 
     # -- death -----------------------------------------------------------------------------------
@@ -176,6 +180,7 @@ class Pool:
         runs = running(self.counters.read()[handle.slot])
         writer = self.counters.writer(handle.slot)
         total = Settled()
+        counted: dict[int, list[int]] = {}  # http: what is counted here makes outcome events
         for name, policy in handle.config.queues.items():
             index = self.index[name]
             death = self._death(handle, how, [r for r in runs if r.queue == index])
@@ -185,6 +190,9 @@ class Pool:
             writer.count(index, Outcome.RETRIED, settled.retried)
             writer.count(index, Outcome.FAILED, settled.failed)
             total.add(settled)
+            counted[index] = [*settled.uncounted, *[Outcome.RETRIED] * settled.retried,
+                              *[Outcome.FAILED] * settled.failed]  # fmt: skip
+        self.events(handle.slot).settled(counted, f"worker {how}")  # http
         return total
 
     def _death(self, handle: WorkerHandle, how: str, runs: list[Running]) -> Death:

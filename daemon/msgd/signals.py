@@ -10,12 +10,15 @@ coalesce, which is what an action wants: one more run after the current one.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import enum
 import os
 import signal
 import socket
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # imported where it is used: `import msgd` (producers) must not load asyncio
+    import asyncio
 
 
 class Action(enum.Enum):
@@ -58,6 +61,8 @@ class SignalWatcher:
     """Installs the table's handlers in this process and exposes one Event per action."""
 
     def __init__(self) -> None:
+        import asyncio
+
         self.events = {action: asyncio.Event() for action in Action}
         self._raised: set[signal.Signals] = set()
         self._reader, self._writer = socket.socketpair()

@@ -28,6 +28,7 @@ from msgd.backend import BackendError, Expired, Inbox, Outcome, open_store
 from msgd.burst import BurstFlags
 from msgd.config import Config
 from msgd.counters import QueueIndex, SlotWriter
+from msgd.events import NullWriter
 from msgd.handlers import CommandFailed, Handler, Reject
 from msgd.ratelimit import RateLimits
 from msgd.sysutil import set_parent_death_signal
@@ -57,6 +58,7 @@ class Worker:
         conn: Any,
         flags: BurstFlags,
         limits: RateLimits,
+        events: NullWriter | None = None,  # http: events.EventWriter for the outcome feed
     ) -> None:
         self.slot = slot
         self.config = config
@@ -65,6 +67,7 @@ class Worker:
         self.conn = conn
         self.flags = flags
         self.limits = limits
+        self.events = events or NullWriter()
         self.log = structlog.get_logger().bind(worker=slot)
         self.stopping = threading.Event()
         self.stop_r, self.stop_w = os.pipe()
@@ -180,8 +183,9 @@ class Worker:
     def work(self, inbox: Inbox, name: str, runner: int) -> None:
         queue = inbox.queue
         index = self.index[queue]
-        mid = inbox.label(name)[0]
+        mid, attempt = inbox.label(name)
         started = self.counters.start(runner, index, name, mid)
+        self.events.begin(runner, index, mid, attempt, started)  # http
         self.title(f"{queue} busy {mid}")
         try:
             message = inbox.read(name, self.config.daemon.max_message_size)
@@ -198,6 +202,7 @@ class Worker:
             self.counters.intend(runner, index, Outcome.SUCCEEDED)  # counted even if killed now
             inbox.done(name)
             self.counters.finish(runner, index, Outcome.SUCCEEDED, started)
+            self.events.end(runner, Outcome.SUCCEEDED)  # http
         self.title("idle")
         if self.max_rss_kb and resource.getrusage(resource.RUSAGE_SELF).ru_maxrss > self.max_rss_kb:
             self.log.warning(
@@ -228,6 +233,7 @@ class Worker:
         outcome = inbox.fail(name, record, permanent)
         among = next((o for kind, o in AMONG.items() if isinstance(error, kind)), None)
         self.counters.finish(runner, self.index[queue], outcome, started, among)
+        self.events.end(runner, outcome, f"{record['error_type']}: {record['error']}")  # http
         self.log.warning(
             "message " + outcome.label,
             queue=queue,
