@@ -37,6 +37,7 @@ from msgd.backend import Store, open_store
 from msgd.events import Event, Reader, Rings
 from msgd.http import Settings
 from msgd.sysutil import read_json, set_parent_death_signal
+from msgd.when import SendOptions, send_options
 
 POLL = 0.025  # seconds between looks at the event rings
 STATS_POLL = 0.25  # seconds between looks at the stats file
@@ -334,13 +335,14 @@ class Listener:
         if not isinstance(queue, str) or queue not in config.queues:
             raise BadFrame(f"queue: no queue {queue!r}")
         body = _body(request)
+        options = _send_options(request)
         limit = config.daemon.max_message_size
         if limit and len(body) > limit:
             raise BadFrame(f"body: {len(body)} bytes, more than daemon.max_message_size ({limit})")
         with self.store_lock:
             if queue not in self.stores:
                 self.stores[queue] = open_store(queue, config.queues[queue], config.daemon)
-            return self.stores[queue].send_many([body])[0]
+            return self.stores[queue].send_many([body], options)[0]
 
     def close_stores(self) -> None:
         """On a thread, after a reload: the next send opens its store with the new config."""
@@ -381,6 +383,20 @@ def _parse(frame: str | bytes) -> dict[str, Any]:
     if not isinstance(request, dict):
         raise BadFrame("expected a JSON object")
     return request
+
+
+def _send_options(request: dict[str, Any]) -> SendOptions:
+    """A send frame's "delay", "at" (ISO 8601 or epoch seconds), "ttl" and "priority", as
+    msgd.send takes them."""
+    try:
+        return send_options(
+            delay=request.get("delay"),
+            at=request.get("at"),
+            ttl=request.get("ttl"),
+            priority=request.get("priority", 0),
+        )
+    except ValueError as e:
+        raise BadFrame(str(e)) from None
 
 
 def _body(request: dict[str, Any]) -> bytes:
