@@ -22,15 +22,16 @@ import multiprocessing.sharedctypes  # noqa: F401 - once privileges are dropped:
 import os
 import resource  # noqa: F401 - the same, for the workers
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
 import structlog
 
 from msgd import handlers, logs, stats
-from msgd.backend import BackendError, Outcome, Store, open_store
+from msgd.backend import BackendError, Store, open_store
 from msgd.burst import Burst, BurstFlags
+from msgd.clock import Clock
 from msgd.config import Config, ConfigError, check_reloadable
 from msgd.config import load as load_config
 from msgd.counters import Counters, QueueIndex
@@ -46,7 +47,6 @@ from msgd.stats import DaemonInfo, Snapshot, daemon_info, summary
 from msgd.supervise import Duties, off_loop
 from msgd.sysutil import PrivilegeError, drop_privileges, make_dirs
 
-TICK = 0.05  # seconds between checks of timeouts and due retries
 STATUS_EVERY = 5.0  # seconds between STATUS= lines to systemd
 RECORDED_AS = {Action.SCALE_UP: "scale", Action.SCALE_DOWN: "scale"}  # state file action names
 
@@ -81,8 +81,7 @@ class Master:
         self.dumps = 0
         self.draining = False
         self.duties = Duties()
-        self.releasing: dict[str, asyncio.Task[None]] = {}  # per queue: its release_due run
-        self.background: set[asyncio.Task[None]] = set()  # scheduled bursts being begun
+        self.clock = Clock(self)
 
     # -- life cycle ------------------------------------------------------------------------------
 
@@ -112,7 +111,7 @@ class Master:
             Action.SCALE_DOWN: lambda: self.scale(-1),
         }
         tasks = [asyncio.create_task(self.serve(a, f)) for a, f in actions.items()]
-        tasks += [asyncio.create_task(t()) for t in (self.keep_time, self.report, self.watchdog)]
+        tasks += [asyncio.create_task(t()) for t in self.clock.duties()]
         stop = asyncio.create_task(self.signals.events[Action.STOP].wait())
         quit_ = asyncio.create_task(self.signals.events[Action.QUIT].wait())
         await asyncio.wait({stop, quit_}, return_when=asyncio.FIRST_COMPLETED)
@@ -333,64 +332,6 @@ class Master:
         state_dir = os.path.join(config.daemon.spool, ".msgd")
         plans = {name: q.schedule for name, q in config.queues.items() if q.schedule}
         return Scheduler(state_dir, plans, previous)
-
-    # -- periodic duties -------------------------------------------------------------------------
-
-    async def keep_time(self) -> None:
-        """Every tick: handlers past their timeout, retries and delayed sends whose time has
-        come, scheduled bursts. What may wait on a store runs in tasks of its own, so a slow
-        broker delays neither the timeouts nor the other queues."""
-        while True:
-            await asyncio.sleep(TICK)
-            if self.draining:
-                continue
-            with self.duties.duty("timeouts"):
-                self.pool.check_timeouts()
-            for name, store in self.stores.items():
-                if name not in self.releasing or self.releasing[name].done():
-                    self.releasing[name] = asyncio.create_task(self.release_due(name, store))
-            with self.duties.duty("schedules"):
-                for name in await off_loop(self.scheduler.due):
-                    if name in self.stores:
-                        self.in_background(self.scheduled_burst(name))
-
-    async def release_due(self, name: str, store: Store) -> None:
-        """One queue's due retries and delayed sends claimable; the messages it made dead
-        letters because their TTL passed are counted (failed and expired) in the master's own
-        counter slot."""
-        with self.duties.duty(f"retries of {name}"):
-            expired = await off_loop(store.release_due, False)
-            if expired:
-                self.own_counts.count(self.index[name], Outcome.FAILED, expired)
-                self.own_counts.count(self.index[name], Outcome.EXPIRED, expired)
-                self.log.warning("messages expired", queue=name, count=expired)
-
-    async def scheduled_burst(self, name: str) -> None:
-        with self.duties.duty(f"schedule of {name}"):
-            await self.begin_burst({name: self.stores[name]}, "schedule")
-
-    def in_background(self, work: Coroutine[Any, Any, None]) -> None:
-        """Run `work` as a task the loop keeps a reference to until it ends."""
-        task = asyncio.create_task(work)
-        self.background.add(task)
-        task.add_done_callback(self.background.discard)
-
-    async def report(self) -> None:
-        """Every second: depths, the stats file, the process title; STATUS to systemd."""
-        while True:
-            await asyncio.sleep(1.0)
-            if self.draining:
-                continue
-            with self.duties.duty("stats file"):
-                await off_loop(self.reporter.gather, self.stores)
-                self.reporter.tick(self.publish(), self.config, self.notify)
-
-    async def watchdog(self) -> None:
-        """WATCHDOG=1 while the loop turns and the pool has the workers it should have."""
-        while self.notify.watchdog_interval:
-            if not self.draining and (self.pool.workers or self.pool.size == 0):
-                self.notify.watchdog()
-            await asyncio.sleep(self.notify.watchdog_interval)
 
     # -- reporting -------------------------------------------------------------------------------
 

@@ -1,0 +1,92 @@
+"""The master's clock: the duties that run on time rather than on a signal.
+
+Every tick (TICK): handlers past their timeout (pool), each queue's due retries, delayed sends and
+expiries (its store, off the loop, one task per queue so that a slow broker holds up neither the
+timeouts nor the other queues), and scheduled bursts. Every second: depths, the stats file, the
+process title, systemd's STATUS. At half the watchdog interval: WATCHDOG=1, while the loop turns
+and the pool has its workers. Each duty's errors are logged once while they last (Duties).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any
+
+from msgd.backend import Outcome, Store
+from msgd.supervise import off_loop
+
+if TYPE_CHECKING:
+    from msgd.master import Master
+
+TICK = 0.05  # seconds between checks of timeouts and due retries
+
+
+class Clock:
+    def __init__(self, master: Master) -> None:
+        self.master = master
+        self.releasing: dict[str, asyncio.Task[None]] = {}  # per queue: its release_due run
+        self.background: set[asyncio.Task[None]] = set()  # scheduled bursts being begun
+
+    def duties(self) -> list[Callable[[], Coroutine[Any, Any, None]]]:
+        return [self.keep_time, self.report, self.watchdog]
+
+    async def keep_time(self) -> None:
+        """Every tick: handlers past their timeout, retries and delayed sends whose time has
+        come, scheduled bursts. What may wait on a store runs in tasks of its own, so a slow
+        broker delays neither the timeouts nor the other queues."""
+        while True:
+            await asyncio.sleep(TICK)
+            if self.master.draining:
+                continue
+            with self.master.duties.duty("timeouts"):
+                self.master.pool.check_timeouts()
+            for name, store in self.master.stores.items():
+                if name not in self.releasing or self.releasing[name].done():
+                    self.releasing[name] = asyncio.create_task(self.release_due(name, store))
+            with self.master.duties.duty("schedules"):
+                for name in await off_loop(self.master.scheduler.due):
+                    if name in self.master.stores:
+                        self.in_background(self.scheduled_burst(name))
+
+    async def release_due(self, name: str, store: Store) -> None:
+        """One queue's due retries and delayed sends claimable; the messages it made dead
+        letters because their TTL passed are counted (failed and expired) in the master's own
+        counter slot."""
+        with self.master.duties.duty(f"retries of {name}"):
+            expired = await off_loop(store.release_due, False)
+            if expired:
+                self.master.own_counts.count(self.master.index[name], Outcome.FAILED, expired)
+                self.master.own_counts.count(self.master.index[name], Outcome.EXPIRED, expired)
+                self.master.log.warning("messages expired", queue=name, count=expired)
+
+    async def scheduled_burst(self, name: str) -> None:
+        with self.master.duties.duty(f"schedule of {name}"):
+            await self.master.begin_burst({name: self.master.stores[name]}, "schedule")
+
+    def in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run `work` as a task the loop keeps a reference to until it ends."""
+        task = asyncio.create_task(work)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
+    async def report(self) -> None:
+        """Every second: depths, the stats file, the process title; STATUS to systemd."""
+        while True:
+            await asyncio.sleep(1.0)
+            if self.master.draining:
+                continue
+            with self.master.duties.duty("stats file"):
+                await off_loop(self.master.reporter.gather, self.master.stores)
+                self.master.reporter.tick(
+                    self.master.publish(), self.master.config, self.master.notify
+                )
+
+    async def watchdog(self) -> None:
+        """WATCHDOG=1 while the loop turns and the pool has the workers it should have."""
+        while self.master.notify.watchdog_interval:
+            if not self.master.draining and (
+                self.master.pool.workers or self.master.pool.size == 0
+            ):
+                self.master.notify.watchdog()
+            await asyncio.sleep(self.master.notify.watchdog_interval)
