@@ -344,3 +344,34 @@ def test_producers_that_skip_flushes_lose_acknowledged_messages(
     otherwise the rig could not catch a broken producer."""
     verdict = cut_while_producing(disk, tmp_path, fsync=False)
     assert verdict.lost, f"a producer without flushes lost nothing: {verdict}"
+
+
+def test_websocket_sends_survive_the_cut(disk: powercut.PowerCutDisk, tmp_path: Path) -> None:
+    """The WebSocket send frame (issue 13's listener) promises what msgd.send does: a `sent`
+    reply is an acknowledgement. 40 sends over /ws to a burst-mode queue (nothing is worked
+    before the cut), the power cut right after the last reply: every one comes back whole."""
+    pytest.importorskip("websockets", reason="websockets missing (pip install -e '.[http]')")
+    import base64
+    import json
+
+    from httpkit import TOKEN, client, configure, next_frame
+
+    daemon = on_disk(tmp_path / "listener", disk)
+    daemon.queues["default"]["mode"] = "burst"
+    configure(daemon)
+    acks_file = tmp_path / "acks"
+    rng = random.Random("ws")
+    with running(daemon), client(daemon, token=TOKEN) as ws:
+        for seq in range(40):
+            data = acked.body("ws", seq, rng)
+            request = {"op": "send", "queue": "default", "ref": seq}
+            ws.send(json.dumps({**request, "body_b64": base64.b64encode(data).decode()}))
+            reply = next_frame(ws, lambda f, seq=seq: f.get("ref") == seq, 30)
+            assert reply["op"] == "sent", reply
+            acked.record(acks_file, [reply["id"]], [data])
+        stop_dead(daemon)
+        cut_ns = disk.cut()
+    disk.close()
+    acks = acked.acks(acks_file)
+    verdict = judge(acks, cut_ns, "after the last WebSocket ack", after_the_cut(disk, tmp_path))
+    assert verdict.acked == 40 and not verdict.lost and not verdict.torn, str(verdict)

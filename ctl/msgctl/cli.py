@@ -312,7 +312,12 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help="seconds to wait for msgd's acknowledgement (default 10)",
     )
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_commands(p.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    return p
+
+
+def add_commands(sub: Any) -> None:
+    """One subcommand per cmd_* function, with its own options."""
 
     def add(name: str, run: Callable[[Context], int], text: str) -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=text, description=text)
@@ -349,7 +354,6 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("ids", nargs="*", metavar="ID")
     s = add("top", cmd_top, "live view of the stats (q or Ctrl-C quits)")
     s.add_argument("-n", dest="frames", type=int, default=None, help="frames, then exit")
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:
