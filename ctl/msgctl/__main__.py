@@ -1,3 +1,5 @@
+"""`python -m msgctl`: the same as the msgctl command."""
+
 import sys
 
 from msgctl.cli import main

@@ -1,3 +1,5 @@
+"""`python -m msgd`: the same as the msgd command."""
+
 import sys
 
 from msgd.cli import main
