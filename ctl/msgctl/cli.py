@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 from msgd import handlers, schedule, stats
 from msgd.backend import BackendError, open_store
-from msgd.config import Config, ConfigError, DaemonConfig, QueueConfig, default_path
+from msgd.config import DEFAULT_QUEUE, Config, ConfigError, DaemonConfig, default_path
 from msgd.config import load as load_config
 from msgd.pidfile import state_path
 from msgd.signals import SIGNAL_OF, Action
@@ -263,7 +263,7 @@ def cmd_queues(ctx: Context) -> int:
     names = sorted(set(config.queues) | set(Spool.from_config(config.daemon).queues()))
     print(f"{'QUEUE':<24} {'NEW':>8} {'CUR':>6} {'DEFER':>7} {'FAILED':>7} {'SCHEDULED':>9}")
     for name in names:
-        policy = config.queues.get(name, QueueConfig(handler="-"))
+        policy = config.queues.get(name, DEFAULT_QUEUE)
         try:
             d = open_store(name, policy, config.daemon).depths()
         except BackendError as e:
@@ -276,7 +276,7 @@ def cmd_queues(ctx: Context) -> int:
 
 def cmd_retry_failed(ctx: Context) -> int:
     queue = ctx.args.queue
-    policy = ctx.config.queues.get(queue, QueueConfig(handler="-"))
+    policy = ctx.config.queues.get(queue, DEFAULT_QUEUE)
     moved = open_store(queue, policy, ctx.config.daemon).retry_failed(ctx.args.ids or None)
     print(f"{len(moved)} message(s) back in {queue}")
     return 0

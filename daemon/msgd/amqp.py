@@ -85,7 +85,7 @@ from pika.adapters.blocking_connection import BlockingChannel
 
 from msgd.backend import BackendError, BurstMark, Death, Depths, Expired, Outcome, Settled
 from msgd.handlers import Message
-from msgd.spool import new_id
+from msgd.spool import id_time, new_id
 from msgd.when import NOW, SendOptions
 
 if TYPE_CHECKING:
@@ -241,13 +241,9 @@ class Delivery:
         )
 
     def enqueued_at(self) -> float:
-        """msgd's ids carry the enqueue time in ns; a foreign message has its timestamp."""
-        if len(self.mid) == 24:
-            try:
-                return int(self.mid[:16], 16) / 1e9
-            except ValueError:
-                pass
-        return self.timestamp
+        """msgd's ids carry the enqueue time; a foreign message has its timestamp."""
+        when = id_time(self.mid)
+        return self.timestamp if when is None else when
 
 
 def _count(value: Any) -> int:

@@ -53,7 +53,7 @@ from redis.typing import EncodableT, FieldT
 from msgd.backend import BackendError, BurstMark, Death, Depths, Expired, Inbox, Outcome, Settled
 from msgd.config import DaemonConfig, QueueConfig
 from msgd.handlers import Message
-from msgd.spool import new_id
+from msgd.spool import id_time, new_id
 from msgd.when import NOW, SendOptions
 
 T = TypeVar("T")
@@ -231,13 +231,9 @@ def _entries(reply: Any) -> list[Entry]:
 
 
 def _enqueued_at(mid: str, entry_id: str) -> float:
-    """msgd's ids carry the enqueue time in ns; a foreign producer's entry has its stream time."""
-    if len(mid) == 24:
-        try:
-            return int(mid[:16], 16) / 1e9
-        except ValueError:
-            pass
-    return int(entry_id.partition("-")[0]) / 1e3
+    """msgd's ids carry the enqueue time; a foreign producer's entry has its stream time."""
+    when = id_time(mid)
+    return int(entry_id.partition("-")[0]) / 1e3 if when is None else when
 
 
 # -- the store ----------------------------------------------------------------------------------

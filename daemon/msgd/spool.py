@@ -49,6 +49,14 @@ def new_id() -> str:
     return f"{time.time_ns():016x}{random.getrandbits(32):08x}"
 
 
+def id_time(mid: str) -> float | None:
+    """The enqueue time (epoch seconds) a new_id() carries; None for a foreign producer's id."""
+    if len(mid) == 24:
+        with contextlib.suppress(ValueError):
+            return int(mid[:16], 16) / 1e9
+    return None
+
+
 def check_name(name: str, what: str = "message id") -> str:
     """Refuse anything that could name a path outside its directory."""
     if not name or len(name) > 200 or name.startswith(".") or "/" in name or "\0" in name:
@@ -88,10 +96,6 @@ class Spool:
         if not valid_queue_name(queue):
             raise SpoolError(f"bad queue name: {queue!r}")
         return os.path.join(self.root, queue, state)
-
-    def ensure_root(self) -> None:
-        make_dirs(self.root, self.dir_mode)
-        make_dirs(os.path.join(self.root, ".msgd"), self.dir_mode)
 
     def queues(self) -> list[str]:
         """The queue directories present (configured or not)."""

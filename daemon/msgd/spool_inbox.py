@@ -18,7 +18,7 @@ from typing import Any
 
 from msgd.backend import Expired, Outcome
 from msgd.handlers import Message
-from msgd.spool import AckLog, SpoolError, SpoolStore, expired_error, split_name
+from msgd.spool import AckLog, SpoolError, SpoolStore, expired_error, id_time, split_name
 from msgd.spoolname import SpoolName
 from msgd.sysutil import arrived, drain, make_dirs, watch_arrivals
 
@@ -208,18 +208,15 @@ class SpoolInbox:
 
 def enqueued_at(mid: str, fd: int) -> float:
     """The enqueue time encoded in msgd's ids; a foreign producer's file gives its mtime."""
-    if len(mid) == 24:
-        with contextlib.suppress(ValueError):
-            return int(mid[:16], 16) / 1e9
-    return os.fstat(fd).st_mtime
+    when = id_time(mid)
+    return os.fstat(fd).st_mtime if when is None else when
 
 
 def _claim_order(name: str) -> tuple[int, str, str]:
     """Heap order of a name in new/: highest priority first, then oldest (ids sort by time)."""
     if "@" not in name:  # never retried, priority 0: most names, parsed for nothing
         return (0, name, name)
-    parsed = SpoolName.parse(name)
-    return (-parsed.priority, parsed.id, name)
+    return (*SpoolName.parse(name).claim_order(), name)
 
 
 def _read_all(fd: int, size: int) -> bytes:
