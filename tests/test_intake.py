@@ -16,7 +16,7 @@ import pytest
 from conftest import Msgd, spool_store, wait_for
 from msgd import intake
 from msgd.spool import SpoolStore, _sent_name, new_id
-from msgd.when import SendOptions
+from msgd.when import NOW, SendOptions
 
 
 @pytest.fixture
@@ -35,7 +35,7 @@ def staged(store: SpoolStore) -> list[str]:
     return os.listdir(Path(store.dir, "intake", "staged"))
 
 
-def send(store: SpoolStore, *bodies: bytes, options: SendOptions = SendOptions()) -> list[str]:
+def send(store: SpoolStore, *bodies: bytes, options: SendOptions = NOW) -> list[str]:
     """Records appended as msgd.send does; returns their spool names."""
     names = [_sent_name(new_id(), options) for _ in bodies]
     for name, body in zip(names, bodies, strict=True):

@@ -30,6 +30,7 @@ import acked
 import powercut
 import pytest
 from conftest import Msgd, alive, wait_for
+from msgd import intake
 
 WHY_NOT = powercut.unavailable()
 pytestmark = [
@@ -212,13 +213,21 @@ def test_every_flush_point_keeps_what_was_acknowledged(
     disk.close()
     acks = acked.acks(acks_file)
     assert len(acks) == 10
-    verdict = judge(acks, cut_ns, "after the last ack", after_the_cut(disk, tmp_path))
+    every_flush_point_keeps(acks, cut_ns, disk, tmp_path)
+
+
+def every_flush_point_keeps(
+    acks: dict[str, acked.Ack], cut_ns: int, disk: powercut.PowerCutDisk, work: Path
+) -> None:
+    """What the disk held after the cut, and at every flush of the run, holds what was
+    acknowledged before it, whole."""
+    verdict = judge(acks, cut_ns, "after the last ack", after_the_cut(disk, work))
     assert not verdict.lost and not verdict.torn, str(verdict)
-    image = tmp_path / "point.img"
+    image = work / "point.img"
     points = 0
     for points, (flushed_ns, data) in enumerate(powercut.flush_points(disk.base, disk.journal), 1):
         image.write_bytes(data)
-        got = delivered(image, tmp_path / f"point{points}")
+        got = delivered(image, work / f"point{points}")
         verdict = judge(acks, flushed_ns, f"at flush {points}", got)
         assert not verdict.lost and not verdict.torn, str(verdict)
     assert points > len(acks)
@@ -375,3 +384,37 @@ def test_websocket_sends_survive_the_cut(disk: powercut.PowerCutDisk, tmp_path: 
     acks = acked.acks(acks_file)
     verdict = judge(acks, cut_ns, "after the last WebSocket ack", after_the_cut(disk, tmp_path))
     assert verdict.acked == 40 and not verdict.lost and not verdict.torn, str(verdict)
+
+
+# -- the intake: single sends converted by a running msgd, the power cut after every flush -------
+
+
+def intake_flushed(spool: Path) -> bool:
+    """Whether the running msgd flushed all it converted of the default queue (durable = end)."""
+    with open(spool / "default" / "intake" / "log", "rb") as f:
+        _, durable, end, _, _ = intake.HEADER.unpack(f.read(intake.HEADER.size))
+    return bool(durable == end)
+
+
+def test_every_flush_point_while_msgd_converts_single_sends(
+    disk: powercut.PowerCutDisk, tmp_path: Path
+) -> None:
+    """msgd.send one at a time while msgd turns the records into files (a burst-mode queue: it
+    converts, nothing runs), waiting now and then for its batch flush; the power cut at every
+    flush: between a producer's flush and the conversion, between the conversion and the batch
+    flush, after it. Each disk must hold what was acknowledged before it, whole."""
+    daemon = on_disk(tmp_path / "daemon", disk)
+    daemon.queues["default"]["mode"] = "burst"
+    daemon.write_config()
+    acks_file = tmp_path / "acks"
+    with running(daemon):
+        for seq in range(3):
+            acked.produce("send", str(daemon.config_path), acks_file, f"send{seq}", 3)
+            wait_for(lambda: intake_flushed(disk.fs / "spool"), 10, "the batch flush")
+        acked.produce("send", str(daemon.config_path), acks_file, "last", 2)
+        stop_dead(daemon)
+        cut_ns = disk.cut()
+    disk.close()
+    acks = acked.acks(acks_file)
+    assert len(acks) == 11
+    every_flush_point_keeps(acks, cut_ns, disk, tmp_path)

@@ -8,16 +8,16 @@
                    /intake/   single durable sends' records, made files in new/ (intake.py)
     <spool>/.msgd/ack.<slot>  names a worker finished but has not unlinked yet (spool_inbox.py)
 
-Guarantees: `send_many` returns ids only once the messages are flushed (with `daemon.fsync`,
-the default): a batch's files and their names in new/, a single message's record in the queue's
-intake log, which the master turns into a file in new/ (or defer/) at once. Every state change is a rename inside one filesystem, so a
-message is always in exactly one place and a crash at any instant loses nothing. Order: oldest
-first (ids are 16 hex digits of enqueue time in ns and 8 random hex digits: sorting them sorts by
-enqueue time), within a strict priority: a worker claims the highest priority waiting, and the
-oldest among equals. The names are spoolname.py's. A delayed send waits in defer/ until its time
-(a burst does not pull it forward); a message whose TTL passed before it started is made a dead
-letter by the master's release (once a second) or by the worker that claims it. The worker's side
-(claiming, acknowledging) is in spool_inbox.py.
+Guarantees: `send_many` returns ids only once the messages are flushed (with `daemon.fsync`, the
+default): a batch's files and their names in new/, a single message's record in the queue's intake
+log, which the master turns into a file in new/ (or defer/) at once. Every state change is a rename
+inside one filesystem, so a message is always in exactly one place and a crash at any instant loses
+nothing. Order: oldest first (ids are 16 hex digits of enqueue time in ns and 8 random hex digits:
+sorting them sorts by enqueue time), within a strict priority: a worker claims the highest priority
+waiting, and the oldest among equals. The names are spoolname.py's. A delayed send waits in defer/
+until its time (a burst does not pull it forward); a message whose TTL passed before it started is
+made a dead letter by the master's release (once a second) or by the worker that claims it. The
+worker's side (claiming, acknowledging) is in spool_inbox.py.
 """
 
 from __future__ import annotations
