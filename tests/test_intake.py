@@ -285,6 +285,8 @@ def test_a_master_killed_while_converting_makes_each_message_once(daemon: Msgd) 
     assert done.returncode == 0, done.stderr
     assert sorted(daemon.succeeded()) == sorted(ids)
     assert daemon.stop() == 0
+    flushed = header(daemon.store())
+    assert flushed.durable == flushed.end, "a clean stop leaves nothing to replay"
 
 
 def test_sends_without_the_daemon_count_as_new_and_run_at_start(daemon: Msgd) -> None:

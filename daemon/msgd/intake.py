@@ -47,7 +47,6 @@ converted and flushed past ROTATE_BYTES is replaced by a fresh one.
 
 from __future__ import annotations
 
-import atexit
 import fcntl
 import os
 import re
@@ -415,8 +414,8 @@ class Converter:
     them durable in batches.
 
     The converter wakes when a producer writes to a queue's log (inotify), and every SAFETY
-    seconds in case a wake-up was missed; the flusher runs FLUSH_AFTER after a conversion, and
-    once more when the master exits. An error (a full disk) is logged once and retried.
+    seconds in case a wake-up was missed; the flusher runs FLUSH_AFTER after a conversion (and
+    the master's stop calls flush_converted). An error (a full disk) is logged once and retried.
     """
 
     SAFETY = 1.0
@@ -446,7 +445,6 @@ class Converter:
             if not self._threads[0].is_alive():
                 for thread in self._threads:
                     thread.start()
-                atexit.register(self.flush)
 
     def _convert_loop(self) -> None:
         while True:
@@ -483,6 +481,13 @@ class Converter:
 
 
 _converter: list[Converter] = []
+
+
+def flush_converted(queue_dir: str, file_mode: int) -> None:
+    """In the master (a process that converts): make the queue's converted messages durable now,
+    so that a power loss after a clean stop replays nothing. Elsewhere nothing."""
+    if _converter:
+        make_durable(queue_dir, file_mode)
 
 
 def converter(file_mode: int) -> Converter:

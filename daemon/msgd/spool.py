@@ -397,7 +397,8 @@ class SpoolStore:
         return SpoolInbox(self, slot, stop_fd)
 
     def close(self) -> None:
-        """Nothing to close: a spool store holds no descriptors."""
+        """Holds no descriptors; in the master, makes what it converted of the intake durable."""
+        intake.flush_converted(self.dir, self.spool.file_mode)
 
 
 def _sent_name(mid: str, options: SendOptions) -> str:
