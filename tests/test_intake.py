@@ -242,6 +242,15 @@ def test_a_full_log_grows(store: SpoolStore) -> None:
     assert convert(store) == 60 and sorted(files(store)) == sorted(names)
 
 
+def test_a_large_single_send_is_a_file_at_once(store: SpoolStore) -> None:
+    """Past intake.LARGEST a body would be written twice for one flush less: it is sent as a
+    file, flushed with its name in new/, as a batch is."""
+    (mid,) = store.send_many([b"L" * (intake.LARGEST + 1)])
+    (small,) = store.send_many([b"s"])
+    assert files(store) == {mid: b"L" * (intake.LARGEST + 1)}
+    assert intake.pending(store.dir) == [small]
+
+
 PRODUCER = """
 import sys, msgd
 body = b"x" * 2000  # 4 x 100 of them fill the log past ROTATE_BYTES: it is replaced meanwhile

@@ -47,14 +47,16 @@ converted and flushed past ROTATE_BYTES is replaced by a fresh one.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import re
 import select
 import struct
 import threading
+import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from msgd.sysutil import (
     IN_MODIFY,
@@ -77,6 +79,7 @@ CRC = struct.Struct("<I")
 NAME = re.compile(rb"[0-9a-f]{24}(?:@[0-9a-z]+)*")  # spoolname.py's, for msgd's own ids
 SIZE = 1 << 18  # a log is created this large, zeros after its header (256 KiB a queue)
 ROTATE_BYTES = SIZE // 2  # replace a converted log once this much of it is used
+LARGEST = SIZE // 4  # larger bodies are sent as files: written twice, they would cost more
 FLUSH_AFTER = 0.05  # seconds between a conversion and the batch flush that makes it durable
 
 Record = tuple[str, bytes]  # (spool file name, body)
@@ -245,18 +248,33 @@ def _read(queue_dir: str, durable: bool) -> tuple[Header, int, bytes] | None:
     """(header, offset read from, the bytes from there to the end) of the queue's log, read under
     a shared lock, from its cursor (from its durable cursor with `durable`); None when there is
     no log yet."""
+    with _shared(queue_dir) as fd:
+        if fd is None:
+            return None
+        header = read_header(fd)
+        start = header.durable if durable else header.cursor
+        return header, start, os.pread(fd, header.end - start, start)
+
+
+def _header(queue_dir: str) -> Header | None:
+    """The log's header, read under a shared lock; None when there is no log yet."""
+    with _shared(queue_dir) as fd:
+        return None if fd is None else read_header(fd)
+
+
+@contextlib.contextmanager
+def _shared(queue_dir: str) -> Iterator[int | None]:
+    """The queue's log, open and share-locked (no producer amid a record); None if it has no
+    log yet (or one whose creator died before its header)."""
     with _no_fork:
         try:
             fd = os.open(os.path.join(directory(queue_dir), "log"), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
-            return None
+            yield None
+            return
         try:
             fcntl.flock(fd, fcntl.LOCK_SH)
-            if os.fstat(fd).st_size < HEADER.size:
-                return None
-            header = read_header(fd)
-            start = header.durable if durable else header.cursor
-            return header, start, os.pread(fd, header.end - start, start)
+            yield fd if os.fstat(fd).st_size >= HEADER.size else None
         finally:
             os.close(fd)
 
@@ -320,12 +338,12 @@ def make_durable(queue_dir: str, file_mode: int) -> None:
     a fresh one once all of it is, past ROTATE_BYTES. (Locks in the converter's order:
     _converting, then _no_fork.)"""
     with _converting:  # a pass's renames are done once its cursor is readable here
-        read = _read(queue_dir, durable=True)
-    if read is None or read[0].durable == read[0].cursor:
+        header = _header(queue_dir)
+    if header is None or header.durable == header.cursor:
         return
-    cursor = read[0].cursor
+    cursor = header.cursor
     syncfs(queue_dir)
-    rotate = cursor >= ROTATE_BYTES and cursor == read[0].end
+    rotate = cursor >= ROTATE_BYTES and cursor == header.end
     fresh = os.path.join(directory(queue_dir), "log.new")
     if rotate:  # written and flushed before the locks: producers wait only for the rename
         _write_file(fresh, fresh_log(), file_mode, flush=True)
@@ -356,13 +374,8 @@ def _rotate(fd: int, queue_dir: str, cursor: int, fresh: str) -> None:
 def recover(queue_dir: str, file_mode: int) -> int:
     """Convert what the log holds after a crash or a power loss (see the module's docstring);
     returns how many records were converted now."""
-    with _no_fork:
-        fd = os.open(os.path.join(directory(queue_dir), "log"), os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            same = read_header(fd).instance == mount_instance(queue_dir)
-        finally:
-            os.close(fd)
-    if same:
+    header = _header(queue_dir)
+    if header is not None and header.instance == mount_instance(queue_dir):
         return _after_a_crash(queue_dir, file_mode)
     return _after_a_power_loss(queue_dir, file_mode)
 
@@ -457,7 +470,7 @@ class Converter:
 
     def _flush_loop(self) -> None:
         while self._converted.wait():
-            threading.Event().wait(FLUSH_AFTER)  # gather a batch
+            time.sleep(FLUSH_AFTER)  # gather a batch
             self.flush()
 
     def flush(self) -> None:
