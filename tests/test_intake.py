@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -277,15 +278,15 @@ def test_concurrent_producers_each_message_worked_once(daemon: Msgd) -> None:
 
 
 def test_a_master_killed_while_converting_makes_each_message_once(daemon: Msgd) -> None:
-    """Producers send while the master (converting their records) is killed -9 three times and
+    """Producers send while the master (converting their records) is killed -9 ten times and
     restarted; the queue is burst-mode, so no handler runs before the end: then each message
     sent runs exactly once."""
     daemon.queues["default"]["mode"] = "burst"
     daemon.write_config()
     daemon.start()
-    sending = producers(daemon, 2, 300)
-    for kills in range(3):
-        wait_for(lambda k=kills: len(daemon.files("default", "new")) > 100 * (k + 1), 30, "sends")
+    sending = producers(daemon, 2, 1000)
+    for kills in range(10):
+        wait_for(lambda k=kills: len(daemon.files("default", "new")) > 150 * (k + 1), 30, "sends")
         daemon.kill(signal.SIGKILL)
         daemon.wait_exit()
         daemon.start()
@@ -296,6 +297,34 @@ def test_a_master_killed_while_converting_makes_each_message_once(daemon: Msgd) 
     assert daemon.stop() == 0
     flushed = header(daemon.store())
     assert flushed.durable == flushed.end, "a clean stop leaves nothing to replay"
+
+
+@pytest.fixture
+def immutable_new(daemon: Msgd) -> Iterator[Path]:
+    """The default queue's new/, to be made immutable (chattr +i, which binds root too): the
+    converter's renames into it fail, as if it had been killed just before them."""
+    new = daemon.root / "spool" / "default" / "new"
+    yield new
+    subprocess.run(["chattr", "-i", str(new)], check=False)
+
+
+def test_a_master_killed_between_its_cursor_and_its_renames_makes_each_once(
+    daemon: Msgd, immutable_new: Path
+) -> None:
+    daemon.start()
+    subprocess.run(["chattr", "+i", str(immutable_new)], check=True)
+    ids = [daemon.send(b"x") for _ in range(3)]
+    store = daemon.store()
+    stuck = lambda: len(staged(store)) == 3 and not intake.pending(store.dir)  # noqa: E731
+    wait_for(stuck, 10, "the converter to move its cursor and fail at its renames")
+    wait_for(lambda: daemon.events("intake failed"), 10, "the failure logged")
+    daemon.kill(signal.SIGKILL)
+    daemon.wait_exit()
+    subprocess.run(["chattr", "-i", str(immutable_new)], check=True)
+    daemon.start()
+    daemon.wait_processed(3)
+    assert daemon.stop() == 0
+    assert sorted(daemon.succeeded()) == sorted(ids), "each message ran once"
 
 
 def test_sends_without_the_daemon_count_as_new_and_run_at_start(daemon: Msgd) -> None:
