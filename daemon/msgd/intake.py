@@ -41,8 +41,9 @@ A producer killed inside its write has not moved `end`: the next one writes over
 record torn by a power loss (`end` reached the disk, the record did not) fails its checksum and is
 skipped; the next record is found by its marker and checksum. Neither was acknowledged.
 
-A log that fills up grows by SIZE more zeros (one metadata commit, for that send only); one fully
-converted and flushed past ROTATE_BYTES is replaced by a fresh one.
+A log that fills up grows by SIZE more zeros (one metadata commit, for that send only). Once the
+durable cursor is past ROTATE_BYTES the log is replaced by a fresh one holding what follows it
+(records not yet converted or flushed move along with their cursors).
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
+from typing import NamedTuple
 
 from msgd.sysutil import (
     IN_MODIFY,
@@ -168,7 +170,7 @@ def _room(fd: int, queue_dir: str, length: int) -> int:
         os.fdatasync(fd)
         fsync_dir(directory(queue_dir))  # the new file's name must survive too
         return HEADER.size
-    end = read_header(fd).end
+    end = read_header(fd, size).end
     if end + length > size:  # no daemon emptied it: grow it (this send's flush commits that)
         _write_at(fd, bytes(max(SIZE, length)), size)
     return end
@@ -187,21 +189,23 @@ def _write_at(fd: int, data: bytes, offset: int) -> None:
         view, offset = view[done:], offset + done
 
 
-class Header:
+class Header(NamedTuple):
     """A log's header as read; offsets no further than the file (after a power loss)."""
 
-    def __init__(self, fd: int) -> None:
-        magic, durable, end, cursor, instance = HEADER.unpack(os.pread(fd, HEADER.size, 0))
-        if magic != MAGIC:
-            raise IntakeError("intake log: bad header")
-        self.end = min(int(end), os.fstat(fd).st_size)
-        self.durable = min(int(durable), self.end)
-        self.cursor = min(max(int(cursor), self.durable), self.end)
-        self.instance: bytes = instance
+    durable: int
+    end: int
+    cursor: int
+    instance: bytes
 
 
-def read_header(fd: int) -> Header:
-    return Header(fd)
+def read_header(fd: int, size: int | None = None) -> Header:
+    """The header of the log open at `fd` (whose size is `size`, if the caller knows it)."""
+    magic, durable, end, cursor, instance = HEADER.unpack(os.pread(fd, HEADER.size, 0))
+    if magic != MAGIC:
+        raise IntakeError("intake log: bad header")
+    end = min(end, os.fstat(fd).st_size if size is None else size)
+    durable = min(durable, end)
+    return Header(durable, end, min(max(cursor, durable), end), instance)
 
 
 # -- reading --------------------------------------------------------------------------------------
@@ -334,19 +338,19 @@ def _set_cursor(queue_dir: str, cursor: int, durable: bool = False) -> None:
 
 
 def make_durable(queue_dir: str, file_mode: int) -> None:
-    """Flush what was converted (files and names), then record it as durable; replace the log by
-    a fresh one once all of it is, past ROTATE_BYTES. (Locks in the converter's order:
-    _converting, then _no_fork.)"""
+    """Flush what was converted (files and names), then record it as durable; past
+    ROTATE_BYTES, replace the log by a fresh one without the flushed part. (Locks in the
+    converter's order: _converting, then _no_fork.)"""
     with _converting:  # a pass's renames are done once its cursor is readable here
         header = _header(queue_dir)
     if header is None or header.durable == header.cursor:
         return
     cursor = header.cursor
     syncfs(queue_dir)
-    rotate = cursor >= ROTATE_BYTES and cursor == header.end
     fresh = os.path.join(directory(queue_dir), "log.new")
-    if rotate:  # written and flushed before the locks: producers wait only for the rename
-        _write_file(fresh, fresh_log(), file_mode, flush=True)
+    rotate = cursor >= ROTATE_BYTES
+    if rotate:  # zeros written and flushed before the locks: a new file's metadata commit
+        _write_file(fresh, bytes(max(SIZE, 2 * (header.end - cursor))), file_mode, flush=True)
     with _converting, _no_fork:
         fd = os.open(os.path.join(directory(queue_dir), "log"), os.O_RDWR | os.O_CLOEXEC)
         try:
@@ -357,13 +361,21 @@ def make_durable(queue_dir: str, file_mode: int) -> None:
             os.close(fd)
 
 
-def _rotate(fd: int, queue_dir: str, cursor: int, fresh: str) -> None:
-    """Rename the fresh log over this one if nothing came after `cursor`; producers then notice
-    the log they waited for was replaced (_open_locked)."""
+def _rotate(fd: int, queue_dir: str, durable: int, fresh: str) -> None:
+    """Replace the log by `fresh` holding what follows `durable`: the records written since
+    (converted or not, as the cursor says) move to its start. Producers wait for two flushes
+    (the fresh log's, its name's), then notice the log was replaced (_open_locked)."""
     fcntl.flock(fd, fcntl.LOCK_EX)
-    if read_header(fd).end != cursor:
-        os.unlink(fresh)
-        return  # more came in meanwhile: a later batch rotates
+    header = read_header(fd)
+    tail = os.pread(fd, header.end - durable, durable)
+    start = HEADER.size
+    moved = Header(start, start + len(tail), start + header.cursor - durable, header.instance)
+    out = os.open(fresh, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        _write_at(out, HEADER.pack(MAGIC, *moved) + tail, 0)
+        os.fdatasync(out)
+    finally:
+        os.close(out)
     os.rename(fresh, os.path.join(directory(queue_dir), "log"))
     fsync_dir(directory(queue_dir))
 
