@@ -254,6 +254,17 @@ def test_a_large_single_send_is_a_file_at_once(store: SpoolStore) -> None:
     assert intake.pending(store.dir) == [small]
 
 
+def test_a_log_that_is_not_one_is_one_error_line(daemon: Msgd) -> None:
+    """A log whose header is not an intake's (overwritten by something else): msgctl send says
+    so in one line and exits 1; nothing is written over it."""
+    daemon.store().ensure()
+    log = daemon.root / "spool" / "default" / "intake" / "log"
+    log.write_bytes(b"not a log" * 100)
+    sent = daemon.msgctl("send", input=b"x")
+    assert (sent.returncode, sent.stderr) == (1, "msgctl: queue default: intake log: bad header\n")
+    assert log.read_bytes() == b"not a log" * 100
+
+
 PRODUCER = """
 import sys, msgd
 body = b"x" * 2000  # 4 x 100 of them fill the log past ROTATE_BYTES: it is replaced meanwhile

@@ -60,6 +60,7 @@ import zlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
+from msgd.backend import BackendError
 from msgd.sysutil import (
     IN_MODIFY,
     drain,
@@ -97,7 +98,7 @@ os.register_at_fork(
 )
 
 
-class IntakeError(Exception):
+class IntakeError(BackendError):
     """A record that cannot be framed (a name that is not msgd's) or a log that is not one."""
 
 

@@ -167,6 +167,8 @@ class SpoolStore:
         except FileNotFoundError:  # the queue's first message: create its directories
             self.ensure()
             intake.append(self.dir, records, self.spool.file_mode)
+        except intake.IntakeError as e:
+            raise SpoolError(f"queue {self.queue}: {e}") from None
         return mid
 
     def _write(self, path: str, body: bytes, fsync: bool) -> None:

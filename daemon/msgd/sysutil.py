@@ -143,9 +143,12 @@ def mount_instance(path: str) -> bytes:
     the same while its page cache lives (a process may crash), and change after a power loss
     (a new boot), or once the filesystem is mounted anew. Without the kernel's unique mount ids,
     a value of this process's own: every other process counts as after a power loss."""
+    statx = getattr(_libc, "statx", None)  # glibc 2.28
+    if statx is None:
+        return _boot_id() + _UNKNOWN_MOUNT
     buf = ctypes.create_string_buffer(_STATX_SIZE)
     at_fdcwd = -100
-    if _libc.statx(at_fdcwd, os.fsencode(path), 0, _STATX_MNT_ID_UNIQUE, buf) != 0:
+    if statx(at_fdcwd, os.fsencode(path), 0, _STATX_MNT_ID_UNIQUE, buf) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), path)
     (mask,) = struct.unpack_from("<I", buf.raw, 0)
