@@ -100,7 +100,9 @@ SCHEDULE_KEEP = 60_000  # ms a delayed sends' queue outlives its delay unused, t
 # Never change these: the broker refuses a queue declared again with other arguments (406). The
 # type is explicit, so a vhost whose default queue type is quorum still gets a classic queue.
 CLASSIC = {"x-queue-type": "classic"}
-QUEUE_ARGUMENTS = {**CLASSIC, "x-max-priority": 9}
+QUEUE_ARGUMENTS = {**CLASSIC, "x-max-priority": 9}  # and its expired messages' route (Names)
+SWEEP_EVERY = 1.0  # seconds between the master's moves of expired messages to the dead letters
+LOCK_WAIT = 5.0  # seconds a count of the delayed sends waits for another one to finish
 CONNECT_TIMEOUT = 5.0  # seconds
 TICK = 0.1  # seconds the I/O thread pumps the connection between looks at its stop fd
 WAIT = 0.5  # seconds a runner's wait lasts at most
@@ -109,6 +111,7 @@ BURST_LOOK = 0.2  # seconds between the two looks that find a burst worked
 SLOTS = 1024  # cells of the per-slot held counts (worker slots are small numbers)
 MAX_ERROR_TEXT = 8000  # characters of an error text and a traceback kept in a dead letter
 BROKER_ERRORS = (pika.exceptions.AMQPError, OSError)
+PERSISTENT = pika.BasicProperties(delivery_mode=2)
 logging.getLogger("pika").setLevel(logging.CRITICAL)  # msgd logs an outage itself, once
 
 REDELIVERED = {
@@ -125,7 +128,14 @@ def safe_url(url: str) -> str:
 
 
 def describe(error: BaseException) -> str:
-    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+    """The error for a log or an error line; a queue declared with other arguments says why."""
+    text = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+    if isinstance(error, pika.exceptions.ChannelClosedByBroker) and error.reply_code == 406:
+        text += (
+            " (declared with other arguments, by another program or msgd version: drain and"
+            " delete it, or give the queue another amqp_queue)"
+        )
+    return text
 
 
 # -- the queues and their messages -----------------------------------------------------------------
@@ -137,10 +147,19 @@ class Names:
     def __init__(self, queue: str, policy: QueueConfig) -> None:
         self.main = policy.amqp_queue or f"msgd.{queue}"
         self.failed = f"{self.main}.failed"
+        self.expired = f"{self.main}.expired"
+        self.schedules = f"{self.main}.schedules"
+        self.lock = f"{self.schedules}.lock"  # exclusive while one look counts the delayed sends
         self.delays = sorted({ms for ms in map(_ms, policy.backoff) if ms > 0})
         self.arguments: dict[str, dict[str, Any]] = {
-            self.main: QUEUE_ARGUMENTS,
+            self.main: {
+                **QUEUE_ARGUMENTS,
+                "x-dead-letter-exchange": "",
+                "x-dead-letter-routing-key": self.expired,
+            },
             self.failed: CLASSIC,
+            self.expired: CLASSIC,
+            self.schedules: CLASSIC,
         }
         for ms in self.delays:
             self.arguments[self.delay(ms)] = self._returning(ms)
@@ -158,9 +177,7 @@ class Names:
         """Where a delayed send waits `ms` (a multiple of SCHEDULE_STEP) before it joins the
         queue. The broker deletes it once nobody declared it for SCHEDULE_KEEP past its delay,
         when every message in it has left (each send declares it again)."""
-        name = f"{self.main}.at.{ms}"
-        self.arguments[name] = {**self._returning(ms), "x-expires": ms + SCHEDULE_KEEP}
-        return name
+        return f"{self.main}.at.{ms}"
 
     def delay(self, ms: int) -> str:
         """Where a retry waits `ms` before it returns: the main queue itself for no delay."""
@@ -174,8 +191,15 @@ class Names:
     def ready(self, channel: BlockingChannel, name: str) -> int:
         """Messages waiting in one of these queues (declared again: never a 404, and a 406 if
         someone else's queue has the name)."""
-        ok = channel.queue_declare(name, durable=True, arguments=self.arguments[name])
+        ok = channel.queue_declare(name, durable=True, arguments=self._arguments(name))
         return int(ok.method.message_count)
+
+    def _arguments(self, name: str) -> dict[str, Any]:
+        """A fixed queue's arguments, or those of the delayed sends' queue `name` names."""
+        if name in self.arguments:
+            return self.arguments[name]
+        ms = int(name.removeprefix(f"{self.main}.at."))
+        return {**self._returning(ms), "x-expires": ms + SCHEDULE_KEEP}
 
 
 def _ms(seconds: float) -> int:
@@ -192,21 +216,26 @@ def publish(
     *,
     priority: int = 0,
     expires_ms: int = 0,
+    expiring: bool = False,
 ) -> None:
     """One persistent message, confirmed by the broker before this returns (the channel is in
     confirm mode); `mandatory`, so that a queue that does not exist is an error, not a loss.
-    `priority`: the AMQP priority (0-9); `expires_ms`: when its TTL passes (header)."""
+    `priority`: the AMQP priority (0-9); `expires_ms`: when its TTL passes (header), and with
+    `expiring` (a publish to the main queue) also the broker's: the AMQP expiration, the time
+    left, after which the broker dead-letters the message to <amqp_queue>.expired."""
     headers: dict[str, Any] = {ATTEMPTS: attempts}
     if error is not None:
         headers[ERROR] = error
     if expires_ms:
         headers[EXPIRES] = expires_ms
+    left = max(0, expires_ms - int(time.time() * 1000))
     properties = pika.BasicProperties(
         message_id=mid,
         delivery_mode=2,
         headers=headers,
         timestamp=int(time.time()),
         priority=priority or None,
+        expiration=str(left) if expiring and expires_ms else None,
     )
     channel.basic_publish("", routing_key, body, properties, mandatory=True)
 
@@ -246,12 +275,25 @@ class Delivery:
         return self.timestamp if when is None else when
 
 
+def _marker(body: bytes) -> int | None:
+    """The delay (ms) a marker in <amqp_queue>.schedules names, None if it is not one."""
+    text = body.decode("ascii", "replace")
+    if not text.isdigit() or int(text) % SCHEDULE_STEP or not 0 < int(text) < 2**32:
+        return None
+    return int(text)
+
+
 def _count(value: Any) -> int:
     """A non-negative integer from a header or property a foreign producer may have set badly."""
     try:
         return max(0, int(value or 0))
     except (TypeError, ValueError):
         return 0
+
+
+def expired_error(expires_ms: int) -> str:
+    """The error text of a message not started within its TTL (the worker's and the master's)."""
+    return f"not started within its TTL (expired at {expires_ms} ms)"
 
 
 def error_record(queue: str, mid: str, attempt: int, error: dict[str, Any]) -> str:
@@ -388,21 +430,31 @@ class AmqpStore:
         self.names = Names(queue, policy)
         self.link = Link(queue, self.url, self.names)
         self.held = held_counts(self.names.main)
+        self._next_sweep = 0.0  # time.monotonic() of the next move of expired messages
 
     def send_many(self, bodies: Sequence[bytes], options: SendOptions = NOW) -> list[str]:
-        """Publish to the queue, with the AMQP priority; a delayed batch to the queue of its
-        delay (rounded up to SCHEDULE_STEP), whence the broker moves it at its time."""
+        """Publish to the queue, with the AMQP priority and the TTL's expiration; a delayed
+        batch to the queue of its delay (rounded up to SCHEDULE_STEP), whence the broker moves
+        it at its time, and then a marker naming that queue to <amqp_queue>.schedules (where
+        `depths` finds the delayed sends' queues to count)."""
         ids = [new_id() for _ in bodies]
-        into = self.names.main
+        delay = 0
         if options.due:
             steps = math.ceil((options.due - time.time()) * 1000 / SCHEDULE_STEP)
-            into = self.names.scheduled(max(1, steps) * SCHEDULE_STEP)
+            delay = max(1, steps) * SCHEDULE_STEP
+        into = self.names.scheduled(delay) if delay else self.names.main
         expires = int(options.expires * 1000)
 
         def send(channel: BlockingChannel) -> None:
             self.names.ready(channel, into)  # a delayed sends' queue may have been deleted
             for mid, body in zip(ids, bodies, strict=True):
-                publish(channel, into, mid, body, 0, priority=options.priority, expires_ms=expires)
+                publish(
+                    channel, into, mid, body, 0,
+                    priority=options.priority, expires_ms=expires, expiring=not delay,
+                )  # fmt: skip
+            if delay:
+                marker = str(delay).encode()
+                channel.basic_publish("", self.names.schedules, marker, PERSISTENT, mandatory=True)
 
         if ids:
             self.link.run(send)
@@ -412,7 +464,7 @@ class AmqpStore:
         """Nothing on the network: a daemon starts while its broker is down (its spool queues
         work meanwhile), and the workers log the outage. The names must fit AMQP's 255 bytes,
         and "amq." names are the broker's own."""
-        if len(self.names.delay(max(self.names.delays, default=0)).encode()) > 255:
+        if max(len(name.encode()) for name in (*self.names.arguments, self.names.lock)) > 255:
             raise BackendError(f"{self.queue}: amqp_queue {self.names.main!r} is too long")
         if self.names.main.startswith("amq."):
             raise BackendError(f"{self.queue}: amqp_queue {self.names.main!r}: amq. is reserved")
@@ -420,26 +472,89 @@ class AmqpStore:
     def depths(self) -> Depths:
         names = self.names
 
-        def look(channel: BlockingChannel) -> tuple[int, int, int]:
+        def look(channel: BlockingChannel) -> tuple[int, int, int, int]:
             ready = names.ready(channel, names.main)
             deferred = sum(names.ready(channel, names.delay(ms)) for ms in names.delays)
-            return ready, deferred, names.ready(channel, names.failed)
+            scheduled = self._scheduled(channel)
+            return ready, deferred, scheduled, names.ready(channel, names.failed)
 
-        ready, deferred, failed = self.link.run(look)
+        ready, deferred, scheduled, failed = self.link.run(look)
         return Depths(
             new=ready,
             cur=sum(self.held),
             defer=deferred,
+            scheduled=scheduled,
             failed=failed,
             detail=f"amqp queue {names.main}; cur: held by this daemon's workers (0 in msgctl)",
         )
 
+    def _scheduled(self, channel: BlockingChannel) -> int:
+        """The delayed sends waiting, in the queues the markers in <amqp_queue>.schedules name.
+
+        AMQP cannot list queues, nor read a queue without taking its messages, so one look at a
+        time (an exclusive queue is the lock; the broker drops it with a dead looker's
+        connection) takes every marker, publishes one back (confirmed) per queue that still
+        holds messages, and only then acknowledges those it took (a requeue would not do: the
+        broker answers the next look's count before it has put requeued messages back).
+        Markers of emptied queues are dropped: counting a queue renews its lease (x-expires),
+        and an emptied one must be left to expire. A send's marker follows its messages."""
+        side = self._locked(channel)
+        try:
+            waiting: dict[int, int] = {}
+            taken = self._take(side, self.names.schedules)
+            for _, _, body in taken:
+                ms = _marker(body)
+                if ms is not None and ms not in waiting:
+                    waiting[ms] = self.names.ready(side, self.names.scheduled(ms))
+            for ms in (ms for ms, count in waiting.items() if count):
+                marker = str(ms).encode()
+                channel.basic_publish("", self.names.schedules, marker, PERSISTENT, mandatory=True)
+            if taken:
+                side.basic_ack(multiple=True)  # every marker taken
+            side.queue_delete(self.names.lock)
+        finally:
+            if side.is_open:
+                side.close()
+        return sum(waiting.values())
+
+    def _locked(self, channel: BlockingChannel) -> BlockingChannel:
+        """A channel of this connection that holds the exclusive <amqp_queue>.schedules.lock,
+        once no other connection holds it (each refusal closes a channel: a new one per try)."""
+        deadline = time.monotonic() + LOCK_WAIT
+        while True:
+            side = channel.connection.channel()
+            try:
+                side.queue_declare(self.names.lock, exclusive=True, auto_delete=True)
+                return side
+            except pika.exceptions.ChannelClosedByBroker as e:
+                if e.reply_code != 405 or time.monotonic() > deadline:
+                    raise
+            time.sleep(0.01)
+
     def release_due(self, force: bool) -> int:
         """The broker keeps the retries' and delayed sends' time; a burst (`force`) moves the
-        retries back now (not the delayed sends). Expiry is the receiving worker's: 0."""
+        retries back now (not the delayed sends). Once a second (not in a burst's call), the
+        messages the broker expired into <amqp_queue>.expired become dead letters: returns how
+        many."""
         if force:
             self.link.run(self._release_all)
-        return 0
+        if force or time.monotonic() < self._next_sweep:  # the periodic call counts them
+            return 0
+        self._next_sweep = time.monotonic() + SWEEP_EVERY
+        return self.link.run(self._expire)
+
+    def _expire(self, channel: BlockingChannel) -> int:
+        """Dead letters of the expired messages, with the error record a worker writes for one
+        it receives expired; each published to .failed (confirmed), then acknowledged."""
+        taken = self._take(channel, self.names.expired)
+        for method, properties, body in taken:
+            delivery = Delivery.of(0, method, properties, body)
+            attempt = delivery.attempts + 1
+            error = {"error_type": "Expired", "error": expired_error(delivery.expires_ms)}
+            record = error_record(self.queue, delivery.mid, attempt, error)
+            publish(channel, self.names.failed, delivery.mid, body, attempt, record)
+            channel.basic_ack(method.delivery_tag)
+        return len(taken)
 
     def _release_all(self, channel: BlockingChannel) -> None:
         for ms in self.names.delays:
@@ -578,7 +693,7 @@ class AmqpInbox:
     def read(self, handle: str, max_size: int) -> Message:
         delivery = self._claimed[handle]
         if delivery.expires_ms and delivery.expires_ms <= time.time() * 1000:
-            raise Expired(f"not started within its TTL (expired at {delivery.expires_ms} ms)")
+            raise Expired(expired_error(delivery.expires_ms))
         if max_size and len(delivery.body) > max_size:
             raise BackendError(f"message of {len(delivery.body)} bytes exceeds max_message_size")
         return Message(
@@ -826,7 +941,7 @@ class AmqpInbox:
                 delivery = self._ready[0]
             publish(
                 self._channel, self.names.main, delivery.mid, delivery.body, delivery.attempts,
-                priority=delivery.priority, expires_ms=delivery.expires_ms,
+                priority=delivery.priority, expires_ms=delivery.expires_ms, expiring=True,
             )  # fmt: skip
             self._channel.basic_ack(delivery.tag)
             with self._lock:
