@@ -1,25 +1,48 @@
 """Queues kept by a RabbitMQ broker, reached through pika, so that several daemons share them.
 
-    <amqp_queue>               the queue: classic, durable, x-max-priority 9; persistent messages
+    <amqp_queue>               the queue: classic, durable, x-max-priority 9, its expired messages
+                               dead-lettered (exchange "") to <amqp_queue>.expired
     <amqp_queue>.delay.<ms>    one per backoff delay: x-message-ttl <ms>, dead-lettered back
                                (exchange "", routing key <amqp_queue>) when the time is up
     <amqp_queue>.at.<ms>       delayed sends, per delay (rounded up to 100 ms): like the above,
                                and deleted by the broker a minute after its last use
+    <amqp_queue>.schedules     markers naming the .at.<ms> queues that may hold messages
+    <amqp_queue>.schedules.lock  exclusive to the connection counting the delayed sends
+    <amqp_queue>.expired       messages the broker expired, until the master makes dead letters
     <amqp_queue>.failed        dead letters: the original body and properties, the error in headers
 
 Every producer and worker declares these queues with exactly the same arguments (a publish to a
 queue nobody declared would be dropped, and a declaration with other arguments is refused with
-406). Messages are published persistent, with `mandatory` and publisher confirms: `send_many`
-returns ids only once the broker confirmed every message. Each carries its msgd id as the AMQP
-message_id and the attempts done before it in the header x-msgd-attempts (an integer).
+406: a queue declared by an msgd from before the expired route must be drained and deleted, or
+the msgd queue given another amqp_queue; the error says so). Messages are published persistent,
+with `mandatory` and publisher confirms: `send_many` returns ids only once the broker confirmed
+every message. Each carries its msgd id as the AMQP message_id and the attempts done before it
+in the header x-msgd-attempts (an integer).
 
 Time: a send's priority is the AMQP priority (the queue's x-max-priority is 9): the broker hands
 out the highest priority ready first, but a message already delivered to a consumer (up to its
 prefetch) is not overtaken; a retry keeps its priority. A delayed send waits in the queue of its
-delay, so it is not pulled forward by a burst, and is not counted (these queues are not listed
-without the management plugin). A TTL rides in the header x-msgd-expires (epoch ms): the worker
-that receives an expired message makes it a dead letter ("Expired") without running it; the
-broker does not look, so on a queue nobody works an expired message waits for a worker.
+delay, so it is not pulled forward by a burst. AMQP cannot list queues, so each delayed batch is
+followed by a marker (its delay) in .schedules; a count (`depths`: the master once a second,
+`msgctl queues`) takes the markers, one counter at a time (the lock), adds up the named queues'
+messages, and puts back one marker per queue that still holds some (see `_scheduled`). A batch
+whose producer died before its marker is not counted until the next send of that delay.
+
+Expiry: a TTL rides in the header x-msgd-expires (epoch ms) and, published to the queue itself,
+as the AMQP expiration (the milliseconds left). The broker never hands out an expired message; it
+dead-letters it to .expired, which the master empties once a second (SWEEP_EVERY) into .failed
+with the record a worker writes ("Expired"), counted failed and expired. A worker that receives
+a message past its x-msgd-expires (it expired in the worker's prefetch, or the broker was not
+timing it) makes it that dead letter itself. So a message is never started after its TTL; it
+becomes a dead letter within about a second of expiring on a queue nobody works, with two
+exceptions, where it waits for a worker (a burst) to reach it:
+- RabbitMQ expires messages from the head of the queue only (with priorities too): a message
+  behind one that expires later or never (sent before it at any priority, or after it at a
+  higher one) becomes a dead letter when a worker has taken that one.
+- A delayed send has only the header: the broker drops a message's expiration when it
+  dead-letters it, here out of its .at.<ms> queue into the queue.
+A message requeued after its TTL passed (its worker died holding it, even while its handler ran)
+is expired by the broker: an Expired dead letter, not a Redelivered retry.
 
 Workers consume with manual acknowledgement, sent after the handler returned. A pika connection is
 not thread-safe, so each inbox has one I/O thread that owns its connection and channel: it pumps
@@ -48,19 +71,20 @@ is requeued by pika, and charged). These charges are not in the daemons' retried
 
 Retries go to the delay queue of their backoff (confirmed, then the original is acknowledged), so
 no runner is held while a retry waits. RabbitMQ's dead-lettering out of a classic queue is not
-confirmed: a broker crash at the instant a delay expires may lose that one retry.
+confirmed: a broker crash at the instant a delay expires may lose that one retry (or, at the
+instant a TTL passes, that expired message).
 
 A dead letter keeps its body and message_id; the header x-msgd-error holds the error record as
 JSON (id, queue, attempts, failed_at, error_type, error, traceback...). `retry_failed` publishes
 dead letters back to the queue with no attempts counted and acknowledges them.
 
 What the master sees without the management plugin: queue.declare's ready counts of the queue,
-its delay queues and .failed. `cur` (delivered, not yet acknowledged) is what this daemon's
-workers hold, counted in shared memory set up before the workers fork; other daemons' are not
-known. A burst is worked when the queue has no ready message and this daemon's workers hold
-none, on two looks at least BURST_LOOK apart: exact for a burst-mode queue (a worker counts a
-message before it asks the broker for it), and for a continuous queue but for a delivery still
-on the wire at the instant of the check.
+its delay queues, the delayed sends' queues (through .schedules) and .failed. `cur` (delivered,
+not yet acknowledged) is what this daemon's workers hold, counted in shared memory set up before
+the workers fork; other daemons' are not known. A burst is worked when the queue has no ready
+message and this daemon's workers hold none, on two looks at least BURST_LOOK apart: exact for a
+burst-mode queue (a worker counts a message before it asks the broker for it), and for a
+continuous queue but for a delivery still on the wire at the instant of the check.
 """
 
 from __future__ import annotations
@@ -493,9 +517,10 @@ class AmqpStore:
 
         AMQP cannot list queues, nor read a queue without taking its messages, so one look at a
         time (an exclusive queue is the lock; the broker drops it with a dead looker's
-        connection) takes every marker, publishes one back (confirmed) per queue that still
-        holds messages, and only then acknowledges those it took (a requeue would not do: the
-        broker answers the next look's count before it has put requeued messages back).
+        connection) takes every marker, publishes one back (confirmed: in the queue before the
+        next look counts it, which a requeue does not promise) per queue that still holds
+        messages, and only then acknowledges those it took (a looker that dies in between
+        leaves duplicates, not gaps).
         Markers of emptied queues are dropped: counting a queue renews its lease (x-expires),
         and an emptied one must be left to expire. A send's marker follows its messages."""
         side = self._locked(channel)
