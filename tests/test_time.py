@@ -292,10 +292,13 @@ def check_delayed_runs_on_time(daemon: Msgd, queue: str) -> None:
     assert sched_column(daemon, queue) == 0
 
 
-def check_expired_never_runs(daemon: Msgd, queue: str, dead: Callable[[], list[dict]]) -> None:
-    """A message sent with a short TTL to a queue nobody works: a dead letter marked expired
-    within a few seconds, counted, and never run."""
-    mid = msgd.send(b"stale", queue=queue, config=str(daemon.config_path), ttl=0.3)
+def check_expired_never_runs(
+    daemon: Msgd, queue: str, dead: Callable[[], list[dict]], delay: float | None = None
+) -> None:
+    """A message sent with a short TTL (after `delay`, if given) to a queue nobody works: a dead
+    letter marked expired within a few seconds, counted, and never run."""
+    config = str(daemon.config_path)
+    mid = msgd.send(b"stale", queue=queue, config=config, ttl=0.3, delay=delay)
     records = wait_for(dead, 5, "the expired message in the dead letters")
     assert [r["id"] for r in records] == [mid]
     assert records[0]["error_type"] == "Expired"

@@ -23,6 +23,8 @@ from msgd.backend import BackendError
 from msgd.config import DaemonConfig
 from msgd.when import SendOptions
 from test_time import (
+    DELAY,
+    ON_TIME,
     check_delayed_runs_on_time,
     check_every_2s,
     check_expired_never_runs,
@@ -77,8 +79,8 @@ def test_amqp_delayed_message_runs_on_time(daemon: Msgd, rabbit: Any) -> None:
 
 
 def test_amqp_scheduled_counts_the_delayed_sends_until_they_run(daemon: Msgd, rabbit: Any) -> None:
-    """Five delayed sends in three queues of their delays: SCHEDULED is 5 in `msgctl queues`
-    and in the master's stats (two lookers taking turns), and 0 once all five ran, their
+    """Six delayed sends in four queues of their delays (one with a TTL): SCHEDULED is 6 in
+    `msgctl queues` and in the master's stats (two lookers taking turns), and 0 once all ran, their
     markers dropped. The delays
     are long enough that a loaded machine still looks before they are due."""
     daemon.queues = {"aq": amqp_queue(rabbit)}
@@ -87,10 +89,11 @@ def test_amqp_scheduled_counts_the_delayed_sends_until_they_run(daemon: Msgd, ra
     config = str(daemon.config_path)
     ids = msgd.send_many([b"a", b"b", b"c"], queue="aq", config=config, delay=6)
     ids += [msgd.send(b"d", queue="aq", config=config, delay=d) for d in (6.5, 7)]
-    assert sched_column(daemon, "aq") == 5
-    wait_for(lambda: daemon.stats()["queues"]["aq"]["depth"]["scheduled"] == 5, 5, "the stats")
-    assert sched_column(daemon, "aq") == 5
-    got = wait_for(lambda: len(starts(daemon)) == 5 and starts(daemon), 20, "five starts")
+    ids.append(msgd.send(b"e", queue="aq", config=config, delay=7, ttl=60))  # its own queue
+    assert sched_column(daemon, "aq") == 6
+    wait_for(lambda: daemon.stats()["queues"]["aq"]["depth"]["scheduled"] == 6, 5, "the stats")
+    assert sched_column(daemon, "aq") == 6
+    got = wait_for(lambda: len(starts(daemon)) == 6 and starts(daemon), 20, "six starts")
     assert sorted(s.id for s in got) == sorted(ids)
     assert sched_column(daemon, "aq") == 0
     wait_for(lambda: daemon.stats()["queues"]["aq"]["depth"]["scheduled"] == 0, 5, "0 in stats")
@@ -105,6 +108,29 @@ def test_amqp_expired_message_is_a_dead_letter_never_run(daemon: Msgd, rabbit: A
     daemon.start()
     name = daemon.queues["aq"]["amqp_queue"]
     check_expired_never_runs(daemon, "aq", lambda: dead_letters(rabbit, name))
+
+
+def test_amqp_delayed_message_with_a_ttl_expires_on_a_queue_nobody_works(
+    daemon: Msgd, rabbit: Any
+) -> None:
+    """Its delay queue hands it to .due, whence the master gives it its AMQP expiration."""
+    daemon.queues = {"aq": amqp_queue(rabbit, mode="burst")}
+    daemon.write_config()
+    daemon.start()
+    name = daemon.queues["aq"]["amqp_queue"]
+    check_expired_never_runs(daemon, "aq", lambda: dead_letters(rabbit, name), delay=0.5)
+
+
+def test_amqp_delayed_message_with_a_ttl_runs_on_time(daemon: Msgd, rabbit: Any) -> None:
+    daemon.queues = {"aq": amqp_queue(rabbit)}
+    daemon.write_config()
+    daemon.start()
+    before = time.time()
+    mid = msgd.send(b"later", queue="aq", config=str(daemon.config_path), delay=DELAY, ttl=60)
+    after = time.time()
+    [start] = wait_for(lambda: starts(daemon), 10, "the start")
+    assert start.id == mid
+    assert before + DELAY <= start.wall <= after + DELAY + ON_TIME, (before, start.wall)
 
 
 def test_amqp_worker_never_runs_a_message_it_receives_expired(daemon: Msgd, rabbit: Any) -> None:

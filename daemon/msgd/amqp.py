@@ -172,6 +172,7 @@ class Names:
         self.main = policy.amqp_queue or f"msgd.{queue}"
         self.failed = f"{self.main}.failed"
         self.expired = f"{self.main}.expired"
+        self.due = f"{self.main}.due"
         self.schedules = f"{self.main}.schedules"
         self.lock = f"{self.schedules}.lock"  # exclusive while one look counts the delayed sends
         self.delays = sorted({ms for ms in map(_ms, policy.backoff) if ms > 0})
@@ -183,25 +184,36 @@ class Names:
             },
             self.failed: CLASSIC,
             self.expired: CLASSIC,
+            self.due: CLASSIC,
             self.schedules: CLASSIC,
         }
         for ms in self.delays:
             self.arguments[self.delay(ms)] = self._returning(ms)
 
-    def _returning(self, ms: int) -> dict[str, Any]:
-        """A queue whose messages go back to the main one `ms` after they arrived."""
+    def _returning(self, ms: int, to: str = "") -> dict[str, Any]:
+        """A queue whose messages go on to `to` (the main one) `ms` after they arrived."""
         return {
             **CLASSIC,
             "x-message-ttl": ms,
             "x-dead-letter-exchange": "",
-            "x-dead-letter-routing-key": self.main,
+            "x-dead-letter-routing-key": to or self.main,
         }
 
-    def scheduled(self, ms: int) -> str:
+    def scheduled(self, ms: int, expiring: bool = False) -> str:
         """Where a delayed send waits `ms` (a multiple of SCHEDULE_STEP) before it joins the
-        queue. The broker deletes it once nobody declared it for SCHEDULE_KEEP past its delay,
-        when every message in it has left (each send declares it again)."""
-        return f"{self.main}.at.{ms}"
+        queue; one with a TTL (`expiring`) waits apart and joins .due, for the master to give it
+        its AMQP expiration. The broker deletes such a queue once nobody declared it for
+        SCHEDULE_KEEP past its delay, when every message in it has left (each send declares it
+        again)."""
+        return f"{self.main}.{'at-ttl' if expiring else 'at'}.{ms}"
+
+    def of_marker(self, body: bytes) -> str | None:
+        """The delayed sends' queue a marker in .schedules names (its name past the main
+        one's: "at.<ms>" or "at-ttl.<ms>"), None if it names none."""
+        family, _, ms = body.decode("ascii", "replace").partition(".")
+        if family not in ("at", "at-ttl") or not ms.isdigit() or not 0 < int(ms) < 2**32:
+            return None
+        return f"{self.main}.{family}.{int(ms)}"
 
     def delay(self, ms: int) -> str:
         """Where a retry waits `ms` before it returns: the main queue itself for no delay."""
@@ -222,8 +234,9 @@ class Names:
         """A fixed queue's arguments, or those of the delayed sends' queue `name` names."""
         if name in self.arguments:
             return self.arguments[name]
-        ms = int(name.removeprefix(f"{self.main}.at."))
-        return {**self._returning(ms), "x-expires": ms + SCHEDULE_KEEP}
+        family, _, ms = name.removeprefix(f"{self.main}.").partition(".")
+        to = self.due if family == "at-ttl" else self.main
+        return {**self._returning(int(ms), to), "x-expires": int(ms) + SCHEDULE_KEEP}
 
 
 def _ms(seconds: float) -> int:
@@ -297,14 +310,6 @@ class Delivery:
         """msgd's ids carry the enqueue time; a foreign message has its timestamp."""
         when = id_time(self.mid)
         return self.timestamp if when is None else when
-
-
-def _marker(body: bytes) -> int | None:
-    """The delay (ms) a marker in <amqp_queue>.schedules names, None if it is not one."""
-    text = body.decode("ascii", "replace")
-    if not text.isdigit() or int(text) % SCHEDULE_STEP or not 0 < int(text) < 2**32:
-        return None
-    return int(text)
 
 
 def _count(value: Any) -> int:
@@ -466,7 +471,7 @@ class AmqpStore:
         if options.due:
             steps = math.ceil((options.due - time.time()) * 1000 / SCHEDULE_STEP)
             delay = max(1, steps) * SCHEDULE_STEP
-        into = self.names.scheduled(delay) if delay else self.names.main
+        into = self.names.scheduled(delay, options.expires > 0) if delay else self.names.main
         expires = int(options.expires * 1000)
 
         def send(channel: BlockingChannel) -> None:
@@ -477,8 +482,7 @@ class AmqpStore:
                     priority=options.priority, expires_ms=expires, expiring=not delay,
                 )  # fmt: skip
             if delay:
-                marker = str(delay).encode()
-                channel.basic_publish("", self.names.schedules, marker, PERSISTENT, mandatory=True)
+                self._mark(channel, into)
 
         if ids:
             self.link.run(send)
@@ -499,7 +503,7 @@ class AmqpStore:
         def look(channel: BlockingChannel) -> tuple[int, int, int, int]:
             ready = names.ready(channel, names.main)
             deferred = sum(names.ready(channel, names.delay(ms)) for ms in names.delays)
-            scheduled = self._scheduled(channel)
+            scheduled = self._scheduled(channel) + names.ready(channel, names.due)
             return ready, deferred, scheduled, names.ready(channel, names.failed)
 
         ready, deferred, scheduled, failed = self.link.run(look)
@@ -525,15 +529,14 @@ class AmqpStore:
         and an emptied one must be left to expire. A send's marker follows its messages."""
         side = self._locked(channel)
         try:
-            waiting: dict[int, int] = {}
+            waiting: dict[str, int] = {}
             taken = self._take(side, self.names.schedules)
             for _, _, body in taken:
-                ms = _marker(body)
-                if ms is not None and ms not in waiting:
-                    waiting[ms] = self.names.ready(side, self.names.scheduled(ms))
-            for ms in (ms for ms, count in waiting.items() if count):
-                marker = str(ms).encode()
-                channel.basic_publish("", self.names.schedules, marker, PERSISTENT, mandatory=True)
+                name = self.names.of_marker(body)
+                if name is not None and name not in waiting:
+                    waiting[name] = self.names.ready(side, name)
+            for name in (name for name, count in waiting.items() if count):
+                self._mark(channel, name)
             if taken:
                 side.basic_ack(multiple=True)  # every marker taken
             side.queue_delete(self.names.lock)
@@ -541,6 +544,11 @@ class AmqpStore:
             if side.is_open:
                 side.close()
         return sum(waiting.values())
+
+    def _mark(self, channel: BlockingChannel, name: str) -> None:
+        """A marker in .schedules naming the delayed sends' queue `name` (confirmed)."""
+        marker = name.removeprefix(f"{self.names.main}.").encode()
+        channel.basic_publish("", self.names.schedules, marker, PERSISTENT, mandatory=True)
 
     def _locked(self, channel: BlockingChannel) -> BlockingChannel:
         """A channel of this connection that holds the exclusive <amqp_queue>.schedules.lock,
@@ -558,28 +566,54 @@ class AmqpStore:
 
     def release_due(self, force: bool) -> int:
         """The broker keeps the retries' and delayed sends' time; a burst (`force`) moves the
-        retries back now (not the delayed sends). Once a second (not in a burst's call), the
-        messages the broker expired into <amqp_queue>.expired become dead letters: returns how
-        many."""
+        retries back now (not the delayed sends). The periodic call: the delayed sends with a
+        TTL that came due join the queue, and once a second the messages the broker expired
+        become dead letters; returns how many dead letters it made."""
         if force:
             self.link.run(self._release_all)
-        if force or time.monotonic() < self._next_sweep:  # the periodic call counts them
             return 0
-        self._next_sweep = time.monotonic() + SWEEP_EVERY
-        return self.link.run(self._expire)
+        sweep = time.monotonic() >= self._next_sweep
+        if sweep:
+            self._next_sweep = time.monotonic() + SWEEP_EVERY
+
+        def release(channel: BlockingChannel) -> int:
+            return self._join(channel) + (self._expire(channel) if sweep else 0)
+
+        return self.link.run(release)
+
+    def _join(self, channel: BlockingChannel) -> int:
+        """The delayed sends with a TTL in .due into the queue, with the AMQP expiration (the
+        broker drops it from a message it dead-letters, here out of its delay queue); one past
+        its TTL already becomes a dead letter. Returns how many did."""
+        expired = 0
+        for method, properties, body in self._take(channel, self.names.due):
+            delivery = Delivery.of(0, method, properties, body)
+            if 0 < delivery.expires_ms <= time.time() * 1000:
+                self._dead_letter_expired(channel, delivery)
+                expired += 1
+            else:
+                publish(
+                    channel, self.names.main, delivery.mid, body, delivery.attempts,
+                    priority=delivery.priority, expires_ms=delivery.expires_ms, expiring=True,
+                )  # fmt: skip
+            channel.basic_ack(method.delivery_tag)
+        return expired
 
     def _expire(self, channel: BlockingChannel) -> int:
-        """Dead letters of the expired messages, with the error record a worker writes for one
-        it receives expired; each published to .failed (confirmed), then acknowledged."""
+        """Dead letters of the messages the broker expired into .expired."""
         taken = self._take(channel, self.names.expired)
         for method, properties, body in taken:
-            delivery = Delivery.of(0, method, properties, body)
-            attempt = delivery.attempts + 1
-            error = {"error_type": "Expired", "error": expired_error(delivery.expires_ms)}
-            record = error_record(self.queue, delivery.mid, attempt, error)
-            publish(channel, self.names.failed, delivery.mid, body, attempt, record)
+            self._dead_letter_expired(channel, Delivery.of(0, method, properties, body))
             channel.basic_ack(method.delivery_tag)
         return len(taken)
+
+    def _dead_letter_expired(self, channel: BlockingChannel, delivery: Delivery) -> None:
+        """To .failed (confirmed), with the error record a worker writes for a message it
+        receives past its TTL."""
+        attempt = delivery.attempts + 1
+        error = {"error_type": "Expired", "error": expired_error(delivery.expires_ms)}
+        record = error_record(self.queue, delivery.mid, attempt, error)
+        publish(channel, self.names.failed, delivery.mid, delivery.body, attempt, record)
 
     def _release_all(self, channel: BlockingChannel) -> None:
         for ms in self.names.delays:
