@@ -1,9 +1,10 @@
 """Time on RabbitMQ queues: the checks of test_time.py, on a real broker (tests/rabbitkit.py).
 
 What differs, as msgd.amqp documents it: the broker expires a message (the AMQP expiration) into
-<amqp_queue>.expired, which the master makes dead letters; the worker that receives a message
-past its TTL (one the broker did not time) makes it one itself; delayed sends are counted through
-the markers in <amqp_queue>.schedules; priority is the broker's, strict with prefetch 1.
+<amqp_queue>.expired, which the master makes dead letters (a delayed one gets its expiration from
+the master when it comes due); the worker that receives a message past its TTL makes it one
+itself; delayed sends are counted through the markers in <amqp_queue>.schedules; priority is the
+broker's, strict with prefetch 1.
 """
 
 from __future__ import annotations
@@ -134,9 +135,9 @@ def test_amqp_delayed_message_with_a_ttl_runs_on_time(daemon: Msgd, rabbit: Any)
 
 
 def test_amqp_worker_never_runs_a_message_it_receives_expired(daemon: Msgd, rabbit: Any) -> None:
-    """A message past the TTL in its x-msgd-expires header that the broker does not time (a
-    delayed send, which loses its expiration on the way out of its delay queue, or a foreign
-    producer's): the worker that receives it makes it the dead letter, counted the same."""
+    """A message past the TTL in its x-msgd-expires header that the broker does not time (as
+    one that expires in a worker's prefetch, here a foreign producer's without an expiration):
+    the worker that receives it makes it the dead letter, counted the same."""
     daemon.queues = {"aq": amqp_queue(rabbit)}
     daemon.write_config()
     daemon.start()

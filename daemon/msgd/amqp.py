@@ -6,7 +6,9 @@
                                (exchange "", routing key <amqp_queue>) when the time is up
     <amqp_queue>.at.<ms>       delayed sends, per delay (rounded up to 100 ms): like the above,
                                and deleted by the broker a minute after its last use
-    <amqp_queue>.schedules     markers naming the .at.<ms> queues that may hold messages
+    <amqp_queue>.at-ttl.<ms>   delayed sends with a TTL: the same, dead-lettered to .due
+    <amqp_queue>.due           delayed sends with a TTL that came due, until the master moves them
+    <amqp_queue>.schedules     markers naming the .at(-ttl).<ms> queues that may hold messages
     <amqp_queue>.schedules.lock  exclusive to the connection counting the delayed sends
     <amqp_queue>.expired       messages the broker expired, until the master makes dead letters
     <amqp_queue>.failed        dead letters: the original body and properties, the error in headers
@@ -31,18 +33,19 @@ whose producer died before its marker is not counted until the next send of that
 Expiry: a TTL rides in the header x-msgd-expires (epoch ms) and, published to the queue itself,
 as the AMQP expiration (the milliseconds left). The broker never hands out an expired message; it
 dead-letters it to .expired, which the master empties once a second (SWEEP_EVERY) into .failed
-with the record a worker writes ("Expired"), counted failed and expired. A worker that receives
-a message past its x-msgd-expires (it expired in the worker's prefetch, or the broker was not
-timing it) makes it that dead letter itself. So a message is never started after its TTL; it
-becomes a dead letter within about a second of expiring on a queue nobody works, with two
-exceptions, where it waits for a worker (a burst) to reach it:
-- RabbitMQ expires messages from the head of the queue only (with priorities too): a message
-  behind one that expires later or never (sent before it at any priority, or after it at a
-  higher one) becomes a dead letter when a worker has taken that one.
-- A delayed send has only the header: the broker drops a message's expiration when it
-  dead-letters it, here out of its .at.<ms> queue into the queue.
-A message requeued after its TTL passed (its worker died holding it, even while its handler ran)
-is expired by the broker: an Expired dead letter, not a Redelivered retry.
+with the record a worker writes ("Expired"), counted failed and expired. The broker drops a
+message's expiration when it dead-letters it, so a delayed send with a TTL waits in a queue of
+its own (.at-ttl.<ms>) that hands it to .due, and the master publishes it from there into the
+queue with its expiration within a tick (or makes it that dead letter if its TTL passed
+meanwhile): like the spool's and Redis's delayed sends, it becomes due only while a daemon runs.
+A worker that receives a message past its x-msgd-expires (it expired in the worker's prefetch)
+makes it that dead letter itself. So a message is never started after its TTL, and it becomes a
+dead letter within about a second of expiring on a queue nobody works, but for the head of the
+queue: RabbitMQ expires messages from there only (with priorities too), so a message behind one
+that expires later or never (sent before it at any priority, or after it at a higher one)
+becomes a dead letter when a worker (a burst) has taken that one. A message requeued after its
+TTL passed (its worker died holding it, even while its handler ran) is expired by the broker: an
+Expired dead letter, not a Redelivered retry.
 
 Workers consume with manual acknowledgement, sent after the handler returned. A pika connection is
 not thread-safe, so each inbox has one I/O thread that owns its connection and channel: it pumps
@@ -460,6 +463,7 @@ class AmqpStore:
         self.link = Link(queue, self.url, self.names)
         self.held = held_counts(self.names.main)
         self._next_sweep = 0.0  # time.monotonic() of the next move of expired messages
+        self._resume = 0.0  # time.monotonic() before which release_due rests after a failure
 
     def send_many(self, bodies: Sequence[bytes], options: SendOptions = NOW) -> list[str]:
         """Publish to the queue, with the AMQP priority and the TTL's expiration; a delayed
@@ -568,18 +572,26 @@ class AmqpStore:
         """The broker keeps the retries' and delayed sends' time; a burst (`force`) moves the
         retries back now (not the delayed sends). The periodic call: the delayed sends with a
         TTL that came due join the queue, and once a second the messages the broker expired
-        become dead letters; returns how many dead letters it made."""
+        become dead letters; returns how many dead letters it made. After a failure it rests a
+        second (the master calls it every tick; reconnecting that often helps nobody)."""
         if force:
             self.link.run(self._release_all)
             return 0
-        sweep = time.monotonic() >= self._next_sweep
+        now = time.monotonic()
+        if now < self._resume:
+            return 0
+        sweep = now >= self._next_sweep
         if sweep:
-            self._next_sweep = time.monotonic() + SWEEP_EVERY
+            self._next_sweep = now + SWEEP_EVERY
 
         def release(channel: BlockingChannel) -> int:
             return self._join(channel) + (self._expire(channel) if sweep else 0)
 
-        return self.link.run(release)
+        try:
+            return self.link.run(release)
+        except BackendError:
+            self._resume = now + SWEEP_EVERY
+            raise
 
     def _join(self, channel: BlockingChannel) -> int:
         """The delayed sends with a TTL in .due into the queue, with the AMQP expiration (the
