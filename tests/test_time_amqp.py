@@ -13,6 +13,7 @@ import json
 import threading
 import time
 import uuid
+from functools import partial
 from typing import Any
 
 import msgd
@@ -102,24 +103,17 @@ def test_amqp_scheduled_counts_the_delayed_sends_until_they_run(daemon: Msgd, ra
     assert test_amqp.ready(rabbit, f"{name}.schedules") == 0  # emptied queues are left to expire
 
 
-def test_amqp_expired_message_is_a_dead_letter_never_run(daemon: Msgd, rabbit: Any) -> None:
-    """On a burst-mode queue nobody bursts: the broker expires it, the master records it."""
-    daemon.queues = {"aq": amqp_queue(rabbit, mode="burst")}
-    daemon.write_config()
-    daemon.start()
-    name = daemon.queues["aq"]["amqp_queue"]
-    check_expired_never_runs(daemon, "aq", lambda: dead_letters(rabbit, name))
-
-
-def test_amqp_delayed_message_with_a_ttl_expires_on_a_queue_nobody_works(
-    daemon: Msgd, rabbit: Any
+@pytest.mark.parametrize("delay", [None, 0.5], ids=["sent", "delayed"])
+def test_amqp_expired_message_is_a_dead_letter_never_run(
+    daemon: Msgd, rabbit: Any, delay: float | None
 ) -> None:
-    """Its delay queue hands it to .due, whence the master gives it its AMQP expiration."""
+    """On a burst-mode queue nobody bursts: the broker expires it, the master records it. A
+    delayed one's delay queue hands it to .due, whence the master gives it its expiration."""
     daemon.queues = {"aq": amqp_queue(rabbit, mode="burst")}
     daemon.write_config()
     daemon.start()
-    name = daemon.queues["aq"]["amqp_queue"]
-    check_expired_never_runs(daemon, "aq", lambda: dead_letters(rabbit, name), delay=0.5)
+    dead = partial(dead_letters, rabbit, daemon.queues["aq"]["amqp_queue"])
+    check_expired_never_runs(daemon, "aq", dead, delay=delay)
 
 
 def test_amqp_delayed_message_with_a_ttl_runs_on_time(daemon: Msgd, rabbit: Any) -> None:
