@@ -29,7 +29,6 @@ from typing import Any
 import msgspec
 import structlog
 
-import msgd.spool_inbox  # noqa: F401 - the workers' side of the spool, loaded before the drop too
 from msgd import handlers, logs, stats
 from msgd.backend import BackendError, Store, open_store
 from msgd.burst import Burst, BurstFlags
