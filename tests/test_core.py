@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import BIN, Msgd, alive, wait_for
+from faultkit import title
 
 
 def run_msgd(*args: str) -> subprocess.CompletedProcess[str]:
@@ -258,6 +259,34 @@ def test_hup_reloads_and_a_bad_config_keeps_the_old_one(daemon: Msgd) -> None:
     wait_for(lambda: len(daemon.succeeded()) == 1, what="the old config to keep working")
 
 
+EXITS_AT_IMPORT = """import sys
+sys.exit(3)
+"""
+
+
+def test_a_reload_whose_new_workers_cannot_load_keeps_the_old_workers(
+    daemon: Msgd, tmp_path: Path
+) -> None:
+    """The reload's handler check is its new workers' import: when it fails (here sys.exit at
+    import), they are killed before claiming anything and the same old workers serve on."""
+    (tmp_path / "exits.py").write_text(EXITS_AT_IMPORT)
+    daemon.daemon["pythonpath"] = [str(tmp_path)]
+    daemon.start()
+    wait_for(lambda: len(daemon.workers()) == 2, what="two workers")
+    serving = sorted(daemon.workers())
+    daemon.queues["default"] = {"handler": "exits:handle"}
+    daemon.write_config()
+    daemon.kill(signal.SIGHUP)
+    wait_for(lambda: daemon.generation("reload") == 1, what="the reload's answer")
+    last = daemon.state()["last"]["reload"]
+    assert last["outcome"] == "rejected", last
+    assert "importing handlers: SystemExit(3)" in last["error"], last
+    wait_for(lambda: sorted(daemon.workers()) == serving, what="only the old workers left")
+    ids = daemon.store().send_many([b"a", b"b", b"c"])
+    wait_for(lambda: sorted(daemon.succeeded()) == sorted(ids), what="the old handler's runs")
+    assert not daemon.files("default", "failed"), "a new worker claimed a message"
+
+
 def test_msgctl_reload_refuses_a_bad_config_and_reports_rejections(daemon: Msgd) -> None:
     daemon.start()
     ok = daemon.msgctl("reload")
@@ -300,12 +329,12 @@ def test_signal_storm_never_loses_the_hup(daemon: Msgd) -> None:
     assert daemon.proc.poll() is None
 
 
-GATED = """# A handler whose import waits at a numbered gate, in the master's config check only.
+GATED = """# A handler whose import waits at a numbered gate once the gate exists (reload checks).
 import os, time
 from pathlib import Path
 
 GATE = Path(os.environ["MSGD_TEST_OUT"]) / "gate"
-if GATE.is_dir() and Path("/proc/self/cmdline").read_bytes().startswith(b"msgd: master"):
+if GATE.is_dir():
     N = len(list(GATE.glob("arrived.*"))) + 1
     (GATE / f"arrived.{N}").touch()
     while not (GATE / f"open.{N}").exists():
@@ -319,12 +348,15 @@ def handle(message):
 
 def test_signals_during_an_action_make_exactly_one_more_run(daemon: Msgd, tmp_path: Path) -> None:
     """50 HUPs that arrive while a reload runs make exactly one more reload: not none, not one
-    each. Each reload's handler check is held at a gate until the test opens it."""
+    each. Each reload's handler check (its one new worker's import) is held at a gate until the
+    test opens it."""
     (tmp_path / "gated.py").write_text(GATED)
     daemon.daemon["pythonpath"] = [str(tmp_path)]
+    daemon.daemon["workers"] = 1
     daemon.queues["default"] = {"handler": "gated:handle"}
     daemon.write_config()
     daemon.start()
+    wait_for(lambda: any(" idle" in title(p) for p in daemon.workers()), what="the first import")
     gate = daemon.out / "gate"
     gate.mkdir()
     daemon.kill(signal.SIGHUP)

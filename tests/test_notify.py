@@ -325,9 +325,10 @@ def idle_workers(daemon: Msgd) -> list[int]:
 def test_a_slow_handler_import_during_reload_stalls_nothing(
     daemon: Msgd, path_notify: NotifySocket
 ) -> None:
-    """While a reload imports a handler module that takes long (until the test releases it), USR1
-    is answered, a worker killed with -9 is replaced and the watchdog keeps being fed: the check
-    runs off the master's loop. Each is seen before the reload's acknowledgement."""
+    """While a reload's new workers import a handler module that takes long (until the test
+    releases it), USR1 is answered, an old worker killed with -9 is replaced and the watchdog keeps
+    being fed: the check runs off the master's loop. Each is seen before the reload's
+    acknowledgement."""
     daemon.queues["default"] = {"handler": "slow_import:record"}
     daemon.write_config()
     daemon.start(env=path_notify.env(WATCHDOG_USEC="400000"))
@@ -339,16 +340,22 @@ def test_a_slow_handler_import_during_reload_stalls_nothing(
     pings_before = len([m for _, m in path_notify.received if m.get("WATCHDOG")])
     stats = daemon.msgctl("stats", "--json")
     assert stats.returncode == 0, stats.stderr
-    victim = daemon.workers()[0]
+    before = set(daemon.workers())  # the two serving, the reload's two loading
+    victim = idle_workers(daemon)[0]  # a serving one (the new ones say "starting")
     os.kill(victim, signal.SIGKILL)
-    wait_for(lambda: len(set(daemon.workers()) - {victim}) == 2, what="the worker replaced")
+    wait_for(
+        lambda: victim not in daemon.workers() and len(set(daemon.workers()) - before) == 1,
+        what="the worker replaced",
+    )
     path_notify.poll(0.5)
     pings = len([m for _, m in path_notify.received if m.get("WATCHDOG")])
+    daemon.send(b"during")  # the old workers serve while the new ones load
+    daemon.wait_processed(1)
     assert daemon.generation("reload") == 0, "the import is still going on"
     assert pings > pings_before, "the watchdog was fed while the import ran"
     (daemon.out / "release").touch()
     wait_for(lambda: daemon.generation("reload") == 1, 15, what="the reload's acknowledgement")
     assert daemon.state()["last"]["reload"]["outcome"] == "ok"
     daemon.send(b"after")
-    daemon.wait_processed(1)
+    daemon.wait_processed(2)
     daemon.stop()

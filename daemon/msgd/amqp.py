@@ -1,81 +1,82 @@
 """Queues kept by a RabbitMQ broker, reached through pika, so that several daemons share them.
 
-    <amqp_queue>               the queue: classic, durable, x-max-priority 9; persistent messages
+    <amqp_queue>               the queue: classic, durable, x-max-priority 9, its expired messages
+                               dead-lettered (exchange "") to <amqp_queue>.expired
     <amqp_queue>.delay.<ms>    one per backoff delay: x-message-ttl <ms>, dead-lettered back
                                (exchange "", routing key <amqp_queue>) when the time is up
     <amqp_queue>.at.<ms>       delayed sends, per delay (rounded up to 100 ms): like the above,
                                and deleted by the broker a minute after its last use
+    <amqp_queue>.at-ttl.<ms>   delayed sends with a TTL: the same, dead-lettered to .due
+    <amqp_queue>.due           delayed sends with a TTL that came due, until the master moves them
+    <amqp_queue>.schedules     markers naming the .at(-ttl).<ms> queues that may hold messages
+    <amqp_queue>.schedules.lock  exclusive to the connection counting the delayed sends
+    <amqp_queue>.expired       messages the broker expired, until the master makes dead letters
     <amqp_queue>.failed        dead letters: the original body and properties, the error in headers
 
 Every producer and worker declares these queues with exactly the same arguments (a publish to a
 queue nobody declared would be dropped, and a declaration with other arguments is refused with
-406). Messages are published persistent, with `mandatory` and publisher confirms: `send_many`
-returns ids only once the broker confirmed every message. Each carries its msgd id as the AMQP
-message_id and the attempts done before it in the header x-msgd-attempts (an integer).
+406: a queue declared by an msgd from before the expired route must be drained and deleted, or
+the msgd queue given another amqp_queue; the error says so). Messages are published persistent,
+with `mandatory` and publisher confirms: `send_many` returns ids only once the broker confirmed
+every message. Each carries its msgd id as the AMQP message_id and the attempts done before it
+in the header x-msgd-attempts (an integer).
 
 Time: a send's priority is the AMQP priority (the queue's x-max-priority is 9): the broker hands
 out the highest priority ready first, but a message already delivered to a consumer (up to its
 prefetch) is not overtaken; a retry keeps its priority. A delayed send waits in the queue of its
-delay, so it is not pulled forward by a burst, and is not counted (these queues are not listed
-without the management plugin). A TTL rides in the header x-msgd-expires (epoch ms): the worker
-that receives an expired message makes it a dead letter ("Expired") without running it; the
-broker does not look, so on a queue nobody works an expired message waits for a worker.
+delay, so it is not pulled forward by a burst. AMQP cannot list queues, so each delayed batch is
+followed by a marker (its delay) in .schedules; a count (`depths`: the master once a second,
+`msgctl queues`) takes the markers, one counter at a time (the lock), adds up the named queues'
+messages, and puts back one marker per queue that still holds some (see `_scheduled`). A batch
+whose producer died before its marker is not counted until the next send of that delay.
 
-Workers consume with manual acknowledgement, sent after the handler returned. A pika connection is
-not thread-safe, so each inbox has one I/O thread that owns its connection and channel: it pumps
-the connection (heartbeats go on while a handler runs for minutes), hands deliveries to the runner
-threads, and performs their acknowledgements and publishes (`add_callback_threadsafe`, waiting
-for the result). A continuous queue consumes with `basic_qos(prefetch or threads)`; a burst-mode
-queue takes one message per claim with basic.get, whose "empty" is the broker's own word that the
-queue is drained. A delivery tag belongs to its channel: after a reconnect, a message taken
-before it is never acknowledged on the new channel; the broker redelivers it (a duplicate, which
-at-least-once allows).
+Expiry: a TTL rides in the header x-msgd-expires (epoch ms) and, published to the queue itself,
+as the AMQP expiration (the milliseconds left). The broker never hands out an expired message; it
+dead-letters it to .expired, which the master empties once a second (SWEEP_EVERY) into .failed
+with the record a worker writes ("Expired"), counted failed and expired. The broker drops a
+message's expiration when it dead-letters it, so a delayed send with a TTL waits in a queue of
+its own (.at-ttl.<ms>) that hands it to .due, and the master publishes it from there into the
+queue with its expiration within a tick (or makes it that dead letter if its TTL passed
+meanwhile): like the spool's and Redis's delayed sends, it becomes due only while a daemon runs.
+A worker that receives a message past its x-msgd-expires (it expired in the worker's prefetch)
+makes it that dead letter itself. So a message is never started after its TTL, and it becomes a
+dead letter within about a second of expiring on a queue nobody works, but for the head of the
+queue: RabbitMQ expires messages from there only (with priorities too), so a message behind one
+that expires later or never (sent before it at any priority, or after it at a higher one)
+becomes a dead letter when a worker (a burst) has taken that one. A message requeued after its
+TTL passed (its worker died holding it, even while its handler ran) is expired by the broker: an
+Expired dead letter, not a Redelivered retry.
 
-The attempt rule. Classic queues do not count deliveries; they only flag a message `redelivered`
-when it comes back unacknowledged: its worker or daemon was killed, its connection was lost, or the
-broker restarted while it was delivered. msgd charges that as a failed attempt: a worker that
-receives a redelivered message does not run it, but settles it as a failure (error_type
-"Redelivered") - retried after the queue's backoff, or a dead letter once out of attempts. So a
-message that kills its workers ends in <amqp_queue>.failed after max_attempts deliveries, as on the
-spool; the price is that the innocent ones delivered with it are charged too (at most the prefetch
-of the worker that died, also when the master killed it for a timeout, a QUIT or a TERM past the
-grace period; every unacknowledged message on a broker restart), and that a dead letter made so
-says "Redelivered", not why the worker died. A worker that stops cleanly (drain, reload) gives back
-the deliveries it had not begun uncharged: it cancels its consumer, publishes them again with the
-same attempts and acknowledges the originals (only a delivery that crosses the cancel on the wire
-is requeued by pika, and charged). These charges are not in the daemons' retried/failed counters
-(no daemon saw that run end).
+A worker's side is amqp_inbox.py (its threads, the attempt rule).
 
 Retries go to the delay queue of their backoff (confirmed, then the original is acknowledged), so
 no runner is held while a retry waits. RabbitMQ's dead-lettering out of a classic queue is not
-confirmed: a broker crash at the instant a delay expires may lose that one retry.
+confirmed: a broker crash at the instant a delay expires may lose that one retry (or, at the
+instant a TTL passes, that expired message).
 
 A dead letter keeps its body and message_id; the header x-msgd-error holds the error record as
 JSON (id, queue, attempts, failed_at, error_type, error, traceback...). `retry_failed` publishes
 dead letters back to the queue with no attempts counted and acknowledges them.
 
 What the master sees without the management plugin: queue.declare's ready counts of the queue,
-its delay queues and .failed. `cur` (delivered, not yet acknowledged) is what this daemon's
-workers hold, counted in shared memory set up before the workers fork; other daemons' are not
-known. A burst is worked when the queue has no ready message and this daemon's workers hold
-none, on two looks at least BURST_LOOK apart: exact for a burst-mode queue (a worker counts a
-message before it asks the broker for it), and for a continuous queue but for a delivery still
-on the wire at the instant of the check.
+its delay queues, the delayed sends' queues (through .schedules) and .failed. `cur` (delivered,
+not yet acknowledged) is what this daemon's workers hold, counted in shared memory set up before
+the workers fork; other daemons' are not known. A burst is worked when the queue has no ready
+message and this daemon's workers hold none, on two looks at least BURST_LOOK apart: exact for a
+burst-mode queue (a worker counts a message before it asks the broker for it), and for a
+continuous queue but for a delivery still on the wire at the instant of the check.
 """
 
 from __future__ import annotations
 
-import collections
 import json
 import logging
 import math
 import multiprocessing
 import os
-import select
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -83,8 +84,7 @@ import pika
 import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
 
-from msgd.backend import BackendError, BurstMark, Death, Depths, Expired, Outcome, Settled
-from msgd.handlers import Message
+from msgd.backend import BackendError, BurstMark, Death, Depths, Inbox, Outcome, Settled
 from msgd.spool import id_time, new_id
 from msgd.when import NOW, SendOptions
 
@@ -100,22 +100,16 @@ SCHEDULE_KEEP = 60_000  # ms a delayed sends' queue outlives its delay unused, t
 # Never change these: the broker refuses a queue declared again with other arguments (406). The
 # type is explicit, so a vhost whose default queue type is quorum still gets a classic queue.
 CLASSIC = {"x-queue-type": "classic"}
-QUEUE_ARGUMENTS = {**CLASSIC, "x-max-priority": 9}
+QUEUE_ARGUMENTS = {**CLASSIC, "x-max-priority": 9}  # and its expired messages' route (Names)
+SWEEP_EVERY = 1.0  # seconds between the master's moves of expired messages to the dead letters
+LOCK_WAIT = 5.0  # seconds a count of the delayed sends waits for another one to finish
 CONNECT_TIMEOUT = 5.0  # seconds
-TICK = 0.1  # seconds the I/O thread pumps the connection between looks at its stop fd
-WAIT = 0.5  # seconds a runner's wait lasts at most
-BACKOFF = (0.1, 5.0)  # first and longest wait between attempts to reach the broker
 BURST_LOOK = 0.2  # seconds between the two looks that find a burst worked
 SLOTS = 1024  # cells of the per-slot held counts (worker slots are small numbers)
 MAX_ERROR_TEXT = 8000  # characters of an error text and a traceback kept in a dead letter
 BROKER_ERRORS = (pika.exceptions.AMQPError, OSError)
+PERSISTENT = pika.BasicProperties(delivery_mode=2)
 logging.getLogger("pika").setLevel(logging.CRITICAL)  # msgd logs an outage itself, once
-
-REDELIVERED = {
-    "error_type": "Redelivered",
-    "error": "delivered before and never acknowledged: its worker or daemon died, its "
-    "connection was lost, or the broker restarted",
-}
 
 
 def safe_url(url: str) -> str:
@@ -125,7 +119,14 @@ def safe_url(url: str) -> str:
 
 
 def describe(error: BaseException) -> str:
-    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+    """The error for a log or an error line; a queue declared with other arguments says why."""
+    text = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+    if isinstance(error, pika.exceptions.ChannelClosedByBroker) and error.reply_code == 406:
+        text += (
+            " (declared with other arguments, by another program or msgd version: drain and"
+            " delete it, or give the queue another amqp_queue)"
+        )
+    return text
 
 
 # -- the queues and their messages -----------------------------------------------------------------
@@ -137,30 +138,49 @@ class Names:
     def __init__(self, queue: str, policy: QueueConfig) -> None:
         self.main = policy.amqp_queue or f"msgd.{queue}"
         self.failed = f"{self.main}.failed"
+        self.expired = f"{self.main}.expired"
+        self.due = f"{self.main}.due"
+        self.schedules = f"{self.main}.schedules"
+        self.lock = f"{self.schedules}.lock"  # exclusive while one look counts the delayed sends
         self.delays = sorted({ms for ms in map(_ms, policy.backoff) if ms > 0})
         self.arguments: dict[str, dict[str, Any]] = {
-            self.main: QUEUE_ARGUMENTS,
+            self.main: {
+                **QUEUE_ARGUMENTS,
+                "x-dead-letter-exchange": "",
+                "x-dead-letter-routing-key": self.expired,
+            },
             self.failed: CLASSIC,
+            self.expired: CLASSIC,
+            self.due: CLASSIC,
+            self.schedules: CLASSIC,
         }
         for ms in self.delays:
             self.arguments[self.delay(ms)] = self._returning(ms)
 
-    def _returning(self, ms: int) -> dict[str, Any]:
-        """A queue whose messages go back to the main one `ms` after they arrived."""
+    def _returning(self, ms: int, to: str = "") -> dict[str, Any]:
+        """A queue whose messages go on to `to` (the main one) `ms` after they arrived."""
         return {
             **CLASSIC,
             "x-message-ttl": ms,
             "x-dead-letter-exchange": "",
-            "x-dead-letter-routing-key": self.main,
+            "x-dead-letter-routing-key": to or self.main,
         }
 
-    def scheduled(self, ms: int) -> str:
+    def scheduled(self, ms: int, expiring: bool = False) -> str:
         """Where a delayed send waits `ms` (a multiple of SCHEDULE_STEP) before it joins the
-        queue. The broker deletes it once nobody declared it for SCHEDULE_KEEP past its delay,
-        when every message in it has left (each send declares it again)."""
-        name = f"{self.main}.at.{ms}"
-        self.arguments[name] = {**self._returning(ms), "x-expires": ms + SCHEDULE_KEEP}
-        return name
+        queue; one with a TTL (`expiring`) waits apart and joins .due, for the master to give it
+        its AMQP expiration. The broker deletes such a queue once nobody declared it for
+        SCHEDULE_KEEP past its delay, when every message in it has left (each send declares it
+        again)."""
+        return f"{self.main}.{'at-ttl' if expiring else 'at'}.{ms}"
+
+    def of_marker(self, body: bytes) -> str | None:
+        """The delayed sends' queue a marker in .schedules names (its name past the main
+        one's: "at.<ms>" or "at-ttl.<ms>"), None if it names none."""
+        family, _, ms = body.decode("ascii", "replace").partition(".")
+        if family not in ("at", "at-ttl") or not ms.isdigit() or not 0 < int(ms) < 2**32:
+            return None
+        return f"{self.main}.{family}.{int(ms)}"
 
     def delay(self, ms: int) -> str:
         """Where a retry waits `ms` before it returns: the main queue itself for no delay."""
@@ -174,8 +194,16 @@ class Names:
     def ready(self, channel: BlockingChannel, name: str) -> int:
         """Messages waiting in one of these queues (declared again: never a 404, and a 406 if
         someone else's queue has the name)."""
-        ok = channel.queue_declare(name, durable=True, arguments=self.arguments[name])
+        ok = channel.queue_declare(name, durable=True, arguments=self._arguments(name))
         return int(ok.method.message_count)
+
+    def _arguments(self, name: str) -> dict[str, Any]:
+        """A fixed queue's arguments, or those of the delayed sends' queue `name` names."""
+        if name in self.arguments:
+            return self.arguments[name]
+        family, _, ms = name.removeprefix(f"{self.main}.").partition(".")
+        to = self.due if family == "at-ttl" else self.main
+        return {**self._returning(int(ms), to), "x-expires": int(ms) + SCHEDULE_KEEP}
 
 
 def _ms(seconds: float) -> int:
@@ -192,21 +220,26 @@ def publish(
     *,
     priority: int = 0,
     expires_ms: int = 0,
+    expiring: bool = False,
 ) -> None:
     """One persistent message, confirmed by the broker before this returns (the channel is in
     confirm mode); `mandatory`, so that a queue that does not exist is an error, not a loss.
-    `priority`: the AMQP priority (0-9); `expires_ms`: when its TTL passes (header)."""
+    `priority`: the AMQP priority (0-9); `expires_ms`: when its TTL passes (header), and with
+    `expiring` (a publish to the main queue) also the broker's: the AMQP expiration, the time
+    left, after which the broker dead-letters the message to <amqp_queue>.expired."""
     headers: dict[str, Any] = {ATTEMPTS: attempts}
     if error is not None:
         headers[ERROR] = error
     if expires_ms:
         headers[EXPIRES] = expires_ms
+    left = max(0, expires_ms - int(time.time() * 1000))
     properties = pika.BasicProperties(
         message_id=mid,
         delivery_mode=2,
         headers=headers,
         timestamp=int(time.time()),
         priority=priority or None,
+        expiration=str(left) if expiring and expires_ms else None,
     )
     channel.basic_publish("", routing_key, body, properties, mandatory=True)
 
@@ -252,6 +285,11 @@ def _count(value: Any) -> int:
         return max(0, int(value or 0))
     except (TypeError, ValueError):
         return 0
+
+
+def expired_error(expires_ms: int) -> str:
+    """The error text of a message not started within its TTL (the worker's and the master's)."""
+    return f"not started within its TTL (expired at {expires_ms} ms)"
 
 
 def error_record(queue: str, mid: str, attempt: int, error: dict[str, Any]) -> str:
@@ -388,21 +426,31 @@ class AmqpStore:
         self.names = Names(queue, policy)
         self.link = Link(queue, self.url, self.names)
         self.held = held_counts(self.names.main)
+        self._next_sweep = 0.0  # time.monotonic() of the next move of expired messages
+        self._resume = 0.0  # time.monotonic() before which release_due rests after a failure
 
     def send_many(self, bodies: Sequence[bytes], options: SendOptions = NOW) -> list[str]:
-        """Publish to the queue, with the AMQP priority; a delayed batch to the queue of its
-        delay (rounded up to SCHEDULE_STEP), whence the broker moves it at its time."""
+        """Publish to the queue, with the AMQP priority and the TTL's expiration; a delayed
+        batch to the queue of its delay (rounded up to SCHEDULE_STEP), whence the broker moves
+        it at its time, and then a marker naming that queue to <amqp_queue>.schedules (where
+        `depths` finds the delayed sends' queues to count)."""
         ids = [new_id() for _ in bodies]
-        into = self.names.main
+        delay = 0
         if options.due:
             steps = math.ceil((options.due - time.time()) * 1000 / SCHEDULE_STEP)
-            into = self.names.scheduled(max(1, steps) * SCHEDULE_STEP)
+            delay = max(1, steps) * SCHEDULE_STEP
+        into = self.names.scheduled(delay, options.expires > 0) if delay else self.names.main
         expires = int(options.expires * 1000)
 
         def send(channel: BlockingChannel) -> None:
             self.names.ready(channel, into)  # a delayed sends' queue may have been deleted
             for mid, body in zip(ids, bodies, strict=True):
-                publish(channel, into, mid, body, 0, priority=options.priority, expires_ms=expires)
+                publish(
+                    channel, into, mid, body, 0,
+                    priority=options.priority, expires_ms=expires, expiring=not delay,
+                )  # fmt: skip
+            if delay:
+                self._mark(channel, into)
 
         if ids:
             self.link.run(send)
@@ -412,7 +460,7 @@ class AmqpStore:
         """Nothing on the network: a daemon starts while its broker is down (its spool queues
         work meanwhile), and the workers log the outage. The names must fit AMQP's 255 bytes,
         and "amq." names are the broker's own."""
-        if len(self.names.delay(max(self.names.delays, default=0)).encode()) > 255:
+        if max(len(name.encode()) for name in (*self.names.arguments, self.names.lock)) > 255:
             raise BackendError(f"{self.queue}: amqp_queue {self.names.main!r} is too long")
         if self.names.main.startswith("amq."):
             raise BackendError(f"{self.queue}: amqp_queue {self.names.main!r}: amq. is reserved")
@@ -420,26 +468,128 @@ class AmqpStore:
     def depths(self) -> Depths:
         names = self.names
 
-        def look(channel: BlockingChannel) -> tuple[int, int, int]:
+        def look(channel: BlockingChannel) -> tuple[int, int, int, int]:
             ready = names.ready(channel, names.main)
             deferred = sum(names.ready(channel, names.delay(ms)) for ms in names.delays)
-            return ready, deferred, names.ready(channel, names.failed)
+            scheduled = self._scheduled(channel) + names.ready(channel, names.due)
+            return ready, deferred, scheduled, names.ready(channel, names.failed)
 
-        ready, deferred, failed = self.link.run(look)
+        ready, deferred, scheduled, failed = self.link.run(look)
         return Depths(
             new=ready,
             cur=sum(self.held),
             defer=deferred,
+            scheduled=scheduled,
             failed=failed,
             detail=f"amqp queue {names.main}; cur: held by this daemon's workers (0 in msgctl)",
         )
 
+    def _scheduled(self, channel: BlockingChannel) -> int:
+        """The delayed sends waiting, in the queues the markers in <amqp_queue>.schedules name.
+
+        AMQP cannot list queues, nor read a queue without taking its messages, so one look at a
+        time (an exclusive queue is the lock; the broker drops it with a dead looker's
+        connection) takes every marker, publishes one back (confirmed: in the queue before the
+        next look counts it, which a requeue does not promise) per queue that still holds
+        messages, and only then acknowledges those it took (a looker that dies in between
+        leaves duplicates, not gaps).
+        Markers of emptied queues are dropped: counting a queue renews its lease (x-expires),
+        and an emptied one must be left to expire. A send's marker follows its messages."""
+        side = self._locked(channel)
+        try:
+            waiting: dict[str, int] = {}
+            taken = self._take(side, self.names.schedules)
+            for _, _, body in taken:
+                name = self.names.of_marker(body)
+                if name is not None and name not in waiting:
+                    waiting[name] = self.names.ready(side, name)
+            for name in (name for name, count in waiting.items() if count):
+                self._mark(channel, name)
+            if taken:
+                side.basic_ack(multiple=True)  # every marker taken
+            side.queue_delete(self.names.lock)
+        finally:
+            if side.is_open:
+                side.close()
+        return sum(waiting.values())
+
+    def _mark(self, channel: BlockingChannel, name: str) -> None:
+        """A marker in .schedules naming the delayed sends' queue `name` (confirmed)."""
+        marker = name.removeprefix(f"{self.names.main}.").encode()
+        channel.basic_publish("", self.names.schedules, marker, PERSISTENT, mandatory=True)
+
+    def _locked(self, channel: BlockingChannel) -> BlockingChannel:
+        """A channel of this connection that holds the exclusive <amqp_queue>.schedules.lock,
+        once no other connection holds it (each refusal closes a channel: a new one per try)."""
+        deadline = time.monotonic() + LOCK_WAIT
+        while True:
+            side = channel.connection.channel()
+            try:
+                side.queue_declare(self.names.lock, exclusive=True, auto_delete=True)
+                return side
+            except pika.exceptions.ChannelClosedByBroker as e:
+                if e.reply_code != 405 or time.monotonic() > deadline:
+                    raise
+            time.sleep(0.01)
+
     def release_due(self, force: bool) -> int:
         """The broker keeps the retries' and delayed sends' time; a burst (`force`) moves the
-        retries back now (not the delayed sends). Expiry is the receiving worker's: 0."""
+        retries back now (not the delayed sends). The periodic call: the delayed sends with a
+        TTL that came due join the queue, and once a second the messages the broker expired
+        become dead letters; returns how many dead letters it made. After a failure it rests a
+        second (the master calls it every tick; reconnecting that often helps nobody)."""
         if force:
             self.link.run(self._release_all)
-        return 0
+            return 0
+        now = time.monotonic()
+        if now < self._resume:
+            return 0
+        sweep = now >= self._next_sweep
+        if sweep:
+            self._next_sweep = now + SWEEP_EVERY
+
+        def release(channel: BlockingChannel) -> int:
+            return self._join(channel) + (self._expire(channel) if sweep else 0)
+
+        try:
+            return self.link.run(release)
+        except BackendError:
+            self._resume = now + SWEEP_EVERY
+            raise
+
+    def _join(self, channel: BlockingChannel) -> int:
+        """The delayed sends with a TTL in .due into the queue, with the AMQP expiration (the
+        broker drops it from a message it dead-letters, here out of its delay queue); one past
+        its TTL already becomes a dead letter. Returns how many did."""
+        expired = 0
+        for method, properties, body in self._take(channel, self.names.due):
+            delivery = Delivery.of(0, method, properties, body)
+            if 0 < delivery.expires_ms <= time.time() * 1000:
+                self._dead_letter_expired(channel, delivery)
+                expired += 1
+            else:
+                publish(
+                    channel, self.names.main, delivery.mid, body, delivery.attempts,
+                    priority=delivery.priority, expires_ms=delivery.expires_ms, expiring=True,
+                )  # fmt: skip
+            channel.basic_ack(method.delivery_tag)
+        return expired
+
+    def _expire(self, channel: BlockingChannel) -> int:
+        """Dead letters of the messages the broker expired into .expired."""
+        taken = self._take(channel, self.names.expired)
+        for method, properties, body in taken:
+            self._dead_letter_expired(channel, Delivery.of(0, method, properties, body))
+            channel.basic_ack(method.delivery_tag)
+        return len(taken)
+
+    def _dead_letter_expired(self, channel: BlockingChannel, delivery: Delivery) -> None:
+        """To .failed (confirmed), with the error record a worker writes for a message it
+        receives past its TTL."""
+        attempt = delivery.attempts + 1
+        error = {"error_type": "Expired", "error": expired_error(delivery.expires_ms)}
+        record = error_record(self.queue, delivery.mid, attempt, error)
+        publish(channel, self.names.failed, delivery.mid, delivery.body, attempt, record)
 
     def _release_all(self, channel: BlockingChannel) -> None:
         for ms in self.names.delays:
@@ -522,347 +672,10 @@ class AmqpStore:
         self.held[death.slot % SLOTS] = 0
         return Settled(uncounted=[outcome for _, outcome in death.intended])
 
-    def inbox(self, slot: int, stop_fd: int, log: Any) -> AmqpInbox:
+    def inbox(self, slot: int, stop_fd: int, log: Any) -> Inbox:
+        from msgd.amqp_inbox import AmqpInbox
+
         return AmqpInbox(self, slot, stop_fd, log)
 
     def close(self) -> None:
         self.link.close()
-
-
-# -- the worker's side -----------------------------------------------------------------------------
-
-
-class Gone(Exception):
-    """The channel a delivery or a request belonged to is closed."""
-
-
-class AmqpInbox:
-    """A worker's view of one RabbitMQ queue; see the module docstring for the threads."""
-
-    def __init__(self, store: AmqpStore, slot: int, stop_fd: int, log: Any) -> None:
-        self.queue, self.policy, self.names = store.queue, store.policy, store.names
-        self.url = store.url
-        self.log = log.bind(queue=store.queue)
-        self.bursty = store.policy.mode == "burst"
-        self._held_cells, self._cell = store.held, slot % SLOTS
-        self._stop_fd = stop_fd
-        self._lock = threading.Lock()
-        self._arrived = threading.Condition(self._lock)
-        self._ready: collections.deque[Delivery] = collections.deque()  # delivered, not claimed
-        self._claimed: dict[str, Delivery] = {}
-        self._counted = 0  # this worker's held count: ready + claimed + reserved basic.gets
-        self._pending: set[Future[Any]] = set()  # runners' requests the I/O thread has not run
-        self._connection: pika.BlockingConnection | None = None
-        self._channel: BlockingChannel | None = None
-        self._generation = 0
-        self._consumer = ""
-        self._stopping = self._down = self._broken = False
-        self._closing = threading.Event()
-        self._thread = threading.Thread(target=self._pump, name=f"amqp-{store.queue}", daemon=True)
-        self._thread.start()
-
-    # -- the runners' side -----------------------------------------------------------------------
-
-    def claim(self) -> str | None:
-        if self.bursty:
-            return self._get()
-        with self._lock:
-            if not self._ready:
-                return None
-            return self._hold(self._ready.popleft())
-
-    def wait(self) -> None:
-        with self._arrived:
-            self._arrived.wait_for(lambda: self._ready or self._stopping, WAIT)
-
-    def read(self, handle: str, max_size: int) -> Message:
-        delivery = self._claimed[handle]
-        if delivery.expires_ms and delivery.expires_ms <= time.time() * 1000:
-            raise Expired(f"not started within its TTL (expired at {delivery.expires_ms} ms)")
-        if max_size and len(delivery.body) > max_size:
-            raise BackendError(f"message of {len(delivery.body)} bytes exceeds max_message_size")
-        return Message(
-            id=delivery.mid,
-            queue=self.queue,
-            body=delivery.body,
-            attempt=delivery.attempts + 1,
-            enqueued_at=delivery.enqueued_at(),
-        )
-
-    def label(self, handle: str) -> tuple[str, int]:
-        delivery = self._claimed[handle]
-        return delivery.mid, delivery.attempts + 1
-
-    def done(self, handle: str) -> None:
-        """Acknowledge; if its channel is gone, the broker will redeliver it (a duplicate)."""
-        delivery = self._claimed[handle]
-        try:
-            self._on_channel(delivery, lambda channel: channel.basic_ack(delivery.tag))
-        finally:
-            self._release(handle)
-
-    def fail(self, handle: str, error: dict[str, Any], permanent: bool) -> Outcome:
-        """Retry through a delay queue or dead-letter; if the channel is gone, the broker's
-        redelivery does it (and counts the attempt)."""
-        delivery = self._claimed[handle]
-        attempt = delivery.attempts + 1
-        expected = (
-            Outcome.FAILED if permanent or attempt >= self.policy.max_attempts else Outcome.RETRIED
-        )
-
-        def settle(channel: BlockingChannel) -> Outcome:
-            return settle_failure(
-                channel, self.names, self.policy, self.queue, delivery, attempt, error, permanent
-            )
-
-        try:
-            outcome = self._on_channel(delivery, settle)
-        finally:
-            self._release(handle)
-        return expected if outcome is None else outcome
-
-    def burst(self) -> None:
-        """Nothing: the broker keeps the retries' time (the master releases them in a burst)."""
-
-    def close(self) -> None:
-        """Give back what was delivered and not begun, then close the connection."""
-        self._closing.set()
-        self._thread.join()
-
-    # -- handing work between the runners and the I/O thread -------------------------------------
-
-    def _hold(self, delivery: Delivery) -> str:
-        """Under the lock: a delivery becomes a runner's, under a handle of this channel."""
-        handle = f"{delivery.generation}.{delivery.tag}"
-        self._claimed[handle] = delivery
-        return handle
-
-    def _release(self, handle: str) -> None:
-        with self._lock:
-            del self._claimed[handle]
-            self._count(-1)
-
-    def _count(self, change: int) -> None:
-        """Under the lock: this worker's held count, published for the master."""
-        self._counted += change
-        self._held_cells[self._cell] = self._counted
-
-    def _get(self) -> str | None:
-        """A burst-mode claim: one basic.get, counted as held before it is asked for. Through an
-        outage it waits for the broker (or the stop fd): None must mean "drained"."""
-        while True:
-            with self._lock:
-                self._count(1)
-            try:
-                delivery = self._call(self._basic_get)
-                drained = delivery is None
-            except Gone:
-                delivery, drained = None, False
-            with self._lock:
-                if delivery is not None:
-                    return self._hold(delivery)
-                self._count(-1)
-            if drained or select.select([self._stop_fd], [], [], WAIT)[0]:
-                return None
-
-    def _on_channel(
-        self, delivery: Delivery, operation: Callable[[BlockingChannel], T]
-    ) -> T | None:
-        """Run `operation` in the I/O thread if `delivery`'s channel is still the open one."""
-        if delivery.generation != self._generation:
-            return None
-        try:
-            return self._call(lambda: self._same_channel(delivery, operation))
-        except Gone:
-            return None
-
-    def _same_channel(self, delivery: Delivery, operation: Callable[[BlockingChannel], T]) -> T:
-        if delivery.generation != self._generation or self._channel is None:
-            raise Gone
-        try:
-            return operation(self._channel)
-        except BROKER_ERRORS:
-            self._broken = True  # a refused publish: the original must come back by redelivery
-            raise
-
-    def _call(self, operation: Callable[[], T]) -> T:
-        """Run `operation` in the I/O thread and wait for its result; Gone if the connection is
-        (or goes) down before it ran."""
-        future: Future[T] = Future()
-        with self._lock:
-            connection = self._connection
-            if connection is None:
-                raise Gone
-            self._pending.add(future)
-
-        def run() -> None:
-            with self._lock:
-                self._pending.discard(future)
-            if not future.set_running_or_notify_cancel():
-                return
-            try:
-                future.set_result(operation())
-            except BaseException as e:
-                future.set_exception(e)
-
-        try:
-            connection.add_callback_threadsafe(run)
-        except BROKER_ERRORS:
-            with self._lock:
-                self._pending.discard(future)
-            raise Gone from None
-        try:
-            return future.result()
-        except BROKER_ERRORS:
-            raise Gone from None
-
-    # -- the I/O thread --------------------------------------------------------------------------
-
-    def _pump(self) -> None:
-        """Keep a connection, pump it, and hand deliveries over, until `close`."""
-        backoff = BACKOFF[0]
-        while not self._closing.is_set():
-            if self._connection is None:
-                try:
-                    self._connect()
-                    backoff = BACKOFF[0]
-                except BROKER_ERRORS as e:
-                    self._lost(e)
-                    self._closing.wait(backoff)
-                    backoff = min(backoff * 2, BACKOFF[1])
-                continue
-            try:
-                self._connection.process_data_events(time_limit=TICK)
-                if self._broken:
-                    raise BackendError("a settlement was refused; reconnecting")
-                if not self._stopping and select.select([self._stop_fd], [], [], 0)[0]:
-                    self._stop_consuming()
-            except (*BROKER_ERRORS, BackendError) as e:
-                self._lost(e)
-        self._shut()
-
-    def _connect(self) -> None:
-        connection = connect(self.url)
-        try:
-            channel = connection.channel()
-            channel.confirm_delivery()
-            self.names.declare(channel)
-            channel.basic_qos(prefetch_count=self.policy.prefetch or self.policy.threads)
-        except BaseException:
-            connection.close()
-            raise
-        with self._lock:
-            self._generation += 1
-            self._connection, self._channel = connection, channel
-        if not self.bursty and not self._stopping:
-            self._consumer = channel.basic_consume(self.names.main, self._deliver)
-        if self._down:
-            self._down = False
-            self.log.info("amqp back", url=safe_url(self.url))
-
-    def _deliver(self, channel: BlockingChannel, method: Any, properties: Any, body: bytes) -> None:
-        """A consumer delivery, in the I/O thread: to the runners, unless it is a redelivery."""
-        delivery = self._accept(method, properties, body)
-        if delivery is not None:
-            with self._arrived:
-                self._ready.append(delivery)
-                self._count(1)
-                self._arrived.notify()
-
-    def _basic_get(self) -> Delivery | None:
-        """In the I/O thread: the next message for a burst-mode claim (None when drained)."""
-        assert self._channel is not None
-        while True:
-            method, properties, body = self._channel.basic_get(self.names.main)
-            if method is None:
-                return None
-            delivery = self._accept(method, properties, body)
-            if delivery is not None:
-                return delivery
-
-    def _accept(self, method: Any, properties: Any, body: bytes) -> Delivery | None:
-        """A delivery to work, or None for a redelivered one, which is charged an attempt and
-        settled here (the module docstring's attempt rule)."""
-        delivery = Delivery.of(self._generation, method, properties, body)
-        if not method.redelivered:
-            return delivery
-        assert self._channel is not None
-        attempt = delivery.attempts + 1
-        outcome = settle_failure(
-            self._channel,
-            self.names,
-            self.policy,
-            self.queue,
-            delivery,
-            attempt,
-            REDELIVERED,
-            False,
-        )
-        self.log.warning(
-            "message " + outcome.label,
-            id=delivery.mid,
-            attempt=attempt,
-            error=f"{REDELIVERED['error_type']}: {REDELIVERED['error']}",
-        )
-        return None
-
-    def _stop_consuming(self) -> None:
-        """The worker is stopping: no more deliveries; those not begun go back uncharged."""
-        with self._lock:
-            self._stopping = True
-            self._arrived.notify_all()
-        if self._consumer and self._channel is not None:
-            self._channel.basic_cancel(self._consumer)
-            self._consumer = ""
-        self._give_back()
-
-    def _give_back(self) -> None:
-        """Publish the deliveries not begun again (same attempts) and acknowledge the originals,
-        so that a clean stop charges nothing."""
-        while self._channel is not None:
-            with self._lock:
-                if not self._ready:
-                    return
-                delivery = self._ready[0]
-            publish(
-                self._channel, self.names.main, delivery.mid, delivery.body, delivery.attempts,
-                priority=delivery.priority, expires_ms=delivery.expires_ms,
-            )  # fmt: skip
-            self._channel.basic_ack(delivery.tag)
-            with self._lock:
-                self._ready.popleft()
-                self._count(-1)
-
-    def _lost(self, error: BaseException) -> None:
-        """The connection failed: forget its deliveries (the broker has them back), fail the
-        runners' requests, log the outage once."""
-        connection = self._connection
-        if connection is not None and connection.is_open:
-            try:  # unacknowledged deliveries go back to the queue when it closes
-                connection.close()
-            except BROKER_ERRORS:
-                pass
-        with self._lock:
-            self._connection = self._channel = None
-            self._consumer = ""
-            self._broken = False
-            self._count(-len(self._ready))
-            self._ready.clear()
-            pending, self._pending = self._pending, set()
-        for future in pending:
-            if future.set_running_or_notify_cancel():
-                future.set_exception(Gone())
-        if not self._down:
-            self._down = True
-            self.log.warning("amqp unavailable", url=safe_url(self.url), error=describe(error))
-
-    def _shut(self) -> None:
-        try:
-            if self._connection is not None:
-                if not self._stopping:
-                    self._stop_consuming()
-                self._connection.close()
-        except BROKER_ERRORS:
-            pass
-        with self._lock:
-            self._connection = self._channel = None

@@ -220,11 +220,12 @@ class StoreFactory(Protocol):
     def __call__(self, queue: str, policy: QueueConfig, daemon: DaemonConfig) -> Store: ...
 
 
-# backend name -> (module, class, the library it needs or "", the extra that installs it)
-BACKENDS: dict[str, tuple[str, str, str, str]] = {
-    "spool": ("msgd.spool", "SpoolStore", "", ""),
-    "redis": ("msgd.redisq", "RedisStore", "redis", "redis-py"),
-    "amqp": ("msgd.amqp", "AmqpStore", "pika", "pika"),
+# backend name -> (module, class, the library it needs or "", the extra that installs it, the
+# module of its workers' side if apart)
+BACKENDS: dict[str, tuple[str, str, str, str, str]] = {
+    "spool": ("msgd.spool", "SpoolStore", "", "", "msgd.spool_inbox"),
+    "redis": ("msgd.redisq", "RedisStore", "redis", "redis-py", ""),
+    "amqp": ("msgd.amqp", "AmqpStore", "pika", "pika", "msgd.amqp_inbox"),
 }
 EXTRA = {"redis": "redis", "amqp": "amqp"}
 
@@ -232,14 +233,18 @@ EXTRA = {"redis": "redis", "amqp": "amqp"}
 def missing_library(backend: str) -> str | None:
     """Why a backend cannot be used here (its library is not installed), or None. Looks for the
     library without importing it."""
-    _, _, library, what = BACKENDS[backend]
+    _, _, library, what, _ = BACKENDS[backend]
     if library and importlib.util.find_spec(library) is None:
         return f"\"{backend}\" needs {what}: pip install 'msgd[{EXTRA[backend]}]'"
     return None
 
 
 def open_store(queue: str, policy: QueueConfig, daemon: DaemonConfig) -> Store:
-    """The store for one configured queue; imports its backend's module on first use."""
-    module, name, _, _ = BACKENDS[policy.backend]
+    """The store for one configured queue; imports its backend's modules on first use (the
+    workers' side too: the master opens its stores before it drops privileges, and a worker it
+    forks after may not be able to read msgd's files)."""
+    module, name, _, _, workers_side = BACKENDS[policy.backend]
     factory: StoreFactory = getattr(importlib.import_module(module), name)
+    if workers_side:
+        importlib.import_module(workers_side)
     return factory(queue, policy, daemon)

@@ -3,7 +3,8 @@
 A handler is called with a `Message`. Returning means success; raising means a failure that is
 retried with backoff; raising `Reject` means a permanent failure that goes straight to failed/.
 The master never imports handler code: workers import it after fork (so a reload picks up new code),
-and the config check imports it in a short-lived forked child.
+`msgd --check` and `msgctl reload` in a short-lived forked child, and a reload's new workers are its
+own check (pool.py: they claim nothing until all of them have loaded).
 """
 
 from __future__ import annotations
@@ -65,6 +66,17 @@ def load(name: str, queue: QueueConfig, pythonpath: list[str]) -> Handler:
     return function
 
 
+def load_all(config: Config) -> dict[str, Handler]:
+    """Every queue's handler; ConfigError (one line) for the first that cannot be had, whatever the
+    import raised (SystemExit, KeyboardInterrupt... included)."""
+    try:
+        return {name: load(name, q, config.daemon.pythonpath) for name, q in config.queues.items()}
+    except ConfigError:
+        raise
+    except BaseException as e:
+        raise ConfigError(f"importing handlers: {e!r}") from None
+
+
 def _command_handler(argv: list[str]) -> Handler:
     """Body on stdin, facts in the environment, argv as configured: nothing is shell-parsed."""
 
@@ -106,15 +118,19 @@ def _command_child() -> None:
     set_parent_death_signal()
 
 
+def check_commands(config: Config) -> None:
+    for name, q in config.queues.items():
+        if q.command and shutil.which(q.command[0]) is None:
+            raise ConfigError(f"queues.{name}.command: {q.command[0]}: no such program")
+
+
 def check(config: Config) -> None:
     """Import every Python handler in a forked child; raise ConfigError with the first failure.
 
     Forking keeps the caller's sys.modules clean: the master must never hold handler modules, or
     workers forked after a reload would run the old code.
     """
-    for name, q in config.queues.items():
-        if q.command and shutil.which(q.command[0]) is None:
-            raise ConfigError(f"queues.{name}.command: {q.command[0]}: no such program")
+    check_commands(config)
     if not any(q.handler for q in config.queues.values()):
         return
     read_end, write_end = os.pipe()
@@ -123,14 +139,9 @@ def check(config: Config) -> None:
         os.close(read_end)
         status = 0
         try:
-            for name, q in config.queues.items():
-                if q.handler:
-                    load(name, q, config.daemon.pythonpath)
+            load_all(config)
         except ConfigError as e:
             os.write(write_end, str(e).encode()[:4000])
-            status = 1
-        except BaseException as e:  # SystemExit, KeyboardInterrupt... at import time
-            os.write(write_end, f"importing handlers: {e!r}".encode()[:4000])
             status = 1
         os._exit(status)
     os.close(write_end)

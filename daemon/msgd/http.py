@@ -115,10 +115,15 @@ class HttpListener:
         token = read_token(http.token_file) if http.token_file else ""
         same = http.listen == self.listen
         sock = self.sock if same else (bind(http.listen) if http.listen else None)
+        if sock is not None:  # a reload's new workers fork before apply(): they need both
+            self.rings = self.rings or Rings()
+            if sock is not self.sock:
+                self.close_in_workers.append(sock.fileno())
         self.pending = (sock, http.listen, token)
 
     def discard_pending(self) -> None:
         if self.pending and self.pending[0] not in (None, self.sock):
+            self.close_in_workers.remove(self.pending[0].fileno())
             self.pending[0].close()
         self.pending = None
 
@@ -134,7 +139,6 @@ class HttpListener:
             self._swap_socket(sock)
             self.listen, self.token = listen, token
             if sock is not None:
-                self.rings = self.rings or Rings()
                 self.spawn()
         elif self.conn is not None:
             with contextlib.suppress(OSError):
@@ -144,8 +148,6 @@ class HttpListener:
         if self.sock is not None and self.sock is not sock:
             self.close_in_workers.remove(self.sock.fileno())
             self.sock.close()
-        if sock is not None and sock is not self.sock:
-            self.close_in_workers.append(sock.fileno())
         self.sock = sock
 
     @property
@@ -153,8 +155,10 @@ class HttpListener:
         return address(self.sock) if self.sock is not None else ""
 
     def writer(self, slot: int) -> NullWriter:
-        """A worker's event writer: a real one only while a listener can read it."""
-        if self.rings is None or self.sock is None:
+        """A worker's event writer: a real one only while a listener can read it (during a
+        reload's trial, the checked config's listener)."""
+        sock = self.pending[0] if self.pending else self.sock
+        if self.rings is None or sock is None:
             return NullWriter()
         return self.rings.writer(slot)
 

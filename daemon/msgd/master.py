@@ -15,6 +15,7 @@ master watches them, keeps time (retries, timeouts) and reports.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing
 import multiprocessing.connection  # these three multiprocessing would load on first use, and
 import multiprocessing.popen_fork  # the interpreter's files may be unreadable for daemon.user
@@ -28,7 +29,6 @@ from typing import Any
 import msgspec
 import structlog
 
-import msgd.spool_inbox  # noqa: F401 - the workers' side of the spool, loaded before the drop too
 from msgd import handlers, logs, stats
 from msgd.backend import BackendError, Store, open_store
 from msgd.burst import Burst, BurstFlags
@@ -74,7 +74,7 @@ class Master:
         self.reporter = Reporter(self.counters, self.index)
         self.flags = BurstFlags()
         self.limits = RateLimits(config)
-        self.scheduler = self.schedules(config)
+        self.scheduler = Scheduler.of(config)
         self.burst_now = Burst()
         self.burst_task: asyncio.Task[None] | None = None
         self.started = time.time()
@@ -243,28 +243,28 @@ class Master:
     # -- actions ---------------------------------------------------------------------------------
 
     async def reload(self) -> dict[str, Any]:
-        """HUP: reopen the log, load and check the whole config off the loop, then apply it.
+        """HUP: reopen the log, load and check the whole config off the loop, start the new
+        workers (they are the handler check), then apply it.
 
         Whatever happens, systemd (waiting in "reloading") gets READY=1 and msgctl an answer.
         """
         self.notify.reloading()
+        limits = None
         try:
             new = await off_loop(self.checked_config, deadline=handlers.CHECK_TIMEOUT + 5)
             logs.setup(new.daemon.log_file, new.daemon.log_format, new.daemon.log_level)
+            self.index.add(new.queues)
+            limits = RateLimits(new, self.limits)
+            await self.pool.replace_all(new, limits)  # old workers serve until new ones loaded
         except Exception as e:
-            reason = str(e) if isinstance(e, ConfigError | BackendError) else repr(e)
-            self.http.discard_pending()  # http
-            self.log.error("reload", outcome="rejected", error=reason)
-            self.notify.ready(f"reload rejected: {reason}")
-            return {"outcome": "rejected", "error": reason}
-        self.index.add(new.queues)
+            return self.rejected(e, limits)
         self.config, old = new, self.stores
         self.stores = open_stores(new)
-        self.http.apply(new, self.index)  # http: before new workers fork
+        self.http.apply(new, self.index)  # http
         self.state.data["http"] = self.http.address  # http
-        self.limits = RateLimits(new, self.limits)
-        self.scheduler = self.schedules(new, self.scheduler)
-        self.pool.replace_all(new, self.limits)
+        self.limits, old_limits = limits, self.limits
+        old_limits.close_unshared(limits)
+        self.scheduler = Scheduler.of(new, self.scheduler)
         self.reloads += 1
         self.log.info(
             "reload", outcome="ok", generation=self.reloads, workers=new.daemon.workers,
@@ -274,8 +274,21 @@ class Master:
         await off_loop(self.close_stores, old)  # last: the reload is applied whatever it waits
         return {"config_generation": self.reloads}
 
+    def rejected(self, error: Exception, limits: RateLimits | None) -> dict[str, Any]:
+        """A reload that cannot be applied leaves everything as it was (logging included)."""
+        reason = str(error) if isinstance(error, ConfigError | BackendError) else repr(error)
+        self.http.discard_pending()  # http
+        if limits is not None:
+            limits.close_unshared(self.limits)
+        d = self.config.daemon
+        with contextlib.suppress(OSError):
+            logs.setup(d.log_file, d.log_format, d.log_level)
+        self.log.error("reload", outcome="rejected", error=reason)
+        self.notify.ready(f"reload rejected: {reason}")
+        return {"outcome": "rejected", "error": reason}
+
     def checked_config(self) -> Config:
-        """In a thread: the config file as it is now, fully validated, handlers imported."""
+        """In a thread: the config file as it is now, validated but for the handlers' import."""
         try:
             logs.reopen(self.config.daemon.log_file)
         except OSError as e:
@@ -284,7 +297,7 @@ class Master:
         check_reloadable(self.config, new, set(self.index))
         for store in open_stores(new).values():
             store.check()
-        handlers.check(new)
+        handlers.check_commands(new)
         self.http.check(new.http)  # http: binds a changed address
         return new
 
@@ -338,24 +351,14 @@ class Master:
         self.log.info("scale", outcome="ok", workers=size, change=delta)
         return {"workers": size}
 
-    def schedules(self, config: Config, previous: Scheduler | None = None) -> Scheduler:
-        """The queues' schedules; their last runs are kept beside the ack logs in the spool."""
-        state_dir = os.path.join(config.daemon.spool, ".msgd")
-        plans = {name: q.schedule for name, q in config.queues.items() if q.schedule}
-        return Scheduler(state_dir, plans, previous)
-
     # -- reporting -------------------------------------------------------------------------------
 
     def info(self) -> DaemonInfo:
         return daemon_info(
-            generation=self.dumps,
-            started=self.started,
-            config=self.config.path,
-            reloads=self.reloads,
-            target=self.pool.size,
-            draining=self.draining,
+            generation=self.dumps, started=self.started, config=self.config.path,
+            reloads=self.reloads, target=self.pool.size, draining=self.draining,
             schedules=self.scheduler.report(),
-        )
+        )  # fmt: skip
 
     def snapshot(self) -> Snapshot:
         return self.reporter.snapshot(self.info(), [(h.slot, h.pid) for h in self.pool.live()])

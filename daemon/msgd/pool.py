@@ -23,9 +23,10 @@ from typing import Any
 import msgspec
 import structlog
 
+from msgd import handlers
 from msgd.backend import Death, Outcome, Settled, open_store
 from msgd.burst import BurstFlags
-from msgd.config import Config
+from msgd.config import Config, ConfigError
 from msgd.counters import Counters, QueueIndex, Running, running
 from msgd.events import NullWriter, no_events
 from msgd.ratelimit import RateLimits
@@ -46,6 +47,8 @@ class WorkerHandle:
     config: Config
     started: float = field(default_factory=time.monotonic)
     retiring: bool = False  # asked to stop: not replaced when it exits
+    on_trial: bool = False  # a reload's new worker, not yet admitted (replace_all)
+    loaded: asyncio.Future[str] | None = None  # its verdict: "" loaded, or why not
     kill_reason: str = ""  # why the master killed it, for the log and the failure record
     timed_out: Running | None = None  # the run that went past its queue's timeout
 
@@ -81,7 +84,7 @@ class Pool:
         self.events: Callable[[int], NullWriter] = no_events  # http: a slot's event writer
         self.size = config.daemon.workers
         self.workers: dict[int, WorkerHandle] = {}  # slot -> live worker
-        self.retired: set[WorkerHandle] = set()  # retiring workers whose slots are being freed
+        self.retired: set[WorkerHandle] = set()  # outside the count: retiring, or on trial
         self.fast_deaths: dict[int, int] = {}
         self.stopping = False
         self.exited = asyncio.Event()  # set while no worker process is alive
@@ -92,17 +95,22 @@ class Pool:
 
     def start(self) -> None:
         for _ in range(self.size):
-            self.spawn(self.free_slot())
+            self.spawn(self.free_slot(), self.config, self.limits)
 
     def free_slot(self) -> int:
         used = set(self.workers) | {h.slot for h in self.retired}
         return next(s for s in range(len(used) + 1) if s not in used)
 
-    def spawn(self, slot: int) -> WorkerHandle:
+    def spawn(
+        self, slot: int, config: Config, limits: RateLimits, on_trial: bool = False
+    ) -> WorkerHandle:
         writer = self.counters.writer(slot)
         ours, theirs = _fork.Pipe()
         process = _fork.Process(
-            target=self._child, args=(slot, theirs), name=f"worker-{slot}", daemon=False
+            target=self._child,
+            args=(slot, theirs, config, limits, on_trial),
+            name=f"worker-{slot}",
+            daemon=False,
         )
         gc.freeze()  # keeps the child's first GC from copying every shared page
         process.start()
@@ -110,13 +118,20 @@ class Pool:
         pid = process.pid
         assert pid is not None  # started
         writer.set_pid(pid)
-        handle = WorkerHandle(slot, process, ours, os.pidfd_open(pid), self.config)
-        self.workers[slot] = handle
+        handle = WorkerHandle(slot, process, ours, os.pidfd_open(pid), config, on_trial=on_trial)
+        if on_trial:  # outside the count until it has loaded (replace_all)
+            handle.loaded = self.loop.create_future()
+            self.retired.add(handle)
+            self.loop.add_reader(ours.fileno(), self._on_loaded, handle)
+        else:
+            self.workers[slot] = handle
         self.exited.clear()
         self.loop.add_reader(process.sentinel, self._on_exit, handle)
         return handle
 
-    def _child(self, slot: int, conn: Any) -> None:
+    def _child(
+        self, slot: int, conn: Any, config: Config, limits: RateLimits, on_trial: bool
+    ) -> None:
         """Runs in the new process: drop the master's descriptors, then be a worker."""
         for h in [*self.workers.values(), *self.retired]:
             h.conn.close()
@@ -126,14 +141,29 @@ class Pool:
                 os.close(fd)
         Worker(
             slot=slot,
-            config=self.config,
+            config=config,
             index=self.index,
             counters=self.counters.writer(slot),
             conn=conn,
             flags=self.flags,
-            limits=self.limits,
+            limits=limits,
             events=self.events(slot),  # http
+            on_trial=on_trial,
         ).run()
+
+    def _on_loaded(self, handle: WorkerHandle) -> None:
+        """A worker on trial says how its handlers' import went: LOADED, or the error line."""
+        self.loop.remove_reader(handle.conn.fileno())
+        try:
+            word = handle.conn.recv()
+        except (EOFError, OSError):
+            word = "a new worker exited while importing its handlers"
+        self._verdict(handle, "" if word is Word.LOADED else str(word))
+
+    @staticmethod
+    def _verdict(handle: WorkerHandle, failure: str) -> None:
+        if handle.loaded is not None and not handle.loaded.done():
+            handle.loaded.set_result(failure)
 
     # -- death -----------------------------------------------------------------------------------
 
@@ -141,6 +171,9 @@ class Pool:
         self.loop.remove_reader(handle.process.sentinel)
         handle.process.join()
         os.close(handle.pidfd)
+        if handle.on_trial:
+            self.loop.remove_reader(handle.conn.fileno())
+            self._verdict(handle, "a new worker exited while importing its handlers")
         handle.conn.close()
         if self.workers.get(handle.slot) is handle:
             del self.workers[handle.slot]
@@ -154,7 +187,7 @@ class Pool:
         except Exception:  # a spool the master cannot write: log, keep the pool going; what is
             self.log.exception("settling a dead worker failed", worker=handle.slot)  # left in
             settled = Settled()  # cur/ is settled by the next death in this slot or the next start
-        expected = handle.retiring or self.stopping
+        expected = handle.retiring or handle.on_trial or self.stopping
         log = self.log.info if expected else self.log.warning
         counts = msgspec.structs.asdict(settled)
         del counts["uncounted"]
@@ -246,7 +279,8 @@ class Pool:
         (its counts and its fast-death record stay with it, not with the lowest free slot)."""
         while not self.stopping and len(self.workers) < self.size:
             taken = slot is None or slot in self.workers or slot in {h.slot for h in self.retired}
-            self.spawn(self.free_slot() if taken or slot is None else slot)
+            slot = self.free_slot() if taken or slot is None else slot
+            self.spawn(slot, self.config, self.limits)
             slot = None
 
     # -- steering --------------------------------------------------------------------------------
@@ -265,14 +299,39 @@ class Pool:
         self.retired.add(handle)
         handle.send(Word.STOP)
 
-    def replace_all(self, config: Config, limits: RateLimits) -> None:
-        """A reload: new workers (new code, new queues) start now, the old ones finish and go."""
-        old = list(self.workers.values())
-        self.config, self.limits = config, limits
-        self.size = config.daemon.workers
-        for handle in old:
+    async def replace_all(self, config: Config, limits: RateLimits) -> None:
+        """A reload: a new generation of workers starts and imports its handlers (new code, new
+        queues) while the old one works on; once every new worker has loaded, they start claiming
+        and the old ones finish what they hold and go. This is the reload's handler check: if a
+        new worker cannot load, the new ones are killed before claiming anything, the old ones
+        never stopped, and ConfigError says why."""
+        size = config.daemon.workers
+        trial = [self.spawn(self.free_slot(), config, limits, on_trial=True) for _ in range(size)]
+        try:
+            verdicts = await asyncio.wait_for(
+                asyncio.gather(*(h.loaded for h in trial if h.loaded)), handlers.CHECK_TIMEOUT
+            )
+        except TimeoutError:
+            verdicts = [f"queues: importing the handlers took over {handlers.CHECK_TIMEOUT:g}s"]
+        if failure := next((v for v in verdicts if v), ""):
+            for handle in trial:
+                handle.signal(signal.SIGKILL)
+            raise ConfigError(failure)
+        self.config, self.limits, self.size = config, limits, size
+        for handle in list(self.workers.values()):
             self.retire(handle)
-        self._refill()
+        for handle in trial:
+            self.admit(handle)
+        self._refill()  # in place of any that died since it loaded
+
+    def admit(self, handle: WorkerHandle) -> None:
+        """A worker that passed its trial joins the pool and starts claiming."""
+        if handle not in self.retired or handle.retiring:
+            return  # it exited (or is stopping) since it loaded
+        self.retired.discard(handle)
+        handle.on_trial = False
+        self.workers[handle.slot] = handle
+        handle.send(Word.GO)
 
     def burst(self, queues: list[str]) -> None:
         """A burst of these queues: their flags move, and every worker is told to look."""
@@ -305,8 +364,8 @@ class Pool:
     async def stop(self, grace: float) -> None:
         """Stop claiming everywhere, give in-flight work `grace` seconds, then kill the rest."""
         self.stopping = True
-        for handle in list(self.workers.values()):
-            self.retire(handle)
+        for handle in [*self.workers.values(), *self.retired]:
+            self.retire(handle)  # a worker on trial too: it exits without claiming
         if not self.retired:
             return
         with contextlib.suppress(TimeoutError):

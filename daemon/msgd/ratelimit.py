@@ -91,8 +91,12 @@ class RateLimits:
                 self.gates[name] = (
                     same if same and same.limit == q.rate_limit else Gate(q.rate_limit)
                 )
-        for gate in set(kept.values()) - set(self.gates.values()):
-            os.close(gate.inode)  # the old workers still using it hold their own copies
+
+    def close_unshared(self, other: RateLimits) -> None:
+        """Close the gates `other` does not share: the old limits' once a reload is applied (old
+        workers still using one hold their own copies), the new ones' if it is rejected."""
+        for gate in set(self.gates.values()) - set(other.gates.values()):
+            os.close(gate.inode)
 
     def gate(self, queue: str) -> Gate | None:
         return self.gates.get(queue)

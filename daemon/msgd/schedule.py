@@ -22,6 +22,7 @@ from typing import Any
 
 import msgspec
 
+from msgd.config import Config
 from msgd.sysutil import atomic_write
 
 EVERY = re.compile(r"@every\s+(\d+(?:\.\d+)?)\s*([smhd])")
@@ -95,6 +96,12 @@ class Scheduler:
         self.last_runs = self._load()
         now = time.time()
         self.next_runs = {queue: self._first_run(queue, now, previous) for queue in self.plans}
+
+    @classmethod
+    def of(cls, config: Config, previous: Scheduler | None = None) -> Scheduler:
+        """The config's schedules; their last runs are kept beside the ack logs in the spool."""
+        plans = {name: q.schedule for name, q in config.queues.items() if q.schedule}
+        return cls(os.path.join(config.daemon.spool, ".msgd"), plans, previous)
 
     def _first_run(self, queue: str, now: float, previous: Scheduler | None) -> float:
         """After a start or reload: the tick after the last run we know of (already due if any

@@ -9,6 +9,7 @@ wakes the burst-mode queues.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import faulthandler
 import multiprocessing
@@ -26,7 +27,7 @@ import structlog
 from msgd import handlers
 from msgd.backend import BackendError, Expired, Inbox, Outcome, open_store
 from msgd.burst import BurstFlags
-from msgd.config import Config
+from msgd.config import Config, ConfigError
 from msgd.counters import QueueIndex, SlotWriter
 from msgd.events import NullWriter
 from msgd.handlers import CommandFailed, Handler, Reject
@@ -41,10 +42,12 @@ DUMP_SIGNAL = signal.SIGRTMIN + 1  # master -> worker: write all threads' traceb
 
 
 class Word(enum.Enum):
-    """What the master says to a worker on its pipe."""
+    """What master and worker say on their pipe (a worker on trial also sends an error line)."""
 
     STOP = "stop"  # finish what is in hand, claim nothing more, exit 0
     BURST = "burst"  # a burst began: wake the burst-mode queues, due retries now
+    LOADED = "loaded"  # (a worker on trial) my handlers are imported; I wait for GO
+    GO = "go"  # (to a worker on trial) every new worker loaded: start claiming
 
 
 class Worker:
@@ -59,6 +62,7 @@ class Worker:
         flags: BurstFlags,
         limits: RateLimits,
         events: NullWriter | None = None,  # http: events.EventWriter for the outcome feed
+        on_trial: bool = False,  # one of a reload's new workers: see load_handlers
     ) -> None:
         self.slot = slot
         self.config = config
@@ -68,6 +72,7 @@ class Worker:
         self.flags = flags
         self.limits = limits
         self.events = events or NullWriter()
+        self.on_trial = on_trial
         self.log = structlog.get_logger().bind(worker=slot)
         self.stopping = threading.Event()
         self.stop_r, self.stop_w = os.pipe()
@@ -85,8 +90,8 @@ class Worker:
             return
         signal.signal(signal.SIGTERM, lambda *_: self.stop())
         self.title("starting")
-        for name, q in self.config.queues.items():
-            self.handlers[name] = handlers.load(name, q, self.config.daemon.pythonpath)
+        if not self.load_handlers():
+            return
         dump_path = os.path.join(self.config.daemon.spool, ".msgd", f"dump.{self.slot}")
         dump = os.fdopen(  # tracebacks may show message data: private like the spool
             os.open(dump_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600), "w"
@@ -115,6 +120,25 @@ class Worker:
             t.join()
         for inbox in self.inboxes:
             inbox.close()
+
+    def load_handlers(self) -> bool:
+        """Import every queue's handler. A worker of a reload's new generation is the reload's
+        check: it reports how the import went and claims nothing until the master says GO (all
+        new workers loaded). False: it must exit without claiming."""
+        if not self.on_trial:
+            self.handlers = handlers.load_all(self.config)
+            return True
+        try:
+            self.handlers = handlers.load_all(self.config)
+        except ConfigError as e:
+            with contextlib.suppress(OSError):
+                self.conn.send(str(e))
+            return False
+        try:
+            self.conn.send(Word.LOADED)
+            return bool(self.conn.recv() is Word.GO)
+        except (EOFError, OSError):  # the master is gone
+            return False
 
     def listen(self) -> None:
         """Main thread: wait for the master's word, EOF (master gone) or our own SIGTERM."""
