@@ -507,6 +507,7 @@ class Converter:
 
 
 _converter: list[Converter] = []
+os.register_at_fork(after_in_child=_converter.clear)  # a worker or the listener converts nothing
 
 
 def flush_converted(queue_dir: str, file_mode: int) -> None:
