@@ -89,8 +89,8 @@ Record = tuple[str, bytes]  # (spool file name, body)
 
 
 # A flock belongs to the open file, which a forked child shares: a fork while this process holds
-# a log open would leave the lock held by the child (a worker) long after we let go, and every
-# producer waiting. Forks wait until no log is open here.
+# a log's lock (released by closing it) would leave the lock held by the child (a worker) long
+# after we let go, and every producer waiting. Forks wait while a lock is held here.
 _no_fork = threading.Lock()
 _converting = threading.Lock()  # one pass at a time in this process: two would move one file
 os.register_at_fork(
@@ -144,9 +144,13 @@ def append(queue_dir: str, records: Sequence[Record], file_mode: int) -> None:
             _write_at(fd, data, end)  # a failed write leaves `end` where it was: overwritten
             _write_at(fd, OFFSET.pack(end + len(data)), END_AT)
             fcntl.flock(fd, fcntl.LOCK_UN)
-            os.fdatasync(fd)  # outside the lock: concurrent producers share the commit
-        finally:
+        except BaseException:
             os.close(fd)
+            raise
+    try:  # outside both locks: concurrent producers, threads of one process too, share it
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
 
 
 def _open_locked(queue_dir: str, file_mode: int) -> int:
