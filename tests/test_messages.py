@@ -389,7 +389,9 @@ def test_messages_are_worked_oldest_first(daemon: Msgd) -> None:
     daemon.start()
     ids = [daemon.send(b"x") for _ in range(30)]  # one by one: each its own enqueue time
     assert ids == sorted(ids)
-    # Back into new/ in a shuffled order, so that no directory order matches the enqueue order.
+    # Out of the intake log into new/ (the master does that), then back into new/ in a shuffled
+    # order, so that no directory order matches the enqueue order.
+    wait_for(lambda: daemon.files("default", "new") == ids, what="the intake converted")
     spool = daemon.root / "spool" / "default"
     for mid in ids:
         os.rename(spool / "new" / mid, spool / "tmp" / mid)

@@ -30,6 +30,7 @@ import acked
 import powercut
 import pytest
 from conftest import Msgd, alive, wait_for
+from msgd import intake
 
 WHY_NOT = powercut.unavailable()
 pytestmark = [
@@ -208,20 +209,35 @@ def test_every_flush_point_keeps_what_was_acknowledged(
     acks_file = tmp_path / "acks"
     for how, count in (("send", 2), ("send_many", 6), ("msgctl", 1), ("send", 1)):
         acked.produce(how, config, acks_file, how, count)
-    cut_ns = disk.cut()
+    judge_every_flush(disk, tmp_path, disk.cut(), 10)
+
+
+def judge_every_flush(
+    disk: powercut.PowerCutDisk, work: Path, cut_ns: int, count: int, every: int = 1
+) -> None:
+    """The `count` acknowledgements in work/acks, judged after the cut and at the flushes."""
     disk.close()
-    acks = acked.acks(acks_file)
-    assert len(acks) == 10
-    verdict = judge(acks, cut_ns, "after the last ack", after_the_cut(disk, tmp_path))
+    acks = acked.acks(work / "acks")
+    assert len(acks) == count
+    assert every_flush_point_keeps(acks, cut_ns, disk, work, every) > len(acks)
+
+
+def every_flush_point_keeps(
+    acks: dict[str, acked.Ack], cut_ns: int, disk: powercut.PowerCutDisk, work: Path, every: int = 1
+) -> int:
+    """What the disk held after the cut, and at every flush of the run (every `every`th), holds
+    what was acknowledged before it, whole. Returns how many flushes the run made."""
+    verdict = judge(acks, cut_ns, "after the last ack", after_the_cut(disk, work))
     assert not verdict.lost and not verdict.torn, str(verdict)
-    image = tmp_path / "point.img"
+    image = work / "point.img"
     points = 0
     for points, (flushed_ns, data) in enumerate(powercut.flush_points(disk.base, disk.journal), 1):
-        image.write_bytes(data)
-        got = delivered(image, tmp_path / f"point{points}")
-        verdict = judge(acks, flushed_ns, f"at flush {points}", got)
-        assert not verdict.lost and not verdict.torn, str(verdict)
-    assert points > len(acks)
+        if points % every == 0:
+            image.write_bytes(data)
+            got = delivered(image, work / f"point{points}")
+            verdict = judge(acks, flushed_ns, f"at flush {points}", got)
+            assert not verdict.lost and not verdict.torn, str(verdict)
+    return points
 
 
 # -- producers at once, the power cut at a random moment -----------------------------------------
@@ -375,3 +391,56 @@ def test_websocket_sends_survive_the_cut(disk: powercut.PowerCutDisk, tmp_path: 
     acks = acked.acks(acks_file)
     verdict = judge(acks, cut_ns, "after the last WebSocket ack", after_the_cut(disk, tmp_path))
     assert verdict.acked == 40 and not verdict.lost and not verdict.torn, str(verdict)
+
+
+# -- the intake: single sends converted by a running msgd, the power cut after every flush -------
+
+
+def intake_flushed(log: Path, below: int = 1 << 62) -> bool:
+    """Whether the running msgd flushed all it converted of this intake log (durable = end),
+    and the log holds fewer than `below` bytes (after 200 KB sent: it was replaced)."""
+    with open(log, "rb") as f:
+        _, durable, end, _, _ = intake.HEADER.unpack(f.read(intake.HEADER.size))
+    return bool(durable == end < below)
+
+
+def converting(disk: powercut.PowerCutDisk, work: Path) -> Msgd:
+    """An msgd on the disk that makes single sends' records files and runs nothing (burst)."""
+    daemon = on_disk(work / "daemon", disk)
+    daemon.queues["default"]["mode"] = "burst"
+    daemon.write_config()
+    return daemon
+
+
+def test_every_flush_point_while_msgd_converts_single_sends(
+    disk: powercut.PowerCutDisk, tmp_path: Path
+) -> None:
+    """msgd.send one at a time while msgd turns the records into files, waiting now and then
+    for its batch flush; the power cut at every flush: between a producer's flush and the
+    conversion, between the conversion and the batch flush, after it."""
+    daemon, acks_file = converting(disk, tmp_path), tmp_path / "acks"
+    log = disk.fs / "spool" / "default" / "intake" / "log"
+    with running(daemon):
+        for seq in range(3):
+            acked.produce("send", str(daemon.config_path), acks_file, f"send{seq}", 3)
+            wait_for(lambda: intake_flushed(log), 10, "the batch flush")
+        acked.produce("send", str(daemon.config_path), acks_file, "last", 2)
+        stop_dead(daemon)
+        cut_ns = disk.cut()
+    judge_every_flush(disk, tmp_path, cut_ns, 11)
+
+
+def test_a_log_replaced_under_load_keeps_what_was_acknowledged(
+    disk: powercut.PowerCutDisk, tmp_path: Path
+) -> None:
+    """Enough single sends (~1.5 KB each) for the running msgd to replace its intake log, more
+    after that, then the power cut; judged after the cut and at every 10th flush of the run."""
+    daemon, acks_file = converting(disk, tmp_path), tmp_path / "acks"
+    log = disk.fs / "spool" / "default" / "intake" / "log"
+    with running(daemon):
+        acked.produce("send", str(daemon.config_path), acks_file, "before", 150)
+        wait_for(lambda: intake_flushed(log, below=intake.ROTATE_BYTES), 10, "a fresh log")
+        acked.produce("send", str(daemon.config_path), acks_file, "after", 20)
+        stop_dead(daemon)
+        cut_ns = disk.cut()
+    judge_every_flush(disk, tmp_path, cut_ns, 170, every=10)

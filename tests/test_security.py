@@ -90,10 +90,12 @@ def test_files_are_0600_and_directories_0700_by_default(daemon: Msgd) -> None:
     finally:
         os.umask(old)
     spool = daemon.root / "spool"
+    converted = spool / "default" / "new" / waiting  # from the intake log, by the master
+    wait_for(converted.exists, what="the intake to convert the waiting message")
     dirs = [spool, *(p for p in spool.rglob("*") if p.is_dir())]
     assert {str(d.relative_to(daemon.root)): oct(mode(d)) for d in dirs if mode(d) != 0o700} == {}
     files = [p for p in spool.rglob("*") if p.is_file()]
-    assert (spool / "default" / "new" / waiting) in files
+    assert converted in files and spool / "default" / "intake" / "log" in files
     assert (spool / "default" / "failed" / f"{ids[0]}.error.json") in files
     assert any(p.name.startswith("dump.") for p in files)  # the workers' traceback files
     assert {str(p.relative_to(spool)): oct(mode(p)) for p in files if mode(p) != 0o600} == {}
@@ -147,6 +149,7 @@ def test_privileges_drop_to_the_configured_user(tmp_path: Path) -> None:
         tally = Tally(d)
         tally.add([secret.name], fail=True)
         tally.add(d.send_many([b"ok"] * 10))
+        tally.add([d.send(b"ok")])  # root's record in the intake log nobody made, and converts
         wait_for(tally.settled, 15, "messages worked as nobody")
         record = json.loads(
             (spool / "default" / "failed" / f"{secret.name}.error.json").read_text()

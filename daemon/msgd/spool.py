@@ -5,17 +5,19 @@
                    /cur/<slot>/  claimed by the worker in that slot (renamed, never copied)
                    /defer/    waiting: retries `<...>@<not before, ms>`, delayed sends `<...>@t<ms>`
                    /failed/   dead letters `<id>`, each with `<id>.error.json` beside it
+                   /intake/   single durable sends' records, made files in new/ (intake.py)
     <spool>/.msgd/ack.<slot>  names a worker finished but has not unlinked yet (spool_inbox.py)
 
-Guarantees: `send_many` returns ids only once the files and their names in new/ are flushed
-(with `daemon.fsync`, the default); every state change is a rename inside one filesystem, so a
-message is always in exactly one place and a crash at any instant loses nothing. Order: oldest
-first (ids are 16 hex digits of enqueue time in ns and 8 random hex digits: sorting them sorts by
-enqueue time), within a strict priority: a worker claims the highest priority waiting, and the
-oldest among equals. The names are spoolname.py's. A delayed send waits in defer/ until its time
-(a burst does not pull it forward); a message whose TTL passed before it started is made a dead
-letter by the master's release (once a second) or by the worker that claims it. The worker's side
-(claiming, acknowledging) is in spool_inbox.py.
+Guarantees: `send_many` returns ids only once the messages are flushed (with `daemon.fsync`, the
+default): a batch's files and their names in new/, a single message's record in the queue's intake
+log, which the master turns into a file in new/ (or defer/) at once. Every state change is a rename
+inside one filesystem, so a message is always in exactly one place and a crash at any instant loses
+nothing. Order: oldest first (ids are 16 hex digits of enqueue time in ns and 8 random hex digits:
+sorting them sorts by enqueue time), within a strict priority: a worker claims the highest priority
+waiting, and the oldest among equals. The names are spoolname.py's. A delayed send waits in defer/
+until its time (a burst does not pull it forward); a message whose TTL passed before it started is
+made a dead letter by the master's release (once a second) or by the worker that claims it. The
+worker's side (claiming, acknowledging) is in spool_inbox.py.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from msgd import intake
 from msgd.backend import BackendError, BurstMark, Death, Depths, Inbox, Outcome, Settled
 from msgd.config import DaemonConfig, QueueConfig, valid_queue_name
 from msgd.counters import crc
@@ -109,6 +112,7 @@ class SpoolStore:
         self.queue, self.policy = queue, policy
         self.spool = Spool.from_config(daemon)
         self.root = self.spool.root
+        self.dir = self.spool.dir(queue)
         self.tmp, self.new = self.spool.dir(queue, "tmp"), self.spool.dir(queue, "new")
         self.defer, self.failed = self.spool.dir(queue, "defer"), self.spool.dir(queue, "failed")
         self._next_sweep = 0.0  # time.monotonic() of the next look for expired messages
@@ -116,6 +120,7 @@ class SpoolStore:
     def ensure(self) -> None:
         for state in ("tmp", *STATES):
             make_dirs(self.spool.dir(self.queue, state), self.spool.dir_mode)
+        intake.ensure(self.dir, self.spool.dir_mode, self.spool.file_mode)
 
     # -- producing -------------------------------------------------------------------------------
 
@@ -125,10 +130,14 @@ class SpoolStore:
 
         Nothing is renamed into new/ until every body is written and flushed, so a failure (a full
         disk) leaves no partial message visible: the tmp files are removed and the error raised.
+        A single durable message (up to intake.LARGEST) is appended to the intake log instead:
+        one flush, not two.
         """
-        self.ensure()
         fsync = self.spool.fsync
         one_by_one = fsync and len(bodies) == 1  # an fsync is cheaper than a syncfs for one
+        if one_by_one and len(bodies[0]) <= intake.LARGEST:
+            return [self._append(bodies[0], options)]
+        self.ensure()
         ids: list[str] = []
         try:
             for body in bodies:
@@ -148,6 +157,19 @@ class SpoolStore:
         if fsync and ids:
             fsync_dir(into)
         return ids
+
+    def _append(self, body: bytes, options: SendOptions) -> str:
+        """One message into the intake log, under its full spool name (options included)."""
+        mid = new_id()
+        records = [(_sent_name(mid, options), body)]
+        try:
+            intake.append(self.dir, records, self.spool.file_mode)
+        except FileNotFoundError:  # the queue's first message: create its directories
+            self.ensure()
+            intake.append(self.dir, records, self.spool.file_mode)
+        except intake.IntakeError as e:
+            raise SpoolError(f"queue {self.queue}: {e}") from None
+        return mid
 
     def _write(self, path: str, body: bytes, fsync: bool) -> None:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -192,11 +214,13 @@ class SpoolStore:
         only failed/, where each message has an .error.json beside it, is filtered."""
         failed, defer = self.names("failed"), self.names("defer")
         scheduled = sum("@t" in n for n in defer)  # msgd's own names: an id holds no @
+        waiting = intake.pending(self.dir)  # sent, not yet made files: they count as such
+        later = sum("@t" in n for n in waiting)
         return Depths(
-            new=len(self.names("new")),
+            new=len(self.names("new")) + len(waiting) - later,
             cur=len(self.claimed()),
             defer=len(defer) - scheduled,
-            scheduled=scheduled,
+            scheduled=scheduled + later,
             failed=len(failed) - sum(n.endswith(ERROR_SUFFIX) for n in failed),
         )
 
@@ -205,7 +229,10 @@ class SpoolStore:
     def release_due(self, force: bool) -> int:
         """Move deferred messages whose time has come back to new/: with `force` (a burst) every
         retry, but a delayed send only at its time. Once a second (not in a burst's call), make
-        the messages in new/ whose TTL passed dead letters; returns how many."""
+        the messages in new/ whose TTL passed dead letters; returns how many. Only the master
+        calls this: it also makes sure this process converts the queue's intake as records
+        arrive (a queue a reload added included)."""
+        intake.converter(self.spool.file_mode).watch(self.dir)
         now_ms = time.time() * 1000
         for name in listdir(self.defer):
             waiting = SpoolName.parse(name, deferred=True)
@@ -297,7 +324,9 @@ class SpoolStore:
     # -- bursts ----------------------------------------------------------------------------------
 
     def burst_mark(self) -> BurstMark:
-        """Everything in new/ and cur/ now, oldest last in the list still to be seen leave new/."""
+        """Everything in new/ and cur/ now, oldest last in the list still to be seen leave new/.
+        What waits in the intake is made a message first: it was sent before the burst too."""
+        intake.convert(self.dir, self.spool.file_mode)
         names = {*self.names("new"), *self.claimed()}
         return BurstMark(len(names), (names, sorted(names, reverse=True)))
 
@@ -316,10 +345,13 @@ class SpoolStore:
     # -- repairing -------------------------------------------------------------------------------
 
     def recover(self) -> Settled:
-        """At start: what a previous master's workers left in cur/ (a stop: nothing charged)."""
+        """At start: what a previous master's workers left in cur/ (a stop: nothing charged),
+        then the intake's records no master made messages yet (after the slots: a power loss's
+        replay looks for its messages in new/, defer/ and failed/)."""
         total = Settled()
         for slot in self.cur_slots():
             total.add(self.settle(Death(slot=slot, charged=False)))
+        intake.recover(self.dir, self.spool.file_mode)
         for name in listdir(self.tmp):  # taken to expire (_expire): a producer's names hold no @
             if "@x" in name:
                 os.rename(os.path.join(self.tmp, name), os.path.join(self.new, name))
@@ -371,7 +403,8 @@ class SpoolStore:
         return SpoolInbox(self, slot, stop_fd)
 
     def close(self) -> None:
-        """Nothing to close: a spool store holds no descriptors."""
+        """Holds no descriptors; in the master, makes what it converted of the intake durable."""
+        intake.flush_converted(self.dir, self.spool.file_mode)
 
 
 def _sent_name(mid: str, options: SendOptions) -> str:

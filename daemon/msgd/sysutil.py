@@ -4,6 +4,7 @@ inotify, syncfs, and dropping root's privileges."""
 from __future__ import annotations
 
 import ctypes
+import functools
 import grp
 import json
 import os
@@ -22,19 +23,18 @@ def set_parent_death_signal(sig: int = signal.SIGKILL) -> None:
     _libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
 
 
-_IN_CLOSE_WRITE, _IN_MOVED_TO, _IN_Q_OVERFLOW = 0x8, 0x80, 0x4000
+IN_MODIFY, _IN_CLOSE_WRITE, _IN_MOVED_TO, _IN_Q_OVERFLOW = 0x2, 0x8, 0x80, 0x4000
 _IN_NONBLOCK, _IN_CLOEXEC = os.O_NONBLOCK, os.O_CLOEXEC
 
 
-def watch_arrivals(directory: str) -> int:
+def watch_arrivals(directory: str, also: int = 0) -> int:
     """An inotify descriptor that turns readable when a file is renamed or written into
-    `directory`. (Three libc calls; inotify_simple would run `ldconfig -p` in every worker to
-    find libc, costing each one ~1 MB and a subprocess.)"""
+    `directory` (and on the `also` events: IN_MODIFY, each write). (Three libc calls;
+    inotify_simple would run `ldconfig -p` in every worker to find libc, costing each one ~1 MB
+    and a subprocess.)"""
     fd = _libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
-    if (
-        fd < 0
-        or _libc.inotify_add_watch(fd, os.fsencode(directory), _IN_MOVED_TO | _IN_CLOSE_WRITE) < 0
-    ):
+    events = _IN_MOVED_TO | _IN_CLOSE_WRITE | also
+    if fd < 0 or _libc.inotify_add_watch(fd, os.fsencode(directory), events) < 0:
         err = ctypes.get_errno()
         if fd >= 0:
             os.close(fd)
@@ -131,6 +131,35 @@ def syncfs(path: str) -> None:
             raise OSError(err, os.strerror(err), path)
     finally:
         os.close(fd)
+
+
+_STATX_MNT_ID_UNIQUE = 0x4000  # Linux 6.8: a mount's id, never reused until the next boot
+_STATX_SIZE, _STATX_MNT_ID_AT = 256, 0x90
+_UNKNOWN_MOUNT = os.urandom(8)  # never equal to what another process wrote
+
+
+def mount_instance(path: str) -> bytes:
+    """24 bytes that name this boot and this mount of the filesystem holding `path`: they stay
+    the same while its page cache lives (a process may crash), and change after a power loss
+    (a new boot), or once the filesystem is mounted anew. Without the kernel's unique mount ids,
+    a value of this process's own: every other process counts as after a power loss."""
+    statx = getattr(_libc, "statx", None)  # glibc 2.28
+    if statx is None:
+        return _boot_id() + _UNKNOWN_MOUNT
+    buf = ctypes.create_string_buffer(_STATX_SIZE)
+    at_fdcwd = -100
+    if statx(at_fdcwd, os.fsencode(path), 0, _STATX_MNT_ID_UNIQUE, buf) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), path)
+    (mask,) = struct.unpack_from("<I", buf.raw, 0)
+    mount = buf.raw[_STATX_MNT_ID_AT : _STATX_MNT_ID_AT + 8]
+    return _boot_id() + (mount if mask & _STATX_MNT_ID_UNIQUE else _UNKNOWN_MOUNT)
+
+
+@functools.cache
+def _boot_id() -> bytes:
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        return bytes.fromhex(f.read().strip().replace("-", ""))
 
 
 def fsync_dir(path: str) -> None:
