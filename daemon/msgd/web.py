@@ -1,12 +1,12 @@
 """The listener process: /metrics, /stats, the dashboard and the /ws feed, on `websockets`.
 
 It runs alone (forked by the master, http.py), at nice 19, the lowest priority short of
-SCHED_IDLE: a burst of subscribers or events slows the feed, never the message path. (At nice 10
-the drain with 50 subscribers ran a few per cent slower than at nice 19 or SCHED_IDLE; under
-SCHED_IDLE a /metrics scrape took 0.1-0.2 s while CPU-bound handlers saturated the workers, at
-nice 19 a few ms to 60 ms: bench/subscribers.py, and the commit that chose 19.) Stats come
-from the stats file the master rewrites every second; outcome events from the workers' rings
-(events.py), polled every POLL seconds (not read at all while nobody subscribes to events).
+SCHED_IDLE: a burst of subscribers or events slows the feed, never the message path. (Not
+SCHED_IDLE: it did no better for the drain in bench/subscribers.py, and with the workers
+saturated by CPU-bound handlers it made a /metrics scrape take 0.1-0.2 s instead of ms.)
+Stats come from the stats file the master rewrites every second; outcome events from the
+workers' rings (events.py), polled every POLL seconds (only skipped past while nobody subscribes
+to events).
 Each subscriber has its own bounded backlog and its own sending task: one that stalls loses its
 oldest events (and is told how many), and nobody else waits for it. Sending and actions run on
 threads, with the same code msgd.send and msgctl use.
@@ -64,7 +64,7 @@ SEND_BUFFER = 65536  # bytes of kernel send buffer per connection (no autotuning
 FLUSH_WAIT = 1.0  # seconds a stopping listener gives subscribers to take their backlog
 NICE = 19  # the listener takes the CPU the workers leave (see the module's docstring)
 ACTIONS = ("reload", "stats", "burst")
-encode_json = msgspec.json.Encoder().encode  # a feed frame's JSON: as json.dumps, ~5x faster
+encode_json = msgspec.json.Encoder().encode  # a feed frame's JSON: as json.dumps, ~8x faster
 
 
 class BadFrame(Exception):
