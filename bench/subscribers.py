@@ -135,6 +135,8 @@ async def subscribe(url: str, count: int, expected: int) -> None:
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     print("ready", flush=True)
     await stop.wait()
+    with contextlib.suppress(PermissionError):  # the count is not measured: no more starving
+        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
     deadline = time.monotonic() + 10
     while min(e + m for e, m in zip(events, missed, strict=True)) < expected:
         if time.monotonic() > deadline:
@@ -171,6 +173,7 @@ def cpu_seconds(pid: int) -> float:
 
 
 def role(pid: int) -> str:
+    """What a child of msgd's master is: its listener (by the process title) or a worker."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             title = f.read().decode(errors="replace")
