@@ -438,10 +438,12 @@ def feed_text(results: dict) -> list[str]:
     cpu = lambda arm, part: fmt(goals.feed_cpu(results, arm, part), 2)  # noqa: E731
     here = median(goals.feed_ratios(results, "fifty-here"))
     return [
-        "Arm *fifty* runs the 50 clients' process at the lowest priority (SCHED_IDLE, its own "
-        "session's autogroup at nice 19): it stands for browsers on other machines, and takes "
-        "only the CPU msgd leaves. Arm *fifty-here* runs the same clients as an ordinary "
-        "process on the same two cores: whatever they use is taken from the drain "
+        "Arm *fifty* runs the 50 clients' process at the lowest priority (SCHED_IDLE, in "
+        "msgd's session, so that a waking worker preempts it): it stands for browsers on other "
+        "machines, and takes only the CPU msgd leaves, though it still shares caches and the "
+        f"kernel's loopback work ({cpu('fifty', 'clients')} CPU s of clients during the drain). "
+        "Arm *fifty-here* runs the same clients as an ordinary process on the same two cores: "
+        "whatever they use is taken from the drain "
         f"(here {cpu('fifty-here', 'clients')} CPU s of clients; the drain made "
         f"{fmt(here, 3, 'x')} of arm *none*'s). The listener's own cost is its CPU column: "
         f"{cpu('fifty', 'listener')} s with 50 subscribers, {cpu('none', 'listener')} s with "

@@ -69,7 +69,6 @@ class Subscribers:
             [sys.executable, "-c", code, url, str(count), str(expected), str(int(elsewhere))],
             stdout=subprocess.PIPE,
             text=True,
-            start_new_session=elsewhere,
         )
         assert self.proc.stdout is not None
         if self.proc.stdout.readline().strip() != "ready":
@@ -100,12 +99,10 @@ def client() -> None:
 
 def client_priority() -> None:
     """Clients on other machines take no CPU from msgd; here they take only what it leaves:
-    SCHED_IDLE, and (this process leads a session of its own) its autogroup at nice 19, since
-    the kernel shares the CPUs between autogroups (sessions) before it looks at a process's own
-    policy, and an ordinary session's clients would get as much CPU as all of msgd."""
-    # (no /proc/self/autogroup: a kernel without autogroups; nothing to lower then)
-    with contextlib.suppress(OSError), open("/proc/self/autogroup", "w") as f:
-        f.write("19")
+    SCHED_IDLE, in msgd's session (burst_drain starts msgd in the driver's). The kernel shares
+    the CPUs between sessions' autogroups before it looks at a process's policy: clients in a
+    session of their own would get as much CPU as all of msgd whatever their policy, while in
+    msgd's a waking worker or master preempts them at once."""
     os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
 
 
@@ -199,7 +196,7 @@ def burst_drain(args, subscribers: int, elsewhere: bool) -> dict:
     d = Daemon(os.path.join(args.workdir, "msgd"), mode="burst", extra=HTTP.format(port=port))
     probe_dir = scenario.fresh_probe(args.workdir, args.n)
     d.send_many([tasks.encode(i) for i in range(args.n)])
-    d.start()
+    d.start(own_session=False)  # the clients' idle priority then counts against msgd's
     feed = None
     try:
         d.wait_ready()
