@@ -440,8 +440,9 @@ def feed_text(results: dict) -> list[str]:
     return [
         "Arm *fifty* runs the 50 clients' process at the lowest priority (SCHED_IDLE, in "
         "msgd's session, so that a waking worker preempts it): it stands for browsers on other "
-        "machines, and takes only the CPU msgd leaves, though it still shares caches and the "
-        f"kernel's loopback work ({cpu('fifty', 'clients')} CPU s of clients during the drain). "
+        "machines, but still runs in the gaps the drain leaves and shares the caches and the "
+        f"kernel's loopback work with it ({cpu('fifty', 'clients')} CPU s of clients during the "
+        "drain). "
         "Arm *fifty-here* runs the same clients as an ordinary process on the same two cores: "
         "whatever they use is taken from the drain "
         f"(here {cpu('fifty-here', 'clients')} CPU s of clients; the drain made "
