@@ -110,8 +110,14 @@ class Daemon:
         return [sys.executable, "-m", "msgd", "-c", self.config]
 
     def start(
-        self, launcher: tuple[str, ...] | None = None, env: dict[str, str] | None = None
+        self,
+        launcher: tuple[str, ...] | None = None,
+        env: dict[str, str] | None = None,
+        own_session: bool = True,
     ) -> None:
+        """Started in a session of its own, unless `own_session` is False: then in this one,
+        in a process group of its own (the kernel shares CPUs between sessions' autogroups
+        first; bench/subscribers.py wants msgd and its idle-priority clients in one)."""
         os.makedirs(self.run, exist_ok=True)
         with open(os.path.join(self.dir, "stderr.log"), "ab") as err:
             self.proc = subprocess.Popen(
@@ -120,7 +126,8 @@ class Daemon:
                 stdin=subprocess.DEVNULL,
                 stdout=err,
                 stderr=err,
-                start_new_session=True,
+                start_new_session=own_session,
+                process_group=None if own_session else 0,
             )
 
     def wait_ready(self, timeout: float = 30.0) -> dict:

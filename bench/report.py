@@ -412,25 +412,47 @@ def subscribers_section(results: dict, meta: dict) -> list[str]:
     out = ["## With 50 WebSocket subscribers\n"]
     if not runs(results, "subscribers", "msgd"):
         return [*out, f"Not measured: {status(results, 'subscribers', 'msgd')}.\n"]
-    head = [
-        "subscribers",
-        "burst drain msgs/s",
-        "USR1 → stats p99 ms",
-        "events seen (min)",
-        "told missed (max)",
-        "accounted for (min)",
-    ]
+    head = ["subscribers", "burst drain msgs/s", "÷ none (rounds)", "USR1 → stats p99 ms",
+            "events seen (min)", "told missed (max)", "accounted for (min)",
+            "CPU s in the drain: workers", "listener", "clients"]  # fmt: skip
     rows = []
-    for arm in ("none", "fifty"):
+    for arm in ("none", "fifty", "fifty-here"):
         columns = (
             ((arm, "msgs_per_s"), 0),
             ((arm, "usr1", "p99_ms"), 2),
             ((arm, "events_min"), 0),
             ((arm, "missed_max"), 0),
             ((arm, "accounted_min"), 0),
+            ((arm, "cpu_s", "workers"), 2),
+            ((arm, "cpu_s", "listener"), 2),
+            ((arm, "cpu_s", "clients"), 2),
         )
-        rows.append([arm, *cells(results, "subscribers", "msgd", *columns)])
-    return out + table(head, rows) + [""]
+        figures = cells(results, "subscribers", "msgd", *columns)
+        ratio = "—" if arm == "none" else with_range(goals.feed_ratios(results, arm), 3, "x")
+        rows.append([arm, figures[0], ratio, *figures[1:]])
+    return out + table(head, rows) + ["", *feed_text(results), ""]
+
+
+def feed_text(results: dict) -> list[str]:
+    """What the arms are, and what the clients cost, from this run's figures."""
+    cpu = lambda arm, part: fmt(goals.feed_cpu(results, arm, part), 2)  # noqa: E731
+    here = median(goals.feed_ratios(results, "fifty-here"))
+    return [
+        "Arm *fifty* runs the 50 clients' process at the lowest priority (SCHED_IDLE, in "
+        "msgd's session, so that a waking worker preempts it): it stands for browsers on other "
+        "machines, but still runs in the gaps the drain leaves and shares the caches and the "
+        f"kernel's loopback work with it ({cpu('fifty', 'clients')} CPU s of clients during the "
+        "drain). "
+        "Arm *fifty-here* runs the same clients as an ordinary process on the same two cores: "
+        "whatever they use is taken from the drain "
+        f"(here {cpu('fifty-here', 'clients')} CPU s of clients; the drain made "
+        f"{fmt(here, 3, 'x')} of arm *none*'s). The listener's own cost is its CPU column: "
+        f"{cpu('fifty', 'listener')} s with 50 subscribers, {cpu('none', 'listener')} s with "
+        "none. The arms are interleaved in rounds; ÷ none is per round. A subscriber more than "
+        "1,000 frames behind is skipped ahead and told how many events it missed; accounted for: "
+        "the fewest events a subscriber saw or was told it missed, of the "
+        f"{fmt(get(results, 'subscribers', 'msgd', 'none', 'n'))} drained.",
+    ]
 
 
 def failures(results: dict) -> list[str]:

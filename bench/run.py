@@ -52,16 +52,18 @@ SCENARIOS = [
 EXIT_SKIPPED = 3
 
 # Sizes per mode: full, --quick, --smoke (--tiny: smoke's sizes). Every scenario runs `repeats`
-# times per system, in rounds; the counters-off drain runs `rounds` rounds in one run of its own.
+# times per system, in rounds; the counters-off drain runs `rounds` rounds in one run of its own,
+# the subscribers' arms `feed_rounds` rounds in each of theirs.
 SIZES = {
     "full": dict(drain=20_000, stream=1_000, rate=200, latency=500, cpu=2_000, usr1=200, hup=30,
                  counters=1_000_000, start=10, send=5_000, send_one=2_000, disk=1_000,
-                 repeats=3, rounds=9),
+                 repeats=3, rounds=9, feed_rounds=2),
     "quick": dict(drain=5_000, stream=400, rate=200, latency=100, cpu=400, usr1=30, hup=10,
                   counters=200_000, start=5, send=5_000, send_one=500, disk=300, repeats=1,
-                  rounds=3),
+                  rounds=3, feed_rounds=2),
     "smoke": dict(drain=300, stream=40, rate=200, latency=10, cpu=20, usr1=5, hup=3,
-                  counters=20_000, start=2, send=200, send_one=40, disk=40, repeats=1, rounds=3),
+                  counters=20_000, start=2, send=200, send_one=40, disk=40, repeats=1, rounds=3,
+                  feed_rounds=1),
 }  # fmt: skip
 SIZES["tiny"] = SIZES["smoke"]
 PRODUCERS = 4  # the send-4 scenario
@@ -145,7 +147,7 @@ def steering(p: Plan, z: dict, cpu: list) -> None:
     p.add("memory", "celery", CELERY, ["memory"], peer=True, redis=True)
     p.add("start", "msgd", MSGD, ["start", "--samples", z["start"]])
     p.add("nocounters", "msgd", MSGD, ["nocounters", "--n", z["drain"], "--samples", z["rounds"]])
-    listener = ["drain", "--n", z["drain"], "--samples", z["usr1"]]
+    listener = ["drain", "--n", z["drain"], "--samples", z["usr1"], "--rounds", z["feed_rounds"]]
     p.add("subscribers", "msgd", "subscribers.py", listener)
 
 

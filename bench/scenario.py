@@ -32,6 +32,7 @@ def parse(scenarios: list[str]) -> argparse.Namespace:
     p.add_argument("--redis-url", default="")
     p.add_argument("--backend", default="")
     p.add_argument("--samples", type=int, default=20)
+    p.add_argument("--rounds", type=int, default=1, help="rounds of interleaved arms")
     p.add_argument("--timeout", type=float, default=300.0)
     p.add_argument("--no-fsync", action="store_true", help="the system's non-flushing setting")
     p.add_argument("--rate", type=float, default=0.0, help="offered messages/s (stream)")

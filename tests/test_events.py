@@ -41,6 +41,19 @@ def test_a_reader_more_than_a_ring_behind_counts_what_it_missed() -> None:
     assert [e.id for e in events] == [f"m{i}" for i in range(10, RING + 10)]
 
 
+def test_skipping_reads_nothing_and_misses_nothing() -> None:
+    """While nobody subscribes to events the listener skips to the heads: what it skipped was
+    not missed by anyone, and the events after the skip are read as ever."""
+    rings = Rings()
+    reader = Reader(rings)
+    w = rings.writer(4)
+    for i in range(RING + 10):
+        run(w, 0, 0, f"old{i}", Outcome.SUCCEEDED)
+    reader.skip()
+    run(w, 0, 0, "new", Outcome.SUCCEEDED)
+    assert [e.id for e in reader.poll()] == ["new"] and reader.missed == 0
+
+
 def test_an_entry_being_rewritten_is_not_read() -> None:
     """The writer zeroes an entry's seq before it rewrites it: a reader skips it, and counts it."""
     rings = Rings()

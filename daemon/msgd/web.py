@@ -1,11 +1,21 @@
 """The listener process: /metrics, /stats, the dashboard and the /ws feed, on `websockets`.
 
-It runs alone (forked by the master, http.py), at a lower CPU priority than the workers: a
-burst of subscribers or events slows the feed, never the message path. Stats come from the
-stats file the master rewrites every second; outcome events from the workers' rings
-(events.py), polled every POLL seconds. Each subscriber has its own bounded backlog and its own
-sending task: one that stalls loses its oldest events (and is told how many), and nobody else
-waits for it. Sending and actions run on threads, with the same code msgd.send and msgctl use.
+It runs alone (forked by the master, http.py), at nice 19, the lowest priority short of
+SCHED_IDLE: a burst of subscribers or events slows the feed, never the message path. (Not
+SCHED_IDLE: it did no better for the drain in bench/subscribers.py, and with the workers
+saturated by CPU-bound handlers it made a /metrics scrape take 0.1-0.2 s instead of ms.)
+Stats come from the stats file the master rewrites every second; outcome events from the
+workers' rings (events.py), polled every POLL seconds (only skipped past while nobody subscribes
+to events).
+Each subscriber has its own bounded backlog and its own sending task: one that stalls loses its
+oldest events (and is told how many), and nobody else waits for it. Sending and actions run on
+threads, with the same code msgd.send and msgctl use.
+
+What the feed costs is per frame and per subscriber, so that is where it is kept small
+(bench/subscribers.py measures it): a frame is encoded once for every subscriber, a subscriber's
+waiting frames go out in one write (one system call, one wakeup of its reader), and frames are
+not compressed (permessage-deflate cost more CPU than all the rest of the feed, for frames of a
+few hundred bytes).
 """
 
 from __future__ import annotations
@@ -23,13 +33,14 @@ import os
 import signal
 import socket
 import threading
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 import msgspec
 import structlog
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
 
 from msgd import stats
@@ -48,11 +59,12 @@ LOOPBACK_NAMES = {
     "::1",
 }  # what a Host header may name without [http] hosts
 BACKLOG = 1000  # frames a subscriber may fall behind before its oldest are dropped
+BATCH = 200  # frames written at once to one subscriber (at most one batch waits in user space)
 SEND_BUFFER = 65536  # bytes of kernel send buffer per connection (no autotuning to megabytes)
 FLUSH_WAIT = 1.0  # seconds a stopping listener gives subscribers to take their backlog
-NICE = 10  # the listener yields the CPU to the workers
+NICE = 19  # the listener takes the CPU the workers leave (see the module's docstring)
 ACTIONS = ("reload", "stats", "burst")
-EVENT_FRAME = '{"topic": "event"'  # how an event frame starts (json.dumps of _event_frame)
+encode_json = msgspec.json.Encoder().encode  # a feed frame's JSON: as json.dumps, ~8x faster
 
 
 class BadFrame(Exception):
@@ -69,23 +81,51 @@ def run(sock: Any, settings: Settings, conn: Any, rings: Rings) -> None:
     asyncio.run(Listener(settings, rings).serve(sock, conn))
 
 
-class Subscriber:
-    """One WebSocket connection's outgoing feed: a bounded backlog drained by its own task."""
+class Out(NamedTuple):
+    """A feed frame as it goes on the wire, framed once for every subscriber."""
+
+    wire: bytes
+    event: bool  # an event frame (one dropped is an event missed), not a stats frame
+
+
+def wire(payload: bytes) -> bytes:
+    """A text frame's bytes on the wire, made by websockets as the connection's protocol would
+    (a server does not mask; no extension is ever negotiated: compression is off)."""
+    return Frame(Opcode.TEXT, payload).serialize(mask=False)
+
+
+class Batches:
+    """Writes a list of ready frames to one connection in one go, where `ws.send` would frame
+    each again for every subscriber and make a system call per frame (most of the feed's cost)."""
 
     def __init__(self, ws: ServerConnection) -> None:
         self.ws = ws
+
+    async def send(self, frames: list[bytes]) -> None:
+        """Raises ConnectionClosed as ws.send does; waits while the socket is full, as it does."""
+        async with self.ws.send_context():  # checks the state; afterwards waits for the socket
+            self.ws.transport.write(b"".join(frames))
+
+
+class Subscriber:
+    """One WebSocket connection's outgoing feed: a bounded backlog drained by its own task."""
+
+    def __init__(self, out: Batches) -> None:
+        self.out = out
         self.topics: set[str] = set()
         self.queues: set[str] | None = None
-        self.backlog: collections.deque[str] = collections.deque()
+        self.backlog: collections.deque[Out] = collections.deque()
         self.missed = 0
         self.last_stats = 0.0
         self.wake = asyncio.Event()
         self.task = asyncio.create_task(self.pump())
 
-    def push(self, frame: str) -> None:
-        if len(self.backlog) >= BACKLOG and self.backlog.popleft().startswith(EVENT_FRAME):
-            self.missed += 1  # (a stats frame dropped is not an event missed)
-        self.backlog.append(frame)
+    def push(self, frames: list[Out]) -> None:
+        """Queue frames; past BACKLOG the oldest go, and the events among them are counted as
+        missed (a stats frame dropped is not an event missed)."""
+        self.backlog.extend(frames)
+        for _ in range(len(self.backlog) - BACKLOG):
+            self.missed += self.backlog.popleft().event
         self.wake.set()
 
     def lost(self, n: int) -> None:
@@ -99,14 +139,17 @@ class Subscriber:
                 await self.wake.wait()
                 self.wake.clear()
                 while self.backlog or self.missed:
-                    if self.missed:
-                        missed, self.missed = self.missed, 0
-                        await self.ws.send(json.dumps({"topic": "missed", "count": missed}))
-                    if self.backlog:
-                        await self.ws.send(self.backlog.popleft())
+                    await self.out.send(self.take())
 
-    def wants(self, queue: str) -> bool:
-        return "events" in self.topics and (self.queues is None or queue in self.queues)
+    def take(self) -> list[bytes]:
+        """The next batch: how many were missed (if any) before the frames that follow the gap."""
+        frames = []
+        if self.missed:
+            frames.append(wire(encode_json({"topic": "missed", "count": self.missed})))
+            self.missed = 0
+        for _ in range(min(BATCH, len(self.backlog))):
+            frames.append(self.backlog.popleft().wire)
+        return frames
 
 
 class Listener:
@@ -119,6 +162,7 @@ class Listener:
         self.subscribers: set[Subscriber] = set()
         self.snapshot: stats.Snapshot | None = None
         self.snapshot_json = b""  # the stats file as it is: what /stats and stats frames carry
+        self.stats_frame: Out | None = None  # made once per snapshot for every subscriber
         self.stores: dict[str, Store] = {}  # opened on first send, per settings
         self.store_lock = threading.Lock()  # a store (a broker's channel) is used by one thread
         self.stats_mtime = 0
@@ -139,6 +183,7 @@ class Listener:
             process_request=self.route,
             max_size=limit,
             server_header="msgd",
+            compression=None,  # see the module's docstring
         ) as server:
             tasks = [
                 asyncio.create_task(self.feed_events()),
@@ -215,6 +260,8 @@ class Listener:
         except (OSError, msgspec.DecodeError):
             return  # half a rename away: the next look takes it
         self.snapshot, self.snapshot_json, self.stats_mtime = snap, raw, mtime
+        payload = b'{"topic": "stats", "snapshot": ' + raw + b"}"
+        self.stats_frame = Out(wire(payload), event=False)
 
     async def feed_stats(self) -> None:
         while True:
@@ -226,9 +273,9 @@ class Listener:
                     self.send_stats(sub, now)
 
     def send_stats(self, sub: Subscriber, now: float) -> None:
-        if self.snapshot is not None:
+        if self.stats_frame is not None:
             sub.last_stats = now
-            sub.push('{"topic": "stats", "snapshot": ' + self.snapshot_json.decode() + "}")
+            sub.push([self.stats_frame])
 
     async def feed_events(self) -> None:
         while True:
@@ -236,20 +283,31 @@ class Listener:
             self.fan_out()
 
     def fan_out(self) -> None:
-        """Hand every new event to the subscribers that want it (each frame encoded once)."""
+        """Hand every new event to the subscribers that want it, in one push each. While
+        nobody subscribes to events the rings are only skipped to their heads, not read."""
+        listening = [sub for sub in self.subscribers if "events" in sub.topics]
+        if not listening:
+            self.reader.skip()
+            return
         missed = self.reader.missed
-        events = self.reader.poll()
+        frames = self.event_frames()
         lost = self.reader.missed - missed
-        names = {i: n for n, i in self.settings.queue_index.items()}
-        for sub in self.subscribers:
-            if lost and "events" in sub.topics:
+        every = [frame for _, frame in frames]
+        for sub in listening:
+            if lost:
                 sub.lost(lost)
-        for event in events:
+            wanted = every if sub.queues is None else [f for q, f in frames if q in sub.queues]
+            if wanted:
+                sub.push(wanted)
+
+    def event_frames(self) -> list[tuple[str, Out]]:
+        """(queue name, frame) of every new event, in order, each frame made once."""
+        names = {i: n for n, i in self.settings.queue_index.items()}
+        frames = []
+        for event in self.reader.poll():
             queue = names.get(event.queue, "?")
-            frame = json.dumps(_event_frame(event, queue))
-            for sub in self.subscribers:
-                if sub.wants(queue):
-                    sub.push(frame)
+            frames.append((queue, Out(wire(encode_json(_event_frame(event, queue))), event=True)))
+        return frames
 
     async def last_words(self) -> None:
         """Stopping (the daemon drained, or a reload replaced us): the outcomes of the last
@@ -268,7 +326,7 @@ class Listener:
         sock = ws.transport.get_extra_info("socket")
         if sock is not None:  # a fixed kernel buffer: what a stalled client holds stays bounded
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
-        sub = Subscriber(ws)
+        sub = Subscriber(Batches(ws))
         self.subscribers.add(sub)
         authorized = self.authorized(ws.request)
         try:
