@@ -68,6 +68,33 @@ def test_records_become_messages_once(store: SpoolStore) -> None:
     assert len(files(store)) == 3 and staged(store) == []
 
 
+def test_a_queue_watched_while_the_converter_waits_is_converted_on_its_first_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The converter's thread waits on the queues it knew; a queue added later (a reload's, or
+    the second at start) is taken in at once, not at its next safety look (made an hour here)."""
+    monkeypatch.setattr(intake.Converter, "SAFETY", 3600.0)
+    first, second = (spool_store(tmp_path / "spool", q) for q in ("a", "b"))
+    for s in (first, second):
+        s.ensure()
+    converter = intake.Converter(0o600)
+    converter.watch(first.dir)
+    send(first, b"a")
+    done = header(first).end
+    wait_for(lambda: header(first).durable == done, 10, "a's message converted and flushed")
+    loop = next(t.native_id for t in threading.enumerate() if t.name == "intake")
+    wait_for(lambda: asleep(loop), 10, "the converter waiting on a's log alone")
+    converter.watch(second.dir)
+    names = send(second, b"b")
+    wait_for(lambda: list(files(second)) == names, 10, "b's message, converted on its write")
+
+
+def asleep(tid: int | None) -> bool:
+    """Whether a thread of this process sleeps in the kernel (the converter: in its select)."""
+    stat = Path(f"/proc/self/task/{tid}/stat").read_text()
+    return stat.rsplit(")", 1)[1].split()[0] == "S"
+
+
 def test_send_options_ride_in_the_record(store: SpoolStore) -> None:
     """A single send's priority and expiry name its file in new/; a delayed one goes to defer/,
     counted as scheduled while it is still a record."""

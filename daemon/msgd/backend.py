@@ -22,7 +22,7 @@ from __future__ import annotations
 import enum
 import importlib
 import importlib.util
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
@@ -237,6 +237,17 @@ def missing_library(backend: str) -> str | None:
     if library and importlib.util.find_spec(library) is None:
         return f"\"{backend}\" needs {what}: pip install 'msgd[{EXTRA[backend]}]'"
     return None
+
+
+def close_all(stores: Mapping[str, Store], log: Any) -> None:
+    """In a thread, at a stop or for a reload's old stores: each lets go of its connections (the
+    spool makes what the master converted of its intake durable, so that a power loss after a
+    clean stop replays nothing); one that fails is logged and the others still close."""
+    for name, store in stores.items():
+        try:
+            store.close()
+        except Exception:
+            log.exception("closing the queue's store failed", queue=name)
 
 
 def open_store(queue: str, policy: QueueConfig, daemon: DaemonConfig) -> Store:

@@ -13,7 +13,7 @@ import asyncio
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
-from msgd.backend import Outcome, Store
+from msgd.backend import Outcome, Store, close_all
 from msgd.supervise import off_loop
 
 if TYPE_CHECKING:
@@ -63,6 +63,16 @@ class Clock:
     async def scheduled_burst(self, name: str) -> None:
         with self.master.duties.duty(f"schedule of {name}"):
             await self.master.begin_burst({name: self.master.stores[name]}, "schedule")
+
+    def close_later(self, stores: dict[str, Store]) -> None:
+        """A reload's old stores, closed off the loop while the new ones serve: the reload's
+        answer does not wait for it (a spool's close flushes its filesystem)."""
+
+        async def close() -> None:
+            with self.master.duties.duty("closing a reload's old stores"):
+                await off_loop(close_all, stores, self.master.log)
+
+        self.in_background(close())
 
     def in_background(self, work: Coroutine[Any, Any, None]) -> None:
         """Run `work` as a task the loop keeps a reference to until it ends."""

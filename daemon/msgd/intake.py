@@ -443,9 +443,10 @@ class Converter:
     """The daemon's threads that turn intake records into messages as they arrive, and make
     them durable in batches.
 
-    The converter wakes when a producer writes to a queue's log (inotify), and every SAFETY
-    seconds in case a wake-up was missed; the flusher runs FLUSH_AFTER after a conversion (and
-    the master's stop calls flush_converted). An error (a full disk) is logged once and retried.
+    The converter wakes when a producer writes to a queue's log (inotify), when a queue is added
+    (its select must take the new log in), and every SAFETY seconds in case a wake-up was
+    missed; the flusher runs FLUSH_AFTER after a conversion (and the master's stop calls
+    flush_converted). An error (a full disk) is logged once and retried.
     """
 
     SAFETY = 1.0
@@ -459,6 +460,7 @@ class Converter:
         self._watched: dict[str, int] = {}  # queue dir -> inotify descriptor, kept once made
         self._failing: dict[str, str] = {}
         self._converted = threading.Event()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)  # a queue added
         self._threads = [
             threading.Thread(target=self._convert_loop, name="intake", daemon=True),
             threading.Thread(target=self._flush_loop, name="intake-flush", daemon=True),
@@ -472,6 +474,7 @@ class Converter:
             if queue_dir not in self._watched:
                 fd = watch_arrivals(directory(queue_dir), also=IN_MODIFY)
                 self._watched = {**self._watched, queue_dir: fd}  # replaced, never mutated
+                os.write(self._wake_w, b"w")  # the loop's select must take it in now
             if not self._threads[0].is_alive():
                 for thread in self._threads:
                     thread.start()
@@ -482,7 +485,8 @@ class Converter:
             for queue_dir in watched:
                 if self._guarded(convert, queue_dir):
                     self._converted.set()
-            for fd in select.select(list(watched.values()), [], [], self.SAFETY)[0]:
+            fds = [self._wake_r, *watched.values()]
+            for fd in select.select(fds, [], [], self.SAFETY)[0]:
                 drain(fd)
 
     def _flush_loop(self) -> None:

@@ -30,7 +30,7 @@ import msgspec
 import structlog
 
 from msgd import handlers, logs, stats
-from msgd.backend import BackendError, Store, open_store
+from msgd.backend import BackendError, Store, close_all, open_store
 from msgd.burst import Burst, BurstFlags
 from msgd.clock import Clock
 from msgd.config import Config, ConfigError, check_reloadable
@@ -195,21 +195,11 @@ class Master:
             elif not drain.done() and self.snapshot().processed > done_before:
                 self.notify.extend_timeout(2 * STATUS_EVERY)
         cut_short.cancel()
-        await off_loop(self.close_stores, self.stores)
+        await off_loop(close_all, self.stores, self.log)
         self.log.info("stopped", **msgspec.structs.asdict(self.publish().totals))
         self.http.stop()  # http
         self.state.remove()
         self.pidfile.release()
-
-    def close_stores(self, stores: dict[str, Store]) -> None:
-        """In a thread, at a stop or for a reload's old stores: each lets go of its connections
-        (the spool makes what the master converted of its intake durable, so that a power loss
-        after a clean stop replays nothing)."""
-        for name, store in stores.items():
-            try:
-                store.close()
-            except Exception:
-                self.log.exception("closing the queue's store failed", queue=name)
 
     async def second_stop(self) -> None:
         stop, quit_ = self.signals.events[Action.STOP], self.signals.events[Action.QUIT]
@@ -271,7 +261,7 @@ class Master:
             queues=sorted(new.queues),
         )  # fmt: skip
         self.notify.ready(summary(self.snapshot()))
-        await off_loop(self.close_stores, old)  # last: the reload is applied whatever it waits
+        self.clock.close_later(old)
         return {"config_generation": self.reloads}
 
     def rejected(self, error: Exception, limits: RateLimits | None) -> dict[str, Any]:
