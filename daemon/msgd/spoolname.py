@@ -69,7 +69,3 @@ class SpoolName(msgspec.Struct, frozen=True, kw_only=True):
 
     def expired(self, now_ms: float) -> bool:
         return bool(self.expires_ms) and self.expires_ms <= now_ms
-
-    def claim_order(self) -> tuple[int, str]:
-        """Sort key of a listing: highest priority first, then oldest (ids sort by time)."""
-        return (-self.priority, self.id)
