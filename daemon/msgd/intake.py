@@ -93,6 +93,7 @@ Record = tuple[str, bytes]  # (spool file name, body)
 # after we let go, and every producer waiting. Forks wait while a lock is held here.
 _no_fork = threading.Lock()
 _converting = threading.Lock()  # one pass at a time in this process: two would move one file
+_durable = threading.Lock()  # one make_durable at a time in this process (see there)
 os.register_at_fork(
     before=_no_fork.acquire, after_in_parent=_no_fork.release, after_in_child=_no_fork.release
 )
@@ -344,8 +345,16 @@ def _set_cursor(queue_dir: str, cursor: int, durable: bool = False) -> None:
 
 def make_durable(queue_dir: str, file_mode: int) -> None:
     """Flush what was converted (files and names), then record it as durable; past
-    ROTATE_BYTES, replace the log by a fresh one without the flushed part. (Locks in the
-    converter's order: _converting, then _no_fork.)"""
+    ROTATE_BYTES, replace the log by a fresh one without the flushed part. One call at a time
+    (the flusher's, a stop's or a reload's close): two rotations at once would both write
+    log.new, and the second would read the fresh log with the old log's offsets (records lost,
+    found by a HUP storm under a stream). (Locks in the converter's order: _converting, then
+    _no_fork.)"""
+    with _durable:
+        _make_durable(queue_dir, file_mode)
+
+
+def _make_durable(queue_dir: str, file_mode: int) -> None:
     with _converting:  # a pass's renames are done once its cursor is readable here
         header = _header(queue_dir)
     if header is None or header.durable == header.cursor:
