@@ -118,6 +118,12 @@ def _command_child() -> None:
     set_parent_death_signal()
 
 
+def import_too_slow() -> str:
+    """The error of an import of handlers that outlived CHECK_TIMEOUT (a check's or a reload's
+    new workers')."""
+    return f"queues: importing the handlers took over {CHECK_TIMEOUT:g}s"
+
+
 def check_commands(config: Config) -> None:
     for name, q in config.queues.items():
         if q.command and shutil.which(q.command[0]) is None:
@@ -149,7 +155,7 @@ def check(config: Config) -> None:
         if not select.select([r], [], [], CHECK_TIMEOUT)[0]:  # an import that never returns
             os.kill(pid, signal.SIGKILL)  # must not hang a reload (or the master with it)
             os.waitpid(pid, 0)
-            raise ConfigError(f"queues: importing the handlers took over {CHECK_TIMEOUT:g}s")
+            raise ConfigError(import_too_slow())
         error = r.read().decode(errors="replace")
     _, status = os.waitpid(pid, 0)
     if status != 0:

@@ -312,7 +312,7 @@ class Pool:
                 asyncio.gather(*(h.loaded for h in trial if h.loaded)), handlers.CHECK_TIMEOUT
             )
         except TimeoutError:
-            verdicts = [f"queues: importing the handlers took over {handlers.CHECK_TIMEOUT:g}s"]
+            verdicts = [handlers.import_too_slow()]
         if failure := next((v for v in verdicts if v), ""):
             for handle in trial:
                 handle.signal(signal.SIGKILL)
