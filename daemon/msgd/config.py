@@ -43,6 +43,7 @@ class DaemonConfig(_Table):
     spool: str = "/var/spool/msgd"
     workers: Annotated[int, msgspec.Meta(ge=0, le=256)] = 2
     grace_period: Seconds = 30.0
+    import_timeout: Positive = 30.0
     log_file: str = ""
     log_format: Literal["console", "json"] = "console"
     log_level: Literal["debug", "info", "warning", "error"] = "info"

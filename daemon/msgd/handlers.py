@@ -25,7 +25,6 @@ from msgd.signals import TABLE
 from msgd.sysutil import set_parent_death_signal
 
 EX_DATAERR = 65  # a command's way of saying Reject (sysexits.h)
-CHECK_TIMEOUT = 30.0  # seconds the import check of a config's handlers may take
 
 
 class Message(msgspec.Struct, frozen=True):
@@ -118,10 +117,10 @@ def _command_child() -> None:
     set_parent_death_signal()
 
 
-def import_too_slow() -> str:
-    """The error of an import of handlers that outlived CHECK_TIMEOUT (a check's or a reload's
-    new workers')."""
-    return f"queues: importing the handlers took over {CHECK_TIMEOUT:g}s"
+def import_too_slow(config: Config) -> str:
+    """The error of an import of handlers that outlived `daemon.import_timeout` (a check's or a
+    reload's new workers')."""
+    return f"queues: importing the handlers took over {config.daemon.import_timeout:g}s"
 
 
 def check_commands(config: Config) -> None:
@@ -152,10 +151,10 @@ def check(config: Config) -> None:
         os._exit(status)
     os.close(write_end)
     with os.fdopen(read_end, "rb") as r:
-        if not select.select([r], [], [], CHECK_TIMEOUT)[0]:  # an import that never returns
-            os.kill(pid, signal.SIGKILL)  # must not hang a reload (or the master with it)
+        if not select.select([r], [], [], config.daemon.import_timeout)[0]:  # never returns?
+            os.kill(pid, signal.SIGKILL)  # must not hang msgctl or a start
             os.waitpid(pid, 0)
-            raise ConfigError(import_too_slow())
+            raise ConfigError(import_too_slow(config))
         error = r.read().decode(errors="replace")
     _, status = os.waitpid(pid, 0)
     if status != 0:

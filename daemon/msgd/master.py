@@ -49,6 +49,7 @@ from msgd.supervise import Duties, off_loop
 from msgd.sysutil import PrivilegeError, drop_privileges, make_dirs
 
 STATUS_EVERY = 5.0  # seconds between STATUS= lines to systemd
+CHECK_DEADLINE = 35.0  # seconds a reload may take to load and check its config (brokers too)
 RECORDED_AS = {Action.SCALE_UP: "scale", Action.SCALE_DOWN: "scale"}  # state file action names
 
 
@@ -241,7 +242,7 @@ class Master:
         self.notify.reloading()
         limits = None
         try:
-            new = await off_loop(self.checked_config, deadline=handlers.CHECK_TIMEOUT + 5)
+            new = await off_loop(self.checked_config, deadline=CHECK_DEADLINE)
             logs.setup(new.daemon.log_file, new.daemon.log_format, new.daemon.log_level)
             self.index.add(new.queues)
             limits = RateLimits(new, self.limits)

@@ -309,10 +309,11 @@ class Pool:
         trial = [self.spawn(self.free_slot(), config, limits, on_trial=True) for _ in range(size)]
         try:
             verdicts = await asyncio.wait_for(
-                asyncio.gather(*(h.loaded for h in trial if h.loaded)), handlers.CHECK_TIMEOUT
+                asyncio.gather(*(h.loaded for h in trial if h.loaded)),
+                config.daemon.import_timeout,
             )
         except TimeoutError:
-            verdicts = [handlers.import_too_slow()]
+            verdicts = [handlers.import_too_slow(config)]
         if failure := next((v for v in verdicts if v), ""):
             for handle in trial:
                 handle.signal(signal.SIGKILL)
