@@ -4,6 +4,7 @@ one twice, and skips torn records."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import signal
@@ -261,6 +262,44 @@ def test_a_flushed_log_is_replaced_once_large_with_what_follows(
     intake.make_durable(store.dir, 0o600)
     after = log.stat()
     assert (after.st_ino, after.st_size) != (before.st_ino, before.st_size)
+    assert intake.pending(store.dir) == later and header(store).durable == intake.HEADER.size
+    assert convert(store) == 2 and len(files(store)) == 14
+
+
+def test_two_flushes_at_once_rotate_the_log_once_and_lose_nothing(
+    store: SpoolStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The flusher and a reload's close may both make a log durable at once. Each one's syncfs
+    waits (up to 0.5 s) for the other to get there too, so that without the one-at-a-time lock
+    both rotate: the second would read the fresh log with the old log's offsets and lose
+    records (a HUP storm under a stream did, before the lock)."""
+    monkeypatch.setattr(intake, "ROTATE_BYTES", 1000)
+    send(store, *[b"x" * 100] * 12)
+    convert(store)
+    later = send(store, b"y", b"z")
+    both_there = threading.Barrier(2)
+    real_syncfs = intake.syncfs
+
+    def syncfs_together(path: str) -> None:
+        with contextlib.suppress(threading.BrokenBarrierError):
+            both_there.wait(timeout=0.5)
+        real_syncfs(path)
+
+    monkeypatch.setattr(intake, "syncfs", syncfs_together)
+    errors: list[BaseException] = []
+
+    def flush() -> None:
+        try:
+            intake.make_durable(store.dir, 0o600)
+        except BaseException as e:
+            errors.append(e)
+
+    flushers = [threading.Thread(target=flush) for _ in range(2)]
+    for thread in flushers:
+        thread.start()
+    for thread in flushers:
+        thread.join()
+    assert not errors
     assert intake.pending(store.dir) == later and header(store).durable == intake.HEADER.size
     assert convert(store) == 2 and len(files(store)) == 14
 
