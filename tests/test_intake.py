@@ -354,6 +354,24 @@ def test_concurrent_producers_each_message_worked_once(daemon: Msgd) -> None:
     assert header(daemon.store()).end < 400 * 2000, "the log was replaced while producers wrote"
 
 
+def test_a_stream_under_reloads_each_message_worked_once(daemon: Msgd) -> None:
+    """Producers send while the daemon reloads again and again; each reload closes the old
+    stores in the background, which makes their intake durable beside the flusher (both rotate
+    the log, which these producers fill). Every message sent runs exactly once."""
+    daemon.start()
+    sending = producers(daemon, 2, 400)
+    reloads = 0
+    while any(p.poll() is None for p in sending) or reloads < 3:
+        daemon.kill(signal.SIGHUP)
+        reloads += 1
+        wait_for(lambda: daemon.generation("reload") == reloads, what=f"reload {reloads}")
+    ids = [mid for p in sending for mid in p.communicate(timeout=60)[0].split()]
+    assert len(set(ids)) == 800
+    daemon.wait_processed(800)
+    assert sorted(daemon.succeeded()) == sorted(ids)
+    assert daemon.state()["last"]["reload"]["outcome"] == "ok"
+
+
 def test_a_master_killed_while_converting_makes_each_message_once(daemon: Msgd) -> None:
     """Producers send while the master (converting their records) is killed -9 ten times and
     restarted; the queue is burst-mode, so no handler runs before the end: then each message
