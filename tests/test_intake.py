@@ -364,7 +364,7 @@ def test_a_stream_under_reloads_each_message_worked_once(daemon: Msgd) -> None:
     while any(p.poll() is None for p in sending) or reloads < 3:
         daemon.kill(signal.SIGHUP)
         reloads += 1
-        wait_for(lambda: daemon.generation("reload") == reloads, what=f"reload {reloads}")
+        wait_for(lambda n=reloads: daemon.generation("reload") == n, what=f"reload {reloads}")
     ids = [mid for p in sending for mid in p.communicate(timeout=60)[0].split()]
     assert len(set(ids)) == 800
     daemon.wait_processed(800)
