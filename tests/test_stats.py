@@ -8,19 +8,22 @@ resizes, and that every output made of them says the same thing.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import multiprocessing
 import os
 import re
 import signal
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import Msgd, wait_for
 from msgd import counters, stats
-from msgd.backend import Outcome
+from msgd.backend import Depths, Outcome
 from prometheus_client.parser import text_string_to_metric_families
 
 OUTCOMES = ["succeeded", "retried", "failed", "rejected", "timed_out", "expired"]
@@ -576,3 +579,53 @@ def test_a_run_in_progress_and_its_intended_outcome_are_read_back() -> None:
     slot = shared.read()[counters.SLOTS_PER_SEGMENT + 1]
     assert counters.running(slot) == []
     assert counters.queue_block(slot, 5)[Outcome.SUCCEEDED] == 1
+
+
+class Listing:
+    """A store whose depths take `delay` seconds once `release` is set (a slow listing,
+    injected); it notes the thread that asked."""
+
+    queue = "q"
+
+    def __init__(self, local: bool, delay: float = 0.0) -> None:
+        self.local, self.delay = local, delay
+        self.asked, self.release = threading.Event(), threading.Event()
+        self.threads: list[int] = []
+
+    def depths(self) -> Depths:
+        self.threads.append(threading.get_ident())
+        self.asked.set()
+        assert self.release.wait(10)
+        time.sleep(self.delay)  # the listing's own duration: the fault under test
+        return Depths(new=1)
+
+
+def test_depths_are_listed_on_the_loop_only_while_local_and_cheap() -> None:
+    """A slow listing (or any broker's) runs in a thread while the loop turns; a local store
+    whose last listing took under INLINE_BELOW is listed on the loop, saving the thread's two
+    wake-ups. The first listing, of unknown cost, goes to a thread."""
+    from msgd.reporter import INLINE_BELOW, Reporter
+
+    async def refresh(store: Listing) -> int:
+        await reporter.refresh({"q": store})  # type: ignore[dict-item]
+        return store.threads[-1]
+
+    async def main() -> None:
+        loop = threading.get_ident()
+        slow = Listing(local=True, delay=2 * INLINE_BELOW)
+        task = asyncio.create_task(refresh(slow))
+        await asyncio.to_thread(slow.asked.wait, 5)
+        assert not task.done(), "the loop turns while the first listing runs"
+        slow.release.set()
+        assert await task != loop
+        assert await refresh(slow) != loop, "the last listing was slow"
+        slow.delay = 0.0
+        assert await refresh(slow) != loop, "the last listing was slow"
+        assert await refresh(slow) == loop, "the last listing was cheap"
+        assert reporter.depths["q"].new == 1
+        broker = Listing(local=False)
+        broker.release.set()
+        assert [await refresh(broker) for _ in range(3)].count(loop) == 0
+
+    reporter = Reporter(counters.Counters(), counters.QueueIndex())
+    asyncio.run(main())

@@ -420,6 +420,8 @@ class EmptySince:
 class AmqpStore:
     """One RabbitMQ queue: produce, inspect, revive dead letters; `inbox` for a worker."""
 
+    local = False
+
     def __init__(self, queue: str, policy: QueueConfig, daemon: DaemonConfig) -> None:
         self.queue, self.policy = queue, policy
         self.url = policy.url

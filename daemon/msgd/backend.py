@@ -161,6 +161,7 @@ class Store(Protocol):
     """One queue's store. Cheap to create; connects (if it must) on first use."""
 
     queue: str
+    local: bool  # answers from this machine's files, never a network (see reporter.py)
 
     def send_many(self, bodies: Sequence[bytes], options: SendOptions = NOW) -> list[str]:
         """Enqueue a batch; returns the new ids, in order, only once all of them are durable.

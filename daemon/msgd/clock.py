@@ -87,7 +87,7 @@ class Clock:
             if self.master.draining:
                 continue
             with self.master.duties.duty("stats file"):
-                await off_loop(self.master.reporter.gather, self.master.stores)
+                await self.master.reporter.refresh(self.master.stores)
                 self.master.reporter.tick(
                     self.master.publish(), self.master.config, self.master.notify
                 )

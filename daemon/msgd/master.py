@@ -295,7 +295,7 @@ class Master:
     async def dump_stats(self) -> dict[str, Any]:
         """USR1: fresh depths, one `stats` log event and a fresh stats file (same generation)."""
         self.dumps += 1
-        await off_loop(self.reporter.gather, self.stores)
+        await self.reporter.refresh(self.stores)
         self.reporter.log_event(self.publish())
         return {}
 

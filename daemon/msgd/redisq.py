@@ -248,6 +248,8 @@ class RedisStore:
     sends and expiry are the master's (release_due).
     """
 
+    local = False
+
     def __init__(self, queue: str, policy: QueueConfig, daemon: DaemonConfig) -> None:
         self.queue, self.policy = queue, policy
         self.stream = stream_name(queue, policy)

@@ -108,6 +108,8 @@ class Spool:
 class SpoolStore:
     """One queue of the spool: producing, inspecting, retrying and repairing it."""
 
+    local = True
+
     def __init__(self, queue: str, policy: QueueConfig, daemon: DaemonConfig) -> None:
         self.queue, self.policy = queue, policy
         self.spool = Spool.from_config(daemon)
