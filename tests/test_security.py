@@ -72,6 +72,22 @@ def test_msgctl_and_the_library_refuse_escaping_names(daemon: Msgd) -> None:
 # -- private files -----------------------------------------------------------------------------
 
 
+def test_a_first_batch_makes_its_queue_and_a_planted_link_is_refused(tmp_path: Path) -> None:
+    """A producer makes a new queue's directories (0700) on its first batch; a symbolic link
+    planted at a queue's tmp/ is refused, and nothing is written where it points."""
+    spool, elsewhere = tmp_path / "spool", tmp_path / "elsewhere"
+    store = spool_store(spool, "fresh")
+    ids = store.send_many([b"a", b"b"])
+    assert sorted(os.listdir(store.new)) == sorted(ids)
+    assert stat.S_IMODE(os.stat(store.tmp).st_mode) == 0o700
+    elsewhere.mkdir()
+    (spool / "planted").mkdir(mode=0o700)
+    (spool / "planted" / "tmp").symlink_to(elsewhere)
+    with pytest.raises(OSError, match="is a symbolic link"):
+        spool_store(spool, "planted").send_many([b"c", b"d"])
+    assert not list(elsewhere.iterdir())
+
+
 def test_files_are_0600_and_directories_0700_by_default(daemon: Msgd) -> None:
     old = os.umask(0o022)  # the usual umask: msgd's own modes must not depend on it
     try:

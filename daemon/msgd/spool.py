@@ -27,6 +27,7 @@ import json
 import mmap
 import os
 import random
+import stat
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -105,6 +106,14 @@ class Spool:
         return sorted(n for n in listdir(self.root) if valid_queue_name(n))
 
 
+def _is_directory(path: str) -> bool:
+    """A directory, not a symbolic link to one (make_dirs refuses those)."""
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return False
+
+
 class SpoolStore:
     """One queue of the spool: producing, inspecting, retrying and repairing it."""
 
@@ -139,7 +148,8 @@ class SpoolStore:
         one_by_one = fsync and len(bodies) == 1  # an fsync is cheaper than a syncfs for one
         if one_by_one and len(bodies[0]) <= intake.LARGEST:
             return [self._append(bodies[0], options)]
-        self.ensure()
+        if not _is_directory(self.tmp):  # the queue's first message (a stat, not a mkdir each)
+            self.ensure()
         ids: list[str] = []
         try:
             for body in bodies:
