@@ -282,7 +282,7 @@ def check_delayed_runs_on_time(daemon: Msgd, queue: str) -> None:
     assert scheduled == 2 or time.time() >= at, scheduled
     burst = daemon.msgctl("burst", "--wait")  # forces retries, not delayed sends
     assert burst.returncode == 0, burst.stderr
-    assert starts(daemon) == []
+    assert starts(daemon) == [] or time.time() >= before + DELAY  # (a loaded machine's burst)
     got = {s.id: s for s in wait_starts(daemon, 2, timeout=10)}
     assert set(got) == {delayed, sent.stdout.strip()}
     first = got[delayed].wall
