@@ -26,7 +26,7 @@ from msgd.stats import DaemonInfo, Rates, Snapshot, Totals
 from msgd.supervise import off_loop
 
 STATUS_EVERY = 5.0  # seconds between STATUS= lines to systemd
-INLINE_BELOW = 0.001  # seconds: local stores whose last listing was quicker are listed on the loop
+INLINE_BELOW = 0.002  # seconds: local stores whose last listing was quicker are listed on the loop
 
 
 class Reporter:
