@@ -8,10 +8,13 @@ from __future__ import annotations
 import json
 import os
 import socket
+import statistics
 import sys
 import time
 from collections.abc import Callable
 from typing import TypeVar
+
+from tasks import burn
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_DIR = os.path.dirname(BENCH_DIR)
@@ -47,15 +50,7 @@ def latency_figures(seconds: list[float]) -> dict[str, float]:
     }
 
 
-# --- CPU-bound work: the same pure-Python loop for every system ----------------------------------
-
-
-def burn(iterations: int) -> int:
-    """Pure-Python work: about `iterations` loop turns, no I/O, holds the GIL throughout."""
-    total = 0
-    for i in range(iterations):
-        total += i * i % 7
-    return total
+# --- CPU-bound work: tasks.burn, the same pure-Python loop for every system, calibrated ----------
 
 
 def calibrate(target_seconds: float = 0.005, rounds: int = 15) -> tuple[int, float]:
@@ -74,8 +69,6 @@ def calibrate(target_seconds: float = 0.005, rounds: int = 15) -> tuple[int, flo
 
 def unit_time(iterations: int, rounds: int = 15) -> float:
     """The median time of `burn(iterations)` in this process (seconds)."""
-    import statistics  # here, not at the top: every system's workers import this module
-
     times = []
     for _ in range(rounds):
         t = time.perf_counter()
