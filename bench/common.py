@@ -106,13 +106,18 @@ def process_tree(pid: int) -> list[int]:
     return out
 
 
+ROLLUP = ("Pss", "Rss", "Private_Dirty", "Pss_Anon", "Pss_File", "Pss_Shmem")
+
+
 def memory_kib(pid: int) -> dict[str, int]:
-    """Pss and Rss of one process in KiB, from /proc/PID/smaps_rollup."""
-    figures = {"pss_kib": 0, "rss_kib": 0}
+    """Pss and Rss of one process in KiB, from /proc/PID/smaps_rollup; with Private_Dirty (the
+    pages only this process maps: in a forked process, what it or its parent wrote since the fork)
+    and Pss split into anonymous memory, files (libraries) and shared memory."""
+    figures = {key.lower() + "_kib": 0 for key in ROLLUP}
     with open(f"/proc/{pid}/smaps_rollup") as f:
         for line in f:
             key, _, rest = line.partition(":")
-            if key in ("Pss", "Rss"):
+            if key in ROLLUP:
                 figures[key.lower() + "_kib"] = int(rest.split()[0])
     return figures
 
