@@ -8,10 +8,13 @@ from __future__ import annotations
 import json
 import os
 import socket
+import statistics
 import sys
 import time
 from collections.abc import Callable
 from typing import TypeVar
+
+from tasks import burn
 
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_DIR = os.path.dirname(BENCH_DIR)
@@ -47,15 +50,7 @@ def latency_figures(seconds: list[float]) -> dict[str, float]:
     }
 
 
-# --- CPU-bound work: the same pure-Python loop for every system ----------------------------------
-
-
-def burn(iterations: int) -> int:
-    """Pure-Python work: about `iterations` loop turns, no I/O, holds the GIL throughout."""
-    total = 0
-    for i in range(iterations):
-        total += i * i % 7
-    return total
+# --- CPU-bound work: tasks.burn, the same pure-Python loop for every system, calibrated ----------
 
 
 def calibrate(target_seconds: float = 0.005, rounds: int = 15) -> tuple[int, float]:
@@ -74,8 +69,6 @@ def calibrate(target_seconds: float = 0.005, rounds: int = 15) -> tuple[int, flo
 
 def unit_time(iterations: int, rounds: int = 15) -> float:
     """The median time of `burn(iterations)` in this process (seconds)."""
-    import statistics  # here, not at the top: every system's workers import this module
-
     times = []
     for _ in range(rounds):
         t = time.perf_counter()
@@ -113,13 +106,18 @@ def process_tree(pid: int) -> list[int]:
     return out
 
 
+ROLLUP = ("Pss", "Rss", "Private_Dirty", "Pss_Anon", "Pss_File", "Pss_Shmem")
+
+
 def memory_kib(pid: int) -> dict[str, int]:
-    """Pss and Rss of one process in KiB, from /proc/PID/smaps_rollup."""
-    figures = {"pss_kib": 0, "rss_kib": 0}
+    """Pss and Rss of one process in KiB, from /proc/PID/smaps_rollup; with Private_Dirty (the
+    pages only this process maps: in a forked process, what it or its parent wrote since the fork)
+    and Pss split into anonymous memory, files (libraries) and shared memory."""
+    figures = {key.lower() + "_kib": 0 for key in ROLLUP}
     with open(f"/proc/{pid}/smaps_rollup") as f:
         for line in f:
             key, _, rest = line.partition(":")
-            if key in ("Pss", "Rss"):
+            if key in ROLLUP:
                 figures[key.lower() + "_kib"] = int(rest.split()[0])
     return figures
 

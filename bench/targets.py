@@ -150,8 +150,23 @@ def why_memory(r: dict) -> str:
         f"PSS by process (MiB): {parts}; summed {total:.1f} MB. OpenSSL's libraries (libssl, "
         f"libcrypto, _ssl) account for {ssl:.1f} MiB of it "
         + ("though msgd makes no TLS connection. " if ssl > 0.1 else "(not loaded). ")
-        + "What each worker holds beyond its share of the master's pages is what it wrote after "
-        "the fork (reference counts in shared objects among it)."
+        + why_memory_kinds(procs)
+    )
+
+
+def why_memory_kinds(procs: list[dict]) -> str:
+    """The sum by kind of memory, and each process's private pages: in a forked process, the
+    pages of the master's that it (or the master) wrote after the fork."""
+    if "private_dirty_kib" not in procs[0]:
+        return ""
+    mib = {k: sum(p[f"pss_{k}_kib"] for p in procs) / 1024 for k in ("anon", "file", "shmem")}
+    private = ", ".join(f"{process_name(p)} {p['private_dirty_kib'] / 1024:.1f}" for p in procs)
+    return (
+        f"By kind (MiB): anonymous {mib['anon']:.1f}, files (libpython's and the extensions' "
+        f"code, shared with every process that maps them) {mib['file']:.1f}, shared memory "
+        f"{mib['shmem']:.1f}. Pages private to each process (MiB): {private}: CPython writes into "
+        "every object it touches (reference counts, the bytecode's warm-up counters), so each "
+        "page of code or data a process runs after the fork becomes its own copy."
     )
 
 

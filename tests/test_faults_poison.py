@@ -67,6 +67,7 @@ def test_poison_messages_end_in_failed_and_the_rest_flows(daemon: Msgd) -> None:
     assert leak in daemon.succeeded()
     recycled = wait_for(lambda: daemon.events("worker recycled"), what="the recycle logged")
     assert len(recycled) == 1 and recycled[0]["reason"] == "max_rss_mb exceeded"
+    assert recycled[0]["worker"] in range(3)  # a worker's lines name its slot
     assert daemon.proc.poll() is None
     wait_for(lambda: len(daemon.workers()) == 3, 15, "the pool back at 3 workers")
     tally.check("poison messages", len(poison) * 3 + 2)

@@ -73,7 +73,9 @@ class Worker:
         self.limits = limits
         self.events = events or NullWriter()
         self.on_trial = on_trial
-        self.log = structlog.get_logger().bind(worker=slot)
+        # Bound on first use, not here: binding runs structlog code, and the pages of every
+        # function a forked worker runs become its own copies; idle workers never log.
+        self.log = structlog.get_logger(worker=slot)
         self.stopping = threading.Event()
         self.stop_r, self.stop_w = os.pipe()
         self.burst = threading.Condition()
@@ -93,9 +95,9 @@ class Worker:
         if not self.load_handlers():
             return
         dump_path = os.path.join(self.config.daemon.spool, ".msgd", f"dump.{self.slot}")
-        dump = os.fdopen(  # tracebacks may show message data: private like the spool
-            os.open(dump_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600), "w"
-        )
+        # Tracebacks may show message data: private like the spool. A bare descriptor, as
+        # faulthandler writes to one anyway: no file object to build in every worker.
+        dump = os.open(dump_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         faulthandler.register(DUMP_SIGNAL, file=dump, all_threads=True)
         runners = []
         runner_no = 0
