@@ -600,11 +600,15 @@ class Listing:
         return Depths(new=1)
 
 
-def test_depths_are_listed_on_the_loop_only_while_local_and_cheap() -> None:
-    """A slow listing (or any broker's) runs in a thread while the loop turns; a local store
-    whose last listing took under INLINE_BELOW is listed on the loop, saving the thread's two
-    wake-ups. The first listing, of unknown cost, goes to a thread."""
-    from msgd.reporter import INLINE_BELOW, Reporter
+def test_local_calls_run_on_the_loop_only_while_cheap(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A call of unknown cost, or one that was slow in the last RECENT seconds, runs in a thread
+    while the loop turns; a local call that has been cheap runs on the loop, saving the thread's
+    two wake-ups; a broker's call never does. The reporter's depths follow the rule."""
+    from msgd import supervise
+    from msgd.reporter import Reporter
+
+    monkeypatch.setattr(supervise, "RECENT", 0.3)
+    reporter = Reporter(counters.Counters(), counters.QueueIndex())
 
     async def refresh(store: Listing) -> int:
         await reporter.refresh({"q": store})  # type: ignore[dict-item]
@@ -612,20 +616,26 @@ def test_depths_are_listed_on_the_loop_only_while_local_and_cheap() -> None:
 
     async def main() -> None:
         loop = threading.get_ident()
-        slow = Listing(local=True, delay=2 * INLINE_BELOW)
+        slow = Listing(local=True, delay=2 * supervise.CHEAP)
         task = asyncio.create_task(refresh(slow))
         await asyncio.to_thread(slow.asked.wait, 5)
         assert not task.done(), "the loop turns while the first listing runs"
         slow.release.set()
         assert await task != loop
-        assert await refresh(slow) != loop, "the last listing was slow"
         slow.delay = 0.0
-        assert await refresh(slow) != loop, "the last listing was slow"
-        assert await refresh(slow) == loop, "the last listing was cheap"
+        assert await refresh(slow) != loop, "a slow listing was recent"
+        while time.monotonic() < reporter.placement.slow_until + 0.01:  # RECENT passing
+            await asyncio.sleep(0.01)
+        assert await refresh(slow) == loop, "cheap since"
+        slow.delay = 2 * supervise.CHEAP
+        assert await refresh(slow) == loop
+        slow.delay = 0.0
+        assert await refresh(slow) != loop, "a slow listing was recent"
         assert reporter.depths["q"].new == 1
         broker = Listing(local=False)
         broker.release.set()
-        assert [await refresh(broker) for _ in range(3)].count(loop) == 0
+        placement = supervise.Placement()
+        threads = [await placement.run(False, lambda: threading.get_ident()) for _ in range(3)]
+        assert loop not in threads and await refresh(broker) != loop
 
-    reporter = Reporter(counters.Counters(), counters.QueueIndex())
     asyncio.run(main())

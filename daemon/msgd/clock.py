@@ -1,10 +1,11 @@
 """The master's clock: the duties that run on time rather than on a signal.
 
 Every tick (TICK): handlers past their timeout (pool), each queue's due retries, delayed sends and
-expiries (its store, off the loop, one task per queue so that a slow broker holds up neither the
-timeouts nor the other queues), and scheduled bursts. Every second: depths, the stats file, the
-process title, systemd's STATUS. At half the watchdog interval: WATCHDOG=1, while the loop turns
-and the pool has its workers. Each duty's errors are logged once while they last (Duties).
+expiries (its store, off the loop unless local and cheap: supervise.Placement; one task per queue
+so that a slow broker holds up neither the timeouts nor the other queues), and scheduled bursts.
+Every second: depths, the stats file, the process title, systemd's STATUS. At half the watchdog
+interval: WATCHDOG=1, while the loop turns and the pool has its workers. Each duty's errors are
+logged once while they last (Duties).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 from msgd.backend import Outcome, Store, close_all
-from msgd.supervise import off_loop
+from msgd.supervise import Placement, off_loop
 
 if TYPE_CHECKING:
     from msgd.master import Master
@@ -26,6 +27,8 @@ class Clock:
     def __init__(self, master: Master) -> None:
         self.master = master
         self.releasing: dict[str, asyncio.Task[None]] = {}  # per queue: its release_due run
+        self.placements: dict[str, Placement] = {}  # per queue: where its release_due runs
+        self.scheduling = Placement()
         self.background: set[asyncio.Task[None]] = set()  # scheduled bursts being begun
 
     def duties(self) -> list[Callable[[], Coroutine[Any, Any, None]]]:
@@ -45,7 +48,7 @@ class Clock:
                 if name not in self.releasing or self.releasing[name].done():
                     self.releasing[name] = asyncio.create_task(self.release_due(name, store))
             with self.master.duties.duty("schedules"):
-                for name in await off_loop(self.master.scheduler.due):
+                for name in await self.scheduling.run(True, self.master.scheduler.due):
                     if name in self.master.stores:
                         self.in_background(self.scheduled_burst(name))
 
@@ -54,7 +57,8 @@ class Clock:
         letters because their TTL passed are counted (failed and expired) in the master's own
         counter slot."""
         with self.master.duties.duty(f"retries of {name}"):
-            expired = await off_loop(store.release_due, False)
+            placement = self.placements.setdefault(name, Placement())
+            expired = await placement.run(store.local, store.release_due, False)
             if expired:
                 self.master.own_counts.count(self.master.index[name], Outcome.FAILED, expired)
                 self.master.own_counts.count(self.master.index[name], Outcome.EXPIRED, expired)

@@ -2,10 +2,8 @@
 
 Depths come from directory listings or a broker, once a second and before a USR1 dump
 (`refresh`). A broker may not answer and a large directory takes milliseconds to list, so those
-are gathered in a thread. Small listings (the last one took under INLINE_BELOW) run on the loop:
-the thread's two wake-ups cost more than they do (~0.3 ms idle, milliseconds once the workers
-keep both cores busy). Snapshots read the last depths gathered and a copy of the counters, which
-costs a few microseconds on the loop.
+are gathered in a thread; small listings run on the loop (supervise.Placement). Snapshots read
+the last depths gathered and a copy of the counters, which costs a few microseconds on the loop.
 """
 
 from __future__ import annotations
@@ -23,10 +21,9 @@ from msgd.config import Config
 from msgd.counters import Counters, QueueIndex, running
 from msgd.notify import Notifier
 from msgd.stats import DaemonInfo, Rates, Snapshot, Totals
-from msgd.supervise import off_loop
+from msgd.supervise import Placement
 
 STATUS_EVERY = 5.0  # seconds between STATUS= lines to systemd
-INLINE_BELOW = 0.002  # seconds: local stores whose last listing was quicker are listed on the loop
 
 
 class Reporter:
@@ -35,21 +32,18 @@ class Reporter:
         self.index = index
         self.rates = Rates()
         self.depths: dict[str, Depths] = {}
-        self.took = float("inf")  # seconds the last gather took (unknown: a thread's first)
+        self.placement = Placement()
         self.unreachable: dict[str, str] = {}  # queue -> the error, logged once while it lasts
         self.log = structlog.get_logger()
         self.next_log = self.next_status = time.monotonic()
 
     async def refresh(self, stores: Mapping[str, Store]) -> None:
         """Fresh depths: listed on the loop while that is cheap, else in a thread."""
-        if self.took < INLINE_BELOW and all(store.local for store in stores.values()):
-            self.gather(stores)
-        else:
-            await off_loop(self.gather, stores)
+        local = all(store.local for store in stores.values())
+        await self.placement.run(local, self.gather, stores)
 
     def gather(self, stores: Mapping[str, Store]) -> None:
         """Each store's depths; a store that cannot be asked keeps its last ones."""
-        began = time.monotonic()
         fresh = {}
         for name, store in stores.items():
             try:
@@ -62,7 +56,6 @@ class Reporter:
             else:
                 self.unreachable.pop(name, None)
         self.depths = fresh
-        self.took = time.monotonic() - began
 
     def snapshot(self, info: DaemonInfo, workers: Iterable[tuple[int, int]]) -> Snapshot:
         return stats.build(
