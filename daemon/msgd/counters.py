@@ -17,6 +17,7 @@ and settle it if the worker dies, on every backend, without listing a directory.
 from __future__ import annotations
 
 import multiprocessing
+import struct
 import threading
 import time
 import zlib
@@ -40,6 +41,7 @@ RUNNERS = 1
 QUEUES = RUNNERS + MAX_RUNNERS * RUNNER_BLOCK
 SLOT = QUEUES + MAX_QUEUES * QUEUE_BLOCK
 SLOTS_PER_SEGMENT = 16
+_RUN = struct.Struct(f"=QQ{LABEL_BYTES}s")  # a run's start, crc32(name), id (cut or 0-padded)
 
 
 def bucket(duration_ns: int) -> int:
@@ -96,11 +98,8 @@ class SlotWriter:
         """Mark `runner` busy with `name` (message id `label`); returns the start time (ns)."""
         r = self.base + RUNNERS + runner * RUNNER_BLOCK
         now = time.monotonic_ns()
-        self.a[r + 1] = now
-        self.a[r + 2] = zlib.crc32(name.encode())
-        at = (r + 3) * 8
-        self.bytes[at : at + LABEL_BYTES] = label.encode()[:LABEL_BYTES].ljust(LABEL_BYTES, b"\0")
-        self.a[r] = queue + 1
+        _RUN.pack_into(self.bytes, (r + 1) * 8, now, zlib.crc32(name.encode()), label.encode())
+        self.a[r] = queue + 1  # last: the run is readable whole once it is marked busy
         return now
 
     def intend(self, runner: int, queue: int, outcome: Outcome) -> None:
