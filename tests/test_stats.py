@@ -573,7 +573,11 @@ def test_a_run_in_progress_and_its_intended_outcome_are_read_back() -> None:
     [run] = counters.running(shared.read()[counters.SLOTS_PER_SEGMENT + 1])
     assert (run.queue, run.started_ns, run.label, run.intended) == (5, started, "abc", None)
     writer.intend(3, 5, Outcome.SUCCEEDED)
-    [run] = counters.running(shared.read()[counters.SLOTS_PER_SEGMENT + 1])
+    assert (
+        shared.read_slot(counters.SLOTS_PER_SEGMENT + 1)
+        == shared.read()[counters.SLOTS_PER_SEGMENT + 1]
+    )
+    [run] = counters.running(shared.read_slot(counters.SLOTS_PER_SEGMENT + 1))
     assert (run.queue, run.intended) == (5, Outcome.SUCCEEDED)
     writer.finish(3, 5, Outcome.SUCCEEDED, started)
     slot = shared.read()[counters.SLOTS_PER_SEGMENT + 1]

@@ -168,6 +168,13 @@ class Counters:
         slots.append(array("Q", bytes(self.own)))
         return slots
 
+    def read_slot(self, slot: int) -> array:
+        """A copy of one worker's slot: what the clock's timeout check reads 20 times a second
+        (~2 µs, where `read` copies every slot of every segment, ~50 µs)."""
+        segment = memoryview(self.segments[slot // SLOTS_PER_SEGMENT]).cast("B").cast("Q")
+        start = (slot % SLOTS_PER_SEGMENT) * SLOT
+        return array("Q", segment[start : start + SLOT].tobytes())
+
 
 @dataclass
 class Running:

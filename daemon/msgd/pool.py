@@ -210,7 +210,7 @@ class Pool:
         handler may be the cause: a message that kills workers must end as a dead letter, not
         loop). A timeout counts only against the message that timed out. A stop charges nothing.
         """
-        runs = running(self.counters.read()[handle.slot])
+        runs = running(self.counters.read_slot(handle.slot))
         writer = self.counters.writer(handle.slot)
         total = Settled()
         counted: dict[int, list[int]] = {}  # http: what is counted here makes outcome events
@@ -343,10 +343,10 @@ class Pool:
 
     def check_timeouts(self) -> None:
         """Kill workers whose handler runs past its queue's timeout, after a traceback dump."""
-        slots = self.counters.read()
         now = time.monotonic_ns()
         for handle in self.live():
-            for run in running(slots[handle.slot]) if handle.timed_out is None else []:
+            slot = self.counters.read_slot(handle.slot)
+            for run in running(slot) if handle.timed_out is None else []:
                 policy = handle.config.queues.get(self.index.name(run.queue) or "")
                 if policy and now - run.started_ns > policy.timeout * 1e9:
                     self.time_out(handle, run, policy.timeout)

@@ -95,5 +95,4 @@ class Reporter:
         }
 
     def in_flight(self, slots: Iterable[int]) -> int:
-        copies = self.counters.read()
-        return sum(len(running(copies[s])) for s in slots)
+        return sum(len(running(self.counters.read_slot(s))) for s in slots)
