@@ -32,7 +32,7 @@ async def off_loop(call: Callable[..., T], *args: Any, deadline: float = DEADLIN
 
 
 class Placement:
-    """Where one recurring store call runs: on the loop, or in a thread with the deadline.
+    """Where one recurring call of the master runs: on the loop, or in a thread with the deadline.
 
     A thread's two wake-ups cost ~0.3 ms on an idle machine and milliseconds once the workers
     keep the cores busy, more than listing a small directory. So a `local` call (this machine's
