@@ -586,13 +586,13 @@ def test_a_run_in_progress_and_its_intended_outcome_are_read_back() -> None:
 
 
 class Listing:
-    """A store whose depths take `delay` seconds once `release` is set (a slow listing,
-    injected); it notes the thread that asked."""
+    """A store whose depths, once `release` is set, use `cpu` seconds of CPU and then wait
+    `wait` seconds (a costly listing, a slow disk: injected); it notes the thread that asked."""
 
     queue = "q"
 
-    def __init__(self, local: bool, delay: float = 0.0) -> None:
-        self.local, self.delay = local, delay
+    def __init__(self, local: bool, cpu: float = 0.0, wait: float = 0.0) -> None:
+        self.local, self.cpu, self.wait = local, cpu, wait
         self.asked, self.release = threading.Event(), threading.Event()
         self.threads: list[int] = []
 
@@ -600,14 +600,18 @@ class Listing:
         self.threads.append(threading.get_ident())
         self.asked.set()
         assert self.release.wait(10)
-        time.sleep(self.delay)  # the listing's own duration: the fault under test
+        spent = time.thread_time() + self.cpu
+        while time.thread_time() < spent:  # the listing's own work: the fault under test
+            pass
+        time.sleep(self.wait)  # the disk's
         return Depths(new=1)
 
 
 def test_local_calls_run_on_the_loop_only_while_cheap(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A call of unknown cost, or one that was slow in the last RECENT seconds, runs in a thread
-    while the loop turns; a local call that has been cheap runs on the loop, saving the thread's
-    two wake-ups; a broker's call never does. The reporter's depths follow the rule."""
+    """A call of unknown cost, or one that used much CPU or waited on its disk in the last
+    RECENT seconds, runs in a thread while the loop turns; a local call that has been cheap runs
+    on the loop, saving the thread's two wake-ups, even when it was merely preempted; a broker's
+    call never does. The reporter's depths follow the rule."""
     from msgd import supervise
     from msgd.reporter import Reporter
 
@@ -618,23 +622,33 @@ def test_local_calls_run_on_the_loop_only_while_cheap(monkeypatch: pytest.Monkey
         await reporter.refresh({"q": store})  # type: ignore[dict-item]
         return store.threads[-1]
 
+    async def recent_passes() -> None:
+        while time.monotonic() < reporter.placement.slow_until + 0.01:
+            await asyncio.sleep(0.01)
+
     async def main() -> None:
         loop = threading.get_ident()
-        slow = Listing(local=True, delay=2 * supervise.CHEAP)
+        slow = Listing(local=True, cpu=2 * supervise.CHEAP)
         task = asyncio.create_task(refresh(slow))
         await asyncio.to_thread(slow.asked.wait, 5)
         assert not task.done(), "the loop turns while the first listing runs"
         slow.release.set()
         assert await task != loop
-        slow.delay = 0.0
-        assert await refresh(slow) != loop, "a slow listing was recent"
-        while time.monotonic() < reporter.placement.slow_until + 0.01:  # RECENT passing
-            await asyncio.sleep(0.01)
+        slow.cpu = 0.0
+        assert await refresh(slow) != loop, "a costly listing was recent"
+        await recent_passes()
         assert await refresh(slow) == loop, "cheap since"
-        slow.delay = 2 * supervise.CHEAP
+        slow.wait = supervise.CHEAP * 2  # taking long without using the CPU: preempted
+        assert await refresh(slow) == loop and await refresh(slow) == loop
+        slow.wait = 2 * supervise.BLOCKED  # a disk this slow
         assert await refresh(slow) == loop
-        slow.delay = 0.0
-        assert await refresh(slow) != loop, "a slow listing was recent"
+        slow.wait = 0.0
+        assert await refresh(slow) != loop, "a blocked listing was recent"
+        await recent_passes()
+        slow.cpu = 2 * supervise.CHEAP
+        assert await refresh(slow) == loop
+        slow.cpu = 0.0
+        assert await refresh(slow) != loop, "a costly listing was recent"
         assert reporter.depths["q"].new == 1
         broker = Listing(local=False)
         broker.release.set()

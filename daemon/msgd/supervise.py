@@ -21,7 +21,8 @@ from typing import Any, TypeVar
 import structlog
 
 DEADLINE = 10.0  # seconds a call off the loop may take before it counts as failed
-CHEAP = 0.002  # seconds: a local call this quick may run on the loop (Placement)
+CHEAP = 0.002  # seconds of CPU: a local call this cheap may run on the loop (Placement)
+BLOCKED = 0.02  # seconds: a local call that took this long waited on its disk
 RECENT = 10.0  # seconds a local call stays in a thread after a run that was not cheap
 T = TypeVar("T")
 
@@ -37,8 +38,11 @@ class Placement:
     A thread's two wake-ups cost ~0.3 ms on an idle machine and milliseconds once the workers
     keep the cores busy, more than listing a small directory. So a `local` call (this machine's
     files, never a network) runs on the loop, unless its first run or any in the last RECENT
-    seconds took over CHEAP (a large directory; a slow run that recurs, like a sweep once a
-    second, keeps it in the thread). Any other call always runs in a thread.
+    seconds used over CHEAP of CPU (a large directory; a slow run that recurs, like a sweep once
+    a second, keeps it in the thread) or took over BLOCKED (it waited on its disk). CPU, not the
+    time taken: with the workers saturating the cores, a cheap call is preempted for
+    milliseconds, and would go to the thread exactly when its wake-ups cost most. Any other
+    call always runs in a thread.
     """
 
     def __init__(self) -> None:
@@ -50,12 +54,12 @@ class Placement:
         return await off_loop(self._timed, call, *args)
 
     def _timed(self, call: Callable[..., T], *args: Any) -> T:
-        began = time.monotonic()
+        began, cpu = time.monotonic(), time.thread_time()
         try:
             return call(*args)
         finally:
             now = time.monotonic()
-            if now - began > CHEAP:
+            if time.thread_time() - cpu > CHEAP or now - began > BLOCKED:
                 self.slow_until = now + RECENT
             elif self.slow_until == math.inf:
                 self.slow_until = now
