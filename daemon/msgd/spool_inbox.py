@@ -99,7 +99,8 @@ class SpoolInbox:
         self.cur = os.path.join(store.spool.dir(store.queue, "cur"), str(slot)) + "/"
         make_dirs(self.cur, store.spool.dir_mode)
         self._stop_fd = stop_fd
-        self._batch: list[str] = []  # a heap of _claim_key()s
+        self._listed: list[str] = []  # _claim_key()s of the last listing, sorted, the next last
+        self._arrived: list[str] = []  # a heap of _claim_key()s of names reported since
         self._lock = threading.Lock()
         self._wake = threading.Condition()
         self._watching = False
@@ -116,13 +117,12 @@ class SpoolInbox:
         while True:
             with self._lock:
                 self._take_arrivals()
-                if not self._batch:
+                if not (self._listed or self._arrived):
                     listed = (n for n in os.listdir(self.new) if not n.startswith("."))
-                    self._batch = [_claim_key(n) for n in listed]
-                    heapq.heapify(self._batch)
-                    if not self._batch:
+                    self._listed = sorted(map(_claim_key, listed), reverse=True)
+                    if not self._listed:
                         return None
-                name = heapq.heappop(self._batch).partition("\0")[2]
+                name = self._next_key().partition("\0")[2]
             try:
                 os.rename(self.new + name, self.cur + name)
             except FileNotFoundError:
@@ -135,16 +135,28 @@ class SpoolInbox:
         most: a look is a system call, and a drain claims every ~50 µs. (A name listed and also
         reported is claimed once: the second rename finds nothing.)"""
         now = time.monotonic()
-        if self._arrivals is None or (self._batch and now < self._next_look):
+        batch = self._listed or self._arrived
+        if self._arrivals is None or (batch and now < self._next_look):
             return
         self._next_look = now + ARRIVALS_EVERY
         names = arrived(self._arrivals)
-        if names is None or not self._batch:
-            self._batch = []  # list again
+        if names is None or not batch:
+            self._listed, self._arrived = [], []  # list again
             return
         for name in names:
             if not name.startswith("."):
-                heapq.heappush(self._batch, _claim_key(name))
+                heapq.heappush(self._arrived, _claim_key(name))
+
+    def _next_key(self) -> str:
+        """Take the first key in claim order, from the listing or the arrivals (not both empty).
+
+        The listing is sorted once and taken from its end, and only arrivals go through a heap:
+        popping each of a 40,000-name listing from a heap cost a drain ~3 µs a message (perf:
+        siftup)."""
+        listed, late = self._listed, self._arrived
+        if late and (not listed or late[0] < listed[-1]):
+            return heapq.heappop(late)
+        return listed.pop()
 
     def wait(self) -> None:
         """Sleep until something arrives in new/ (or the worker is told to stop).
