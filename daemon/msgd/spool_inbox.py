@@ -7,7 +7,6 @@ the rest of a no-op message); failure renames it into defer/ or failed/ (SpoolSt
 
 from __future__ import annotations
 
-import contextlib
 import heapq
 import os
 import queue as queue_mod
@@ -66,8 +65,10 @@ class Acker:
     def _run(self) -> None:
         while (item := self.todo.get()) is not None:
             path, index = item
-            with contextlib.suppress(FileNotFoundError):
+            try:  # not contextlib.suppress: ~0.25 µs a message, with the GIL held
                 os.unlink(path)
+            except FileNotFoundError:
+                pass
             self.acklog.clear(index)
             self.free.put(index)
 
