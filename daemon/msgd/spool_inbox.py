@@ -140,9 +140,12 @@ class SpoolInbox:
         if self._arrivals is None or (batch and now < self._next_look):
             return
         self._next_look = now + ARRIVALS_EVERY
+        if not batch:  # claim lists new/ next: the reports are stale, so skip decoding them
+            drain(self._arrivals)  # (after a burst's fill, a full kernel queue of ~16,000)
+            return
         names = arrived(self._arrivals)
-        if names is None or not batch:
-            self._listed, self._arrived = [], []  # list again
+        if names is None:  # the kernel's queue overflowed: list again
+            self._listed, self._arrived = [], []
             return
         for name in names:
             if not name.startswith("."):
