@@ -8,6 +8,7 @@ the rest of a no-op message); failure renames it into defer/ or failed/ (SpoolSt
 from __future__ import annotations
 
 import heapq
+import math
 import os
 import queue as queue_mod
 import select
@@ -100,49 +101,53 @@ class SpoolInbox:
         self.cur = os.path.join(store.spool.dir(store.queue, "cur"), str(slot)) + "/"
         make_dirs(self.cur, store.spool.dir_mode)
         self._stop_fd = stop_fd
-        self._listed: list[str] = []  # _claim_key()s of the last listing, sorted, the next last
-        self._arrived: list[str] = []  # a heap of _claim_key()s of names reported since
+        self._listed: list[str] = []  # names of the last listing in claim order, the next last
+        self._arrived: list[str] = []  # a heap of the _claim_key()s of names reported since
         self._lock = threading.Lock()
         self._wake = threading.Condition()
         self._watching = False
-        self._next_look = 0.0
+        self._next_look = 0.0  # when claim looks at the arrivals watch next
         try:
             self._inotify: int | None = watch_arrivals(self.new)  # for the waiting runner
             self._arrivals: int | None = watch_arrivals(self.new)  # for claim's priorities
         except OSError:
             self._inotify = self._arrivals = None
+            self._next_look = math.inf
 
     def claim(self) -> str | None:
         """Claim the next message into cur/: the highest priority, the oldest among equals;
         None when new/ is empty right now."""
         while True:
             with self._lock:
-                self._take_arrivals()
-                if not (self._listed or self._arrived):
-                    listed = (n for n in os.listdir(self.new) if not n.startswith("."))
-                    self._listed = sorted(map(_claim_key, listed), reverse=True)
-                    if not self._listed:
-                        return None
-                name = self._next_key().partition("\0")[2]
+                if (self._listed or self._arrived) and time.monotonic() >= self._next_look:
+                    self._take_arrivals()
+                if not (self._listed or self._arrived) and not self._list():
+                    return None
+                name = self._next_name()
             try:
                 os.rename(self.new + name, self.cur + name)
             except FileNotFoundError:
                 continue  # another worker took it
             return name
 
+    def _list(self) -> bool:
+        """List new/ as the next batch; False if it is empty. What the arrivals watch reported
+        until now is in the listing: drained unread (after a burst's fill, its kernel queue
+        holds ~16,000 names: decoding them cost a worker ~12 ms, draining ~3 ms)."""
+        if self._arrivals is not None:
+            drain(self._arrivals)
+            self._next_look = time.monotonic() + ARRIVALS_EVERY
+        listed = (n for n in os.listdir(self.new) if not n.startswith("."))
+        self._listed = sorted(listed, key=_claim_key, reverse=True)
+        return bool(self._listed)
+
     def _take_arrivals(self) -> None:
         """Add what arrived in new/ since the batch was listed, so that a message of a higher
-        priority overtakes the batch. While a batch lasts this looks every ARRIVALS_EVERY at
-        most: a look is a system call, and a drain claims every ~50 µs. (A name listed and also
-        reported is claimed once: the second rename finds nothing.)"""
-        now = time.monotonic()
-        batch = self._listed or self._arrived
-        if self._arrivals is None or (batch and now < self._next_look):
-            return
-        self._next_look = now + ARRIVALS_EVERY
-        if not batch:  # claim lists new/ next: the reports are stale, so skip decoding them
-            drain(self._arrivals)  # (after a burst's fill, a full kernel queue of ~16,000)
-            return
+        priority overtakes the batch. Claim looks every ARRIVALS_EVERY at most: a look is a
+        system call, and a drain claims every ~50 µs. (A name listed and also reported is
+        claimed once: the second rename finds nothing.)"""
+        assert self._arrivals is not None  # else _next_look stays infinite
+        self._next_look = time.monotonic() + ARRIVALS_EVERY
         names = arrived(self._arrivals)
         if names is None:  # the kernel's queue overflowed: list again
             self._listed, self._arrived = [], []
@@ -151,15 +156,15 @@ class SpoolInbox:
             if not name.startswith("."):
                 heapq.heappush(self._arrived, _claim_key(name))
 
-    def _next_key(self) -> str:
-        """Take the first key in claim order, from the listing or the arrivals (not both empty).
+    def _next_name(self) -> str:
+        """Take the first name in claim order, from the listing or the arrivals (not both empty).
 
         The listing is sorted once and taken from its end, and only arrivals go through a heap:
         popping each of a 40,000-name listing from a heap cost a drain ~3 µs a message (perf:
         siftup)."""
         listed, late = self._listed, self._arrived
-        if late and (not listed or late[0] < listed[-1]):
-            return heapq.heappop(late)
+        if late and (not listed or late[0] < _claim_key(listed[-1])):
+            return heapq.heappop(late).partition("\0")[2]
         return listed.pop()
 
     def wait(self) -> None:
