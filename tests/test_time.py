@@ -358,6 +358,21 @@ def test_spool_priority_9_overtakes_older_priority_0(daemon: Msgd) -> None:
     check_priority_overtakes(daemon, "q")
 
 
+def test_spool_burst_works_a_listing_highest_priority_first(daemon: Msgd) -> None:
+    """Sent before a burst, the messages reach the worker in one listing (not as arrivals): its
+    sort puts priority 9 first, then 5, then 0; equal priorities oldest first."""
+    daemon.daemon["workers"] = 1
+    daemon.queues = {"q": stamped(mode="burst")}
+    daemon.write_config()
+    daemon.start()
+    config = str(daemon.config_path)
+    low = msgd.send_many([b"0", b"0"], queue="q", config=config)
+    high = msgd.send_many([b"9", b"9"], queue="q", config=config, priority=9)
+    mid = msgd.send(b"5", queue="q", config=config, priority=5)
+    assert daemon.msgctl("burst", "--wait").returncode == 0
+    assert [s.id for s in wait_starts(daemon, 5)] == [*high, mid, *low]
+
+
 def test_spool_worker_never_runs_a_message_it_claims_expired(daemon: Msgd) -> None:
     """A worker claims at once what arrives, long before the master's once-a-second look: the
     worker itself must see the expiry in the name and make a dead letter of it."""

@@ -56,8 +56,10 @@ def new_id() -> str:
 def id_time(mid: str) -> float | None:
     """The enqueue time (epoch seconds) a new_id() carries; None for a foreign producer's id."""
     if len(mid) == 24:
-        with contextlib.suppress(ValueError):
+        try:  # once per message: not contextlib.suppress (~0.25 µs)
             return int(mid[:16], 16) / 1e9
+        except ValueError:
+            pass
     return None
 
 

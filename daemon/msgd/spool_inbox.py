@@ -7,8 +7,8 @@ the rest of a no-op message); failure renames it into defer/ or failed/ (SpoolSt
 
 from __future__ import annotations
 
-import contextlib
 import heapq
+import math
 import os
 import queue as queue_mod
 import select
@@ -66,8 +66,10 @@ class Acker:
     def _run(self) -> None:
         while (item := self.todo.get()) is not None:
             path, index = item
-            with contextlib.suppress(FileNotFoundError):
+            try:  # not contextlib.suppress: ~0.25 µs a message, with the GIL held
                 os.unlink(path)
+            except FileNotFoundError:
+                pass
             self.acklog.clear(index)
             self.free.put(index)
 
@@ -99,52 +101,73 @@ class SpoolInbox:
         self.cur = os.path.join(store.spool.dir(store.queue, "cur"), str(slot)) + "/"
         make_dirs(self.cur, store.spool.dir_mode)
         self._stop_fd = stop_fd
-        self._batch: list[str] = []  # a heap of _claim_key()s
+        self._listed: list[str] = []  # names of the last listing in claim order, the next last
+        self._arrived: list[str] = []  # a heap of the _claim_key()s of names reported since
         self._lock = threading.Lock()
         self._wake = threading.Condition()
         self._watching = False
-        self._next_look = 0.0
+        self._next_look = 0.0  # when claim looks at the arrivals watch next
         try:
             self._inotify: int | None = watch_arrivals(self.new)  # for the waiting runner
             self._arrivals: int | None = watch_arrivals(self.new)  # for claim's priorities
         except OSError:
             self._inotify = self._arrivals = None
+            self._next_look = math.inf
 
     def claim(self) -> str | None:
         """Claim the next message into cur/: the highest priority, the oldest among equals;
         None when new/ is empty right now."""
         while True:
             with self._lock:
-                self._take_arrivals()
-                if not self._batch:
-                    listed = (n for n in os.listdir(self.new) if not n.startswith("."))
-                    self._batch = [_claim_key(n) for n in listed]
-                    heapq.heapify(self._batch)
-                    if not self._batch:
-                        return None
-                name = heapq.heappop(self._batch).partition("\0")[2]
+                if (self._listed or self._arrived) and time.monotonic() >= self._next_look:
+                    self._take_arrivals()
+                if not (self._listed or self._arrived) and not self._list():
+                    return None
+                name = self._next_name()
             try:
                 os.rename(self.new + name, self.cur + name)
             except FileNotFoundError:
                 continue  # another worker took it
             return name
 
+    def _list(self) -> bool:
+        """List new/ as the next batch; False if it is empty. What the arrivals watch reported
+        until now is in the listing: drained unread (after a burst's fill, its kernel queue
+        holds ~16,000 names: decoding them cost a worker ~12 ms, draining ~3 ms)."""
+        if self._arrivals is not None:
+            drain(self._arrivals)
+            self._next_look = time.monotonic() + ARRIVALS_EVERY
+        listed = [n for n in os.listdir(self.new) if not n.startswith(".")]
+        fields = any("@" in n for n in listed)  # else each name orders as its key does
+        listed.sort(key=_claim_key if fields else None, reverse=True)  # 40,000: 8 ms, not 12
+        self._listed = listed
+        return bool(listed)
+
     def _take_arrivals(self) -> None:
         """Add what arrived in new/ since the batch was listed, so that a message of a higher
-        priority overtakes the batch. While a batch lasts this looks every ARRIVALS_EVERY at
-        most: a look is a system call, and a drain claims every ~50 µs. (A name listed and also
-        reported is claimed once: the second rename finds nothing.)"""
-        now = time.monotonic()
-        if self._arrivals is None or (self._batch and now < self._next_look):
-            return
-        self._next_look = now + ARRIVALS_EVERY
+        priority overtakes the batch. Claim looks every ARRIVALS_EVERY at most: a look is a
+        system call, and a drain claims every ~50 µs. (A name listed and also reported is
+        claimed once: the second rename finds nothing.)"""
+        assert self._arrivals is not None  # else _next_look stays infinite
+        self._next_look = time.monotonic() + ARRIVALS_EVERY
         names = arrived(self._arrivals)
-        if names is None or not self._batch:
-            self._batch = []  # list again
+        if names is None:  # the kernel's queue overflowed: list again
+            self._listed, self._arrived = [], []
             return
         for name in names:
             if not name.startswith("."):
-                heapq.heappush(self._batch, _claim_key(name))
+                heapq.heappush(self._arrived, _claim_key(name))
+
+    def _next_name(self) -> str:
+        """Take the first name in claim order, from the listing or the arrivals (not both empty).
+
+        The listing is sorted once and taken from its end, and only arrivals go through a heap:
+        popping each of a 40,000-name listing from a heap cost a drain ~3 µs a message (perf:
+        siftup)."""
+        listed, late = self._listed, self._arrived
+        if late and (not listed or late[0] < _claim_key(listed[-1])):
+            return heapq.heappop(late).partition("\0")[2]
+        return listed.pop()
 
     def wait(self) -> None:
         """Sleep until something arrives in new/ (or the worker is told to stop).
@@ -173,7 +196,7 @@ class SpoolInbox:
         """Open a claimed file; OSError, or SpoolError if it is not a file or too large, or
         Expired if its TTL passed before it started."""
         parsed = SpoolName.parse(name)
-        if parsed.expired(time.time() * 1000):
+        if parsed.expires_ms and parsed.expired(time.time() * 1000):  # no clock read for most
             raise Expired(expired_error(parsed)["error"])
         mid, done = parsed.id, parsed.attempts
         fd = os.open(self.cur + name, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -213,7 +236,8 @@ def enqueued_at(mid: str, fd: int) -> float:
 
 
 def _claim_key(name: str) -> str:
-    """A name of new/ as its heap key: highest priority first, then oldest (ids sort by time).
+    """A name of new/ as its claim-order key (the listing's sort key, the arrivals' heap entry):
+    highest priority first, then oldest (ids sort by time).
 
     One string, `9 - priority`, the id, NUL, the name: comparing two is one C call, where the
     (priority, id, name) tuples this replaced cost ~8% of a drain's worker CPU (perf)."""

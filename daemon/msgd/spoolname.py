@@ -38,6 +38,8 @@ class SpoolName(msgspec.Struct, frozen=True, kw_only=True):
     def parse(cls, name: str, deferred: bool = False) -> SpoolName:
         """Parse a name of new/, cur/ or failed/ (or of defer/ with `deferred`; one there without
         a time is due now)."""
+        if "@" not in name:  # never tried, priority 0, no TTL: most names, and no regex to run
+            return cls(id=name)  # (the worker parses each name twice: ~0.4 µs each)
         m = (_DEFERRED if deferred else _NAME).fullmatch(name)
         if m is None:
             return cls.parse(name) if deferred else cls(id=name)
