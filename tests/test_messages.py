@@ -360,6 +360,18 @@ def test_burst_mode_queue_waits_for_usr2_then_drains(daemon: Msgd) -> None:
     assert later in daemon.succeeded()
 
 
+def test_a_burst_reports_the_outcomes_counted_after_the_store_saw_them(daemon: Msgd) -> None:
+    """A worker tells the store a message is done, then counts it: the burst is over once the
+    stores say so, but its report waits for those counts (here each comes 0.3 s late)."""
+    daemon.queues["nightly"] = {"handler": "slow_count:record", "mode": "burst"}
+    daemon.write_config()
+    daemon.start()
+    daemon.send_many([b"n"] * 3, queue="nightly")
+    done = daemon.msgctl("burst", "--wait")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "burst done: 3 succeeded, 0 retried, 0 failed"
+
+
 def test_a_worker_started_during_a_burst_joins_it(daemon: Msgd) -> None:
     daemon.daemon["workers"] = 1
     daemon.queues["nightly"] = {"handler": "handlers:pid_after_a_while", "mode": "burst"}

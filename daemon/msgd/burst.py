@@ -5,7 +5,8 @@ One `Burst` covers one signal, or several that overlap (reported together). Its 
   claimable (backend.BurstMark); done off the master's loop, since a store may be remote;
 - tell the workers: `BurstFlags.started` moves (shared memory) and each worker gets the word
   "burst" on its pipe, which wakes its burst-mode queues' runners;
-- finished: every store answers "worked up to the mark?", polled off the loop;
+- finished: every store answers "worked up to the mark?", polled off the loop; then the runs
+  that were settling a message at that moment are waited for, so that they are counted;
 - report: this host's outcomes on the marked queues while the burst ran (the shared counters).
 """
 
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,7 @@ import structlog
 
 from msgd.backend import BackendError, BurstMark, Store
 from msgd.config import MAX_QUEUES
+from msgd.counters import Running
 from msgd.stats import Totals
 from msgd.supervise import off_loop
 
@@ -72,6 +74,15 @@ class Burst:
     async def until_worked(self, stores: Mapping[str, Store]) -> None:
         """Return once every mark's messages are settled, asking the stores off the loop."""
         while not await off_loop(self.worked, stores):
+            await asyncio.sleep(POLL)
+
+    @staticmethod
+    async def until_counted(runs: Callable[[], list[Running]]) -> None:
+        """Return once the runs that were settling a message (an outcome intended, not counted
+        yet) are over: a worker tells the store first and counts after, so the stores can say
+        "worked" while the burst's last outcomes are still uncounted."""
+        settling = {(r.started_ns, r.crc) for r in runs() if r.intended is not None}
+        while settling & {(r.started_ns, r.crc) for r in runs()}:
             await asyncio.sleep(POLL)
 
     def worked(self, stores: Mapping[str, Store]) -> bool:

@@ -324,6 +324,7 @@ class Master:
         outcome: dict[str, Any]
         try:
             await burst.until_worked(self.stores)
+            await burst.until_counted(self.pool.runs)
             counts = burst.report(self.reporter.queue_totals(self.snapshot()))
             trigger = ",".join(sorted(burst.triggers))
             self.log.info("burst", outcome="done", trigger=trigger, **counts)

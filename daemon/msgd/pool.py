@@ -383,3 +383,7 @@ class Pool:
 
     def live(self) -> list[WorkerHandle]:
         return sorted([*self.workers.values(), *self.retired], key=lambda h: h.slot)
+
+    def runs(self) -> list[Running]:
+        """The handler runs in progress in the live workers, as their slots say now."""
+        return [run for h in self.live() for run in running(self.counters.read_slot(h.slot))]
