@@ -474,22 +474,15 @@ def test_an_idle_worker_is_woken_by_inotify_not_a_poll(daemon: Msgd) -> None:
 
 
 def test_threads_run_handlers_concurrently(daemon: Msgd) -> None:
-    use(daemon, "handlers:by_body", threads=4)
+    """One worker, four threads: each handler succeeds only once all four are running at the
+    same time (handlers:together), so a worker that ran them one by one fails them all."""
+    use(daemon, "handlers:together", threads=4)
     daemon.daemon["workers"] = 1
     daemon.write_config()
     daemon.start()
-    ids = daemon.send_many([b"sleep:2"] * 4)
-    # All four start before any of them can have finished: one process, four threads.
-    wait_for(
-        lambda: (
-            len((daemon.out / "started").read_text().split("\n")) > 4
-            if (daemon.out / "started").exists()
-            else False
-        ),
-        what="4 concurrent starts",
-    )
-    assert daemon.succeeded() == []
-    wait_for(lambda: sorted(daemon.succeeded()) == sorted(ids), what="all 4 done")
+    ids = daemon.send_many([b"4"] * 4)
+    wait_for(lambda: sorted(daemon.succeeded()) == sorted(ids), 15, "all 4 done together")
+    assert not daemon.files("default", "defer") and not daemon.files("default", "failed")
 
 
 def test_reload_changes_workers_and_handler_code_under_load(daemon: Msgd, tmp_path: Path) -> None:
