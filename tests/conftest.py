@@ -107,9 +107,13 @@ class Msgd:
     # -- files -----------------------------------------------------------------------------------
 
     def write_config(self, text: str | None = None) -> None:
+        """Replace the config file whole, as editors do: a producer or the daemon reading it
+        meanwhile sees the old file or the new one."""
         if text is None:
             text = toml({"daemon": self.daemon, "queues": self.queues})
-        self.config_path.write_text(text)
+        tmp = self.config_path.with_name(self.config_path.name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(self.config_path)
 
     @property
     def pidfile(self) -> Path:

@@ -311,6 +311,37 @@ def test_a_reload_whose_new_workers_import_too_long_is_rejected(daemon: Msgd) ->
     wait_for(lambda: sorted(daemon.succeeded()) == sorted(ids), what="the old handler's runs")
 
 
+def test_a_reload_keeps_the_stores_of_unchanged_queues(daemon: Msgd) -> None:
+    """A reload reopens (and closes the old store of) only the queues whose settings changed,
+    or all of them when a [daemon] key did: an unchanged queue keeps its connections, and a HUP
+    after a log rotation closes nothing."""
+    from msgd.config import load
+    from msgd.master import open_stores, reopen_stores
+
+    daemon.queues["other"] = {"handler": "handlers:record"}
+    daemon.write_config()
+    old = load(str(daemon.config_path))
+    stores = open_stores(old)
+    same, closing = reopen_stores(old, load(str(daemon.config_path)), stores)
+    assert same == stores and all(same[n] is stores[n] for n in stores) and closing == {}
+    daemon.queues["other"]["max_attempts"] = 9
+    daemon.queues["third"] = {"handler": "handlers:record"}
+    del daemon.queues["default"]
+    daemon.write_config()
+    changed, closing = reopen_stores(old, load(str(daemon.config_path)), stores)
+    assert sorted(changed) == ["other", "third"] and changed["other"] is not stores["other"]
+    assert closing == stores
+    daemon.daemon["grace_period"] = 5.0
+    daemon.write_config()
+    config = load(str(daemon.config_path))
+    _, closing = reopen_stores(config, load(str(daemon.config_path)), changed)
+    assert closing == {}
+    daemon.daemon["grace_period"] = 6.0
+    daemon.write_config()
+    _, closing = reopen_stores(config, load(str(daemon.config_path)), changed)
+    assert closing == changed
+
+
 def test_msgctl_reload_refuses_a_bad_config_and_reports_rejections(daemon: Msgd) -> None:
     daemon.start()
     ok = daemon.msgctl("reload")

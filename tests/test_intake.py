@@ -355,13 +355,16 @@ def test_concurrent_producers_each_message_worked_once(daemon: Msgd) -> None:
 
 
 def test_a_stream_under_reloads_each_message_worked_once(daemon: Msgd) -> None:
-    """Producers send while the daemon reloads again and again; each reload closes the old
-    stores in the background, which makes their intake durable beside the flusher (both rotate
-    the log, which these producers fill). Every message sent runs exactly once."""
+    """Producers send while the daemon reloads again and again, each time with the queue's
+    settings changed: the reload closes its old store in the background, which makes the intake
+    durable beside the flusher (both rotate the log, which these producers fill). Every message
+    sent runs exactly once."""
     daemon.start()
     sending = producers(daemon, 2, 400)
     reloads = 0
     while any(p.poll() is None for p in sending) or reloads < 3:
+        daemon.queues["default"]["max_attempts"] = 5 + reloads % 2
+        daemon.write_config()
         daemon.kill(signal.SIGHUP)
         reloads += 1
         wait_for(lambda n=reloads: daemon.generation("reload") == n, what=f"reload {reloads}")

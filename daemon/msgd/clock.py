@@ -71,6 +71,8 @@ class Clock:
     def close_later(self, stores: dict[str, Store]) -> None:
         """A reload's old stores, closed off the loop while the new ones serve: the reload's
         answer does not wait for it (a spool's close flushes its filesystem)."""
+        if not stores:
+            return
 
         async def close() -> None:
             with self.master.duties.duty("closing a reload's old stores"):

@@ -61,6 +61,18 @@ def open_stores(config: Config) -> dict[str, Store]:
     return {name: open_store(name, q, config.daemon) for name, q in config.queues.items()}
 
 
+def reopen_stores(
+    old: Config, new: Config, stores: dict[str, Store]
+) -> tuple[dict[str, Store], dict[str, Store]]:
+    """A reload's stores, and the old ones to close: a queue whose settings (and the daemon's)
+    did not change keeps its store, connections and all. Closing costs: a spool's close flushes
+    its filesystem, and HUPs in a row queued those flushes ahead of the next reload's work."""
+    same = old.daemon == new.daemon
+    kept = {n: s for n, s in stores.items() if same and old.queues.get(n) == new.queues.get(n)}
+    fresh = {n: kept.get(n) or open_store(n, q, new.daemon) for n, q in new.queues.items()}
+    return fresh, {n: s for n, s in stores.items() if n not in kept}
+
+
 class Master:
     def __init__(self, config: Config, on_ready: Callable[[], None] | None = None) -> None:
         self.config = config
@@ -249,8 +261,8 @@ class Master:
             await self.pool.replace_all(new, limits)  # old workers serve until new ones loaded
         except Exception as e:
             return self.rejected(e, limits)
-        self.config, old = new, self.stores
-        self.stores = open_stores(new)
+        self.stores, old = reopen_stores(self.config, new, self.stores)
+        self.config = new
         self.http.apply(new, self.index)  # http
         self.state.data["http"] = self.http.address  # http
         self.limits, old_limits = limits, self.limits
