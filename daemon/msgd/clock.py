@@ -30,6 +30,7 @@ class Clock:
         self.placements: dict[str, Placement] = {}  # per queue: where its release_due runs
         self.scheduling = Placement()
         self.background: set[asyncio.Task[None]] = set()  # scheduled bursts being begun
+        self.closing = asyncio.Lock()  # a reload's old stores being closed
 
     def duties(self) -> list[Callable[[], Coroutine[Any, Any, None]]]:
         return [self.keep_time, self.report, self.watchdog]
@@ -70,13 +71,15 @@ class Clock:
 
     def close_later(self, stores: dict[str, Store]) -> None:
         """A reload's old stores, closed off the loop while the new ones serve: the reload's
-        answer does not wait for it (a spool's close flushes its filesystem)."""
+        answer does not wait for it (a spool's close flushes its filesystem). One close at a
+        time: the closes of a row of reloads must not take every thread off the loop."""
         if not stores:
             return
 
         async def close() -> None:
-            with self.master.duties.duty("closing a reload's old stores"):
-                await off_loop(close_all, stores, self.master.log)
+            async with self.closing:
+                with self.master.duties.duty("closing a reload's old stores"):
+                    await off_loop(close_all, stores, self.master.log)
 
         self.in_background(close())
 
