@@ -2,7 +2,7 @@
 
 Each worker is a forked `multiprocessing.Process` with a Pipe to the master and a slot number
 that names both its counter slot and its cur/<slot>/ directory. A death is seen the moment it
-happens (the process sentinel is watched by the event loop), the slot's in-flight messages are
+happens (its pidfd is watched by the event loop), the slot's in-flight messages are
 settled, and a replacement takes the same slot. Signals to workers go through pidfds, so a
 recycled pid is never hit.
 """
@@ -126,7 +126,10 @@ class Pool:
         else:
             self.workers[slot] = handle
         self.exited.clear()
-        self.loop.add_reader(process.sentinel, self._on_exit, handle)
+        # The pidfd turns readable once the whole process is gone and can be reaped. The
+        # sentinel pipe closes earlier, while the exit is still under way: join() then held the
+        # loop 15-45 ms, delaying every signal (seen on a reload's old workers, asyncio debug).
+        self.loop.add_reader(handle.pidfd, self._on_exit, handle)
         return handle
 
     def _child(
@@ -168,7 +171,7 @@ class Pool:
     # -- death -----------------------------------------------------------------------------------
 
     def _on_exit(self, handle: WorkerHandle) -> None:
-        self.loop.remove_reader(handle.process.sentinel)
+        self.loop.remove_reader(handle.pidfd)
         handle.process.join()
         os.close(handle.pidfd)
         if handle.on_trial:
