@@ -348,8 +348,9 @@ class Pool:
         """Kill workers whose handler runs past its queue's timeout, after a traceback dump."""
         now = time.monotonic_ns()
         for handle in self.live():
-            slot = self.counters.read_slot(handle.slot)
-            for run in running(slot) if handle.timed_out is None else []:
+            if handle.timed_out is not None:
+                continue  # being killed already
+            for run in running(self.counters.read_slot(handle.slot)):
                 policy = handle.config.queues.get(self.index.name(run.queue) or "")
                 if policy and now - run.started_ns > policy.timeout * 1e9:
                     self.time_out(handle, run, policy.timeout)
