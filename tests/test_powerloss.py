@@ -263,6 +263,8 @@ def cut_while_producing(
         procs = stack.enter_context(producers(str(daemon.config_path), records, work))
         wait_for(lambda: _acknowledged(records, procs) >= target, 30, f"{target} acks")
         if worked:
+            # under load the first runs may lag the producers: cut once some have been handled
+            wait_for(lambda: kept(daemon), 30, "the working msgd to handle a message")
             stop_dead(daemon)
         cut_ns = disk.cut()
     disk.close()
