@@ -207,13 +207,15 @@ def read_json(path: str) -> dict | None:
 
 
 class Watch:
-    """Wake up when a file in a directory is replaced (atomic rename) or rewritten."""
+    """Wake up when a file in a directory is replaced (msgd renames its stats and state files into
+    place). Not when a temporary file is written: the watcher would wake and take a CPU from the
+    master in the middle of the write it is timing."""
 
     def __init__(self, path: str) -> None:
-        from msgd.sysutil import watch_arrivals
+        from msgd.sysutil import IN_MOVED_TO, watch
 
         self.path = path
-        self.fd = watch_arrivals(os.path.dirname(path))
+        self.fd = watch(os.path.dirname(path), IN_MOVED_TO)
 
     def until(self, condition, timeout: float, what: str) -> None:
         """Block until `condition(json of the file)` holds; checked after each change."""

@@ -48,6 +48,7 @@ def test_example_config_is_valid() -> None:
         ({"daemon": {"wokers": 2}}, "daemon: Object contains unknown field `wokers`"),
         ({"daemon": {"log_format": "xml"}}, "daemon.log_format: Invalid enum value 'xml'"),
         ({"daemon": {"grace_period": -1}}, "daemon.grace_period: Expected `float` >= 0"),
+        ({"daemon": {"worker_nice": 20}}, "daemon.worker_nice: Expected `int` <= 19"),
         ({"queues": {"default": {"threads": 0}}}, "queues.default.threads: Expected `int` >= 1"),
         (
             {"queues": {"default": {"handler": "nomodule_here:f"}}},
@@ -241,6 +242,23 @@ def test_usr1_dumps_stats_once(daemon: Msgd) -> None:
     assert daemon.stats()["generation"] == 1
     # When the task woke, on the clock every process shares: after the kill, before the ack.
     assert sent < daemon.state()["last"]["stats"]["began_monotonic"] < time.monotonic()
+
+
+def test_workers_run_nicer_than_the_master_and_a_reload_changes_it(daemon: Msgd) -> None:
+    """`worker_nice`: the master outranks its workers, so its signals act at once under load."""
+    daemon.start()
+    master = os.getpriority(os.PRIO_PROCESS, daemon.pid)
+
+    def nice_of_workers() -> list[int]:
+        return [os.getpriority(os.PRIO_PROCESS, pid) for pid in daemon.workers()]
+
+    default = [min(master + 5, 19)] * 2
+    wait_for(lambda: nice_of_workers() == default, what="the workers at nice +5 (the default)")
+    daemon.daemon["worker_nice"] = 0
+    daemon.write_config()
+    assert daemon.msgctl("reload").returncode == 0
+    wait_for(lambda: nice_of_workers() == [master] * 2, what="the new workers at the master's")
+    assert os.getpriority(os.PRIO_PROCESS, daemon.pid) == master
 
 
 def test_hup_reloads_and_a_bad_config_keeps_the_old_one(daemon: Msgd) -> None:

@@ -48,8 +48,9 @@ command = ["/bin/sh", "-c", {json.dumps(HANDLER)}]
 # msgctl's check passes it, msgd refuses it: the spool cannot change under a running daemon.
 MOVED_SPOOL = BASE_CONFIG.replace("[daemon]\n", '[daemon]\nspool = "/var/spool/elsewhere"\n')
 WATCHDOG_DROP_IN = "/etc/systemd/system/msgd.service.d/test-watchdog.conf"
+NO_SETPRIORITY_DROP_IN = "/etc/systemd/system/msgd.service.d/test-no-setpriority.conf"
 # Warnings and errors msgd may log here, each caused on purpose by a test: (event, outcome).
-EXPECTED_COMPLAINTS = {("reload", "rejected")}
+EXPECTED_COMPLAINTS = {("reload", "rejected"), ("worker_nice not applied", None)}
 
 
 def readme_install_commands() -> str:
@@ -107,6 +108,13 @@ class Unit:
         """The master's worker processes, by their titles."""
         ps = self.m.run("ps", "--no-headers", "-o", "args", "--ppid", str(self.main_pid()))
         return [title for title in ps.stdout.splitlines() if title.startswith("msgd: worker")]
+
+    def nice(self, pid: int) -> int:
+        return int(self.m.run("ps", "-o", "nice=", "-p", str(pid)).stdout)
+
+    def nice_of_workers(self) -> list[int]:
+        pids = self.m.run("pgrep", "-P", str(self.main_pid()), "-f", "^msgd: worker").stdout
+        return [self.nice(int(pid)) for pid in pids.split()]
 
     def systemctl(self, *args: str) -> subprocess.CompletedProcess[str]:
         return self.m.run("systemctl", *args, "msgd.service", check=False)
@@ -266,6 +274,34 @@ def test_watchdog_restarts_a_frozen_master(unit: Unit) -> None:
         unit.wait_handled(body)
     finally:
         unit.m.sh(f"rm -f {WATCHDOG_DROP_IN} && systemctl daemon-reload")
+        unit.systemctl("restart")
+
+
+def test_workers_lower_their_priority_under_the_hardened_unit(unit: Unit) -> None:
+    """The unit's system call filter lets a worker lower its own priority (worker_nice)."""
+    master = unit.nice(unit.main_pid())
+    wait_for(lambda: unit.nice_of_workers() == [master + 5] * 2, 20, "2 workers at nice +5")
+
+
+def test_a_sandbox_forbidding_setpriority_costs_only_the_priority(unit: Unit) -> None:
+    """Injected: setpriority refused (EPERM). Each worker says so once and serves at the
+    master's priority."""
+    before = len(unit.events("worker_nice not applied"))
+    unit.m.sh(
+        f"mkdir -p {Path(NO_SETPRIORITY_DROP_IN).parent}\n"
+        f"printf '[Service]\\nSystemCallFilter=~setpriority\\n' > {NO_SETPRIORITY_DROP_IN}\n"
+        "systemctl daemon-reload && systemctl restart msgd.service"
+    )
+    try:
+        master = unit.nice(unit.main_pid())
+        warned = lambda: len(unit.events("worker_nice not applied")) == before + 2  # noqa: E731
+        wait_for(warned, 20, "a warning from each worker")
+        assert unit.nice_of_workers() == [master] * 2
+        body = new_body()
+        unit.send(body)
+        unit.wait_handled(body)
+    finally:
+        unit.m.sh(f"rm -f {NO_SETPRIORITY_DROP_IN} && systemctl daemon-reload")
         unit.systemctl("restart")
 
 

@@ -56,6 +56,7 @@ class DaemonConfig(_Table):
     pythonpath: list[str] = []
     max_message_size: Annotated[int, msgspec.Meta(ge=0)] = 16 * 1024 * 1024
     max_rss_mb: Annotated[int, msgspec.Meta(ge=0)] = 0
+    worker_nice: Annotated[int, msgspec.Meta(ge=0, le=19)] = 5  # workers below the master
     file_mode: Annotated[int, msgspec.Meta(ge=0, le=0o777)] = 0o600
     dir_mode: Annotated[int, msgspec.Meta(ge=0, le=0o777)] = 0o700
 

@@ -23,17 +23,21 @@ def set_parent_death_signal(sig: int = signal.SIGKILL) -> None:
     _libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
 
 
-IN_MODIFY, _IN_CLOSE_WRITE, _IN_MOVED_TO, _IN_Q_OVERFLOW = 0x2, 0x8, 0x80, 0x4000
+IN_MODIFY, _IN_CLOSE_WRITE, IN_MOVED_TO, _IN_Q_OVERFLOW = 0x2, 0x8, 0x80, 0x4000
 _IN_NONBLOCK, _IN_CLOEXEC = os.O_NONBLOCK, os.O_CLOEXEC
 
 
 def watch_arrivals(directory: str, also: int = 0) -> int:
     """An inotify descriptor that turns readable when a file is renamed or written into
-    `directory` (and on the `also` events: IN_MODIFY, each write). (Three libc calls;
+    `directory` (and on the `also` events: IN_MODIFY, each write)."""
+    return watch(directory, IN_MOVED_TO | _IN_CLOSE_WRITE | also)
+
+
+def watch(directory: str, events: int) -> int:
+    """A non-blocking inotify descriptor for `events` in `directory`. (Three libc calls;
     inotify_simple would run `ldconfig -p` in every worker to find libc, costing each one ~1 MB
     and a subprocess.)"""
     fd = _libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
-    events = _IN_MOVED_TO | _IN_CLOSE_WRITE | also
     if fd < 0 or _libc.inotify_add_watch(fd, os.fsencode(directory), events) < 0:
         err = ctypes.get_errno()
         if fd >= 0:

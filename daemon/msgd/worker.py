@@ -91,6 +91,7 @@ class Worker:
             # was reaped by init or by a subreaper, so not "ppid 1" (containers, systemd --user)
             return
         signal.signal(signal.SIGTERM, lambda *_: self.stop())
+        self.yield_to_master()
         self.title("starting")
         if not self.load_handlers():
             return
@@ -122,6 +123,20 @@ class Worker:
             t.join()
         for inbox in self.inboxes:
             inbox.close()
+
+    def yield_to_master(self) -> None:
+        """Run `worker_nice` below the master, so that a signal acts within milliseconds even
+        while the handlers keep every core busy: with equal weights the woken master waited for
+        a worker's time slice (USR1 -> stats file p99 4.5-6.4 ms, with nice 5: 1.5-4.1). Nice
+        weighs processes of one scheduling group against each other (a systemd service's cgroup,
+        a session's autogroup), so the workers' share against other programs stays the same;
+        the master's CPU is a few milliseconds a second. A sandbox that forbids setpriority
+        costs that latency only: the workers keep the master's priority, and say so."""
+        if self.config.daemon.worker_nice:
+            try:
+                os.nice(self.config.daemon.worker_nice)
+            except OSError as e:
+                self.log.warning("worker_nice not applied", error=str(e))
 
     def load_handlers(self) -> bool:
         """Import every queue's handler. A worker of a reload's new generation is the reload's
