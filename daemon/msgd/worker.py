@@ -214,7 +214,9 @@ class Worker:
                 self.work(inbox, name, runner)
             elif bursty:
                 seen_burst = self.flags.started[index]  # drained: wait for the next burst
+                self.title("idle")
             else:
+                self.title("idle")
                 inbox.wait()
 
     def await_burst(self, index: int, seen: int) -> None:
@@ -244,7 +246,8 @@ class Worker:
             inbox.done(name)
             self.counters.finish(runner, index, Outcome.SUCCEEDED, started)
             self.events.end(runner, Outcome.SUCCEEDED)  # http
-        self.title("idle")
+        # The title stays "busy" until the queue runs dry (serve_queue): a second setproctitle
+        # for every message of a drain costs ~1 us, and the next claim follows within ~50 us.
         if self.max_rss_kb and resource.getrusage(resource.RUSAGE_SELF).ru_maxrss > self.max_rss_kb:
             self.log.warning(
                 "worker recycled",
