@@ -7,6 +7,7 @@ the base config below and leaves it so. Skips, saying why, where no container ca
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import subprocess
@@ -47,8 +48,7 @@ command = ["/bin/sh", "-c", {json.dumps(HANDLER)}]
 """
 # msgctl's check passes it, msgd refuses it: the spool cannot change under a running daemon.
 MOVED_SPOOL = BASE_CONFIG.replace("[daemon]\n", '[daemon]\nspool = "/var/spool/elsewhere"\n')
-WATCHDOG_DROP_IN = "/etc/systemd/system/msgd.service.d/test-watchdog.conf"
-NO_SETPRIORITY_DROP_IN = "/etc/systemd/system/msgd.service.d/test-no-setpriority.conf"
+DROP_INS = "/etc/systemd/system/msgd.service.d"
 # Warnings and errors msgd may log here, each caused on purpose by a test: (event, outcome).
 EXPECTED_COMPLAINTS = {("reload", "rejected"), ("worker_nice not applied", None)}
 
@@ -115,6 +115,24 @@ class Unit:
     def nice_of_workers(self) -> list[int]:
         pids = self.m.run("pgrep", "-P", str(self.main_pid()), "-f", "^msgd: worker").stdout
         return [self.nice(int(pid)) for pid in pids.split()]
+
+    @contextlib.contextmanager
+    def drop_in(self, name: str, *settings: str) -> Iterator[None]:
+        """msgd restarted with these [Service] settings added, and restarted without them after."""
+        path = f"{DROP_INS}/{name}.conf"
+        self.m.run("mkdir", "-p", DROP_INS)
+        self.m.run("tee", path, input="[Service]\n" + "".join(f"{s}\n" for s in settings))
+        self.m.sh("systemctl daemon-reload && systemctl restart msgd.service")
+        try:
+            yield
+        finally:
+            self.m.sh(f"rm -f {path} && systemctl daemon-reload")
+            self.systemctl("restart")
+
+    def handles_a_message(self) -> None:
+        body = new_body()
+        self.send(body)
+        self.wait_handled(body)
 
     def systemctl(self, *args: str) -> subprocess.CompletedProcess[str]:
         return self.m.run("systemctl", *args, "msgd.service", check=False)
@@ -253,12 +271,7 @@ def test_security_exposure_of_the_live_unit(unit: Unit) -> None:
 
 
 def test_watchdog_restarts_a_frozen_master(unit: Unit) -> None:
-    unit.m.sh(
-        f"mkdir -p {Path(WATCHDOG_DROP_IN).parent}\n"
-        f"printf '[Service]\\nWatchdogSec=3s\\nRestartSec=100ms\\n' > {WATCHDOG_DROP_IN}\n"
-        "systemctl daemon-reload && systemctl restart msgd.service"
-    )
-    try:
+    with unit.drop_in("test-watchdog", "WatchdogSec=3s", "RestartSec=100ms"):
         frozen = unit.main_pid()
         restarts = int(unit.show("NRestarts"))
         unit.m.run("kill", "-STOP", str(frozen))
@@ -269,12 +282,7 @@ def test_watchdog_restarts_a_frozen_master(unit: Unit) -> None:
         )
         assert int(unit.show("NRestarts")) == restarts + 1
         assert "msgd.service: Watchdog timeout" in unit.journal()
-        body = new_body()
-        unit.send(body)
-        unit.wait_handled(body)
-    finally:
-        unit.m.sh(f"rm -f {WATCHDOG_DROP_IN} && systemctl daemon-reload")
-        unit.systemctl("restart")
+        unit.handles_a_message()
 
 
 def test_workers_lower_their_priority_under_the_hardened_unit(unit: Unit) -> None:
@@ -287,22 +295,12 @@ def test_a_sandbox_forbidding_setpriority_costs_only_the_priority(unit: Unit) ->
     """Injected: setpriority refused (EPERM). Each worker says so once and serves at the
     master's priority."""
     before = len(unit.events("worker_nice not applied"))
-    unit.m.sh(
-        f"mkdir -p {Path(NO_SETPRIORITY_DROP_IN).parent}\n"
-        f"printf '[Service]\\nSystemCallFilter=~setpriority\\n' > {NO_SETPRIORITY_DROP_IN}\n"
-        "systemctl daemon-reload && systemctl restart msgd.service"
-    )
-    try:
+    with unit.drop_in("test-no-setpriority", "SystemCallFilter=~setpriority"):
         master = unit.nice(unit.main_pid())
         warned = lambda: len(unit.events("worker_nice not applied")) == before + 2  # noqa: E731
         wait_for(warned, 20, "a warning from each worker")
         assert unit.nice_of_workers() == [master] * 2
-        body = new_body()
-        unit.send(body)
-        unit.wait_handled(body)
-    finally:
-        unit.m.sh(f"rm -f {NO_SETPRIORITY_DROP_IN} && systemctl daemon-reload")
-        unit.systemctl("restart")
+        unit.handles_a_message()
 
 
 def test_stop_drains_in_flight_messages_and_logs_stopped(unit: Unit) -> None:
