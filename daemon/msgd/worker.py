@@ -212,11 +212,11 @@ class Worker:
                 if gate is not None:
                     gate.take_turn()
                 self.work(inbox, name, runner)
-            elif bursty:
+                continue
+            self.title("idle")  # the queue ran dry (work() leaves the title busy until then)
+            if bursty:
                 seen_burst = self.flags.started[index]  # drained: wait for the next burst
-                self.title("idle")
             else:
-                self.title("idle")
                 inbox.wait()
 
     def await_burst(self, index: int, seen: int) -> None:
