@@ -147,6 +147,7 @@ class Counters:
 
     segments: list[Any] = field(default_factory=list)
     own: bytearray = field(default_factory=lambda: bytearray(SLOT * 8))  # see `master`
+    used: int = 0  # slots handed out so far (the highest + 1): the others are all zeros
 
     def master(self) -> SlotWriter:
         """The master's own slot, read after the workers' (never one of theirs): what it settles
@@ -155,16 +156,20 @@ class Counters:
         return SlotWriter(self.own, 0)
 
     def writer(self, slot: int) -> SlotWriter:
+        self.used = max(self.used, slot + 1)
         while slot >= len(self.segments) * SLOTS_PER_SEGMENT:
             self.segments.append(multiprocessing.Array("Q", SLOTS_PER_SEGMENT * SLOT, lock=False))
         return SlotWriter(self.segments[slot // SLOTS_PER_SEGMENT], slot)
 
     def read(self) -> list[array]:
-        """A copy of every slot (one memcpy per segment: a few µs)."""
+        """A copy of every slot handed out, then the master's own: a few µs for a few workers,
+        where copying every slot of a segment took ~50 µs of a USR1's ~0.4 ms."""
         slots: list[array] = []
-        for segment in self.segments:
-            data = array("Q", bytes(memoryview(segment)))
-            slots.extend(data[i * SLOT : (i + 1) * SLOT] for i in range(SLOTS_PER_SEGMENT))
+        for k, segment in enumerate(self.segments):
+            n = min(SLOTS_PER_SEGMENT, self.used - k * SLOTS_PER_SEGMENT)
+            data = array("Q")
+            data.frombytes(memoryview(segment).cast("B")[: n * SLOT * 8])
+            slots.extend(data[i * SLOT : (i + 1) * SLOT] for i in range(n))
         slots.append(array("Q", bytes(self.own)))
         return slots
 

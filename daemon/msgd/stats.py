@@ -31,6 +31,7 @@ from msgd.schedule import NextRun, describe
 from msgd.sysutil import atomic_write
 
 COUNTED = len(Outcome)
+LABELS = tuple(o.label for o in Outcome)  # once: the enum's iteration costs ~2 µs a snapshot
 
 
 class Totals(msgspec.Struct, kw_only=True):
@@ -43,7 +44,7 @@ class Totals(msgspec.Struct, kw_only=True):
 
     @classmethod
     def of(cls, counts: Iterable[int]) -> Totals:
-        return cls(**dict(zip((o.label for o in Outcome), counts, strict=False)))
+        return cls(**dict(zip(LABELS, counts, strict=False)))
 
 
 class Latency(msgspec.Struct):
@@ -191,11 +192,7 @@ def build(
 
 def _summed(slots: list[array], index: int) -> list[int]:
     """One queue's block added up over every worker slot."""
-    counts = [0] * QUEUE_BLOCK
-    for slot in slots:
-        for i, v in enumerate(queue_block(slot, index)):
-            counts[i] += v
-    return counts
+    return [sum(column) for column in zip(*(queue_block(s, index) for s in slots), strict=True)]
 
 
 def _queue(counts: list[int], depth: Depths | None) -> QueueStats:
