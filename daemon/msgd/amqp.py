@@ -77,9 +77,9 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import msgspec
 import pika
 import pika.exceptions
 from pika.adapters.blocking_connection import BlockingChannel
@@ -244,8 +244,7 @@ def publish(
     channel.basic_publish("", routing_key, body, properties, mandatory=True)
 
 
-@dataclass
-class Delivery:
+class Delivery(msgspec.Struct):
     """A message as the broker delivered it to one channel generation of an inbox."""
 
     generation: int
@@ -410,8 +409,7 @@ def connect(url: str) -> pika.BlockingConnection:
     return pika.BlockingConnection(parameters)
 
 
-@dataclass
-class EmptySince:
+class EmptySince(msgspec.Struct):
     """A burst mark's state: when the queue and this daemon's hands were first seen empty."""
 
     at: float | None = None

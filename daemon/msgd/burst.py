@@ -15,9 +15,9 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import structlog
 
 from msgd.backend import BackendError, BurstMark, Store
@@ -29,15 +29,14 @@ from msgd.supervise import off_loop
 POLL = 0.01  # seconds between looks at whether a burst's messages are all worked
 
 
-@dataclass
-class BurstFlags:
+class BurstFlags(msgspec.Struct):
     """Burst generations per queue index, shared by master and workers: a burst of a queue (USR2
     bursts them all, a schedule its own queue) bumps its `started`; `finished` catches up once
     everything pending at the start is worked. A burst-mode queue runs while they differ, so a
     worker (re)started in the middle of a burst joins it."""
 
-    started: Any = field(default_factory=lambda: _shared_generations())
-    finished: Any = field(default_factory=lambda: _shared_generations())
+    started: Any = msgspec.field(default_factory=lambda: _shared_generations())
+    finished: Any = msgspec.field(default_factory=lambda: _shared_generations())
 
 
 def _shared_generations() -> Any:

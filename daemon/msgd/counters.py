@@ -23,8 +23,9 @@ import time
 import zlib
 from array import array
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
+
+import msgspec
 
 from msgd.backend import Outcome
 from msgd.config import MAX_QUEUES, MAX_RUNNERS
@@ -141,12 +142,11 @@ class SlotWriter:
             self.a[self.base + RUNNERS + r * RUNNER_BLOCK] = 0
 
 
-@dataclass
-class Counters:
+class Counters(msgspec.Struct):
     """The master's side: allocates segments and reads every slot."""
 
-    segments: list[Any] = field(default_factory=list)
-    own: bytearray = field(default_factory=lambda: bytearray(SLOT * 8))  # see `master`
+    segments: list[Any] = msgspec.field(default_factory=list)
+    own: bytearray = msgspec.field(default_factory=lambda: bytearray(SLOT * 8))  # see `master`
     used: int = 0  # slots handed out so far (the highest + 1): the others are all zeros
 
     def master(self) -> SlotWriter:
@@ -181,8 +181,7 @@ class Counters:
         return array("Q", segment[start : start + SLOT].tobytes())
 
 
-@dataclass
-class Running:
+class Running(msgspec.Struct):
     """One handler run in progress, as read from a slot."""
 
     queue: int

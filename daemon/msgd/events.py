@@ -27,8 +27,9 @@ import struct
 import threading
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
+
+import msgspec
 
 from msgd.config import MAX_RUNNERS
 
@@ -153,8 +154,7 @@ class EventWriter(NullWriter):
         return runner
 
 
-@dataclass
-class Event:
+class Event(msgspec.Struct):
     slot: int
     seq: int
     t_ns: int
@@ -166,12 +166,11 @@ class Event:
     error: str
 
 
-@dataclass
-class Reader:
+class Reader(msgspec.Struct):
     """The listener's side: where it is in each ring, and how many events it could not read."""
 
     rings: Rings
-    seen: list[int] = field(default_factory=list)
+    seen: list[int] = msgspec.field(default_factory=list)
     missed: int = 0
 
     def __post_init__(self) -> None:

@@ -17,9 +17,9 @@ import multiprocessing
 import os
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 import setproctitle
 import structlog
 
@@ -33,8 +33,7 @@ CLOSE_WAIT = 1.0  # seconds a reload waits for the old listener to stop acceptin
 RESPAWN_DELAY = 1.0  # seconds before a listener that died unasked is started again
 
 
-@dataclass
-class Settings:
+class Settings(msgspec.Struct):
     """What the listener process needs, sent again on every reload."""
 
     config: Config

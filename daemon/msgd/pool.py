@@ -17,7 +17,6 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
@@ -38,14 +37,13 @@ DUMP_WAIT = 0.2  # seconds between asking a hung worker for its tracebacks and k
 _fork = multiprocessing.get_context("fork")
 
 
-@dataclass(eq=False)
-class WorkerHandle:
+class WorkerHandle(msgspec.Struct, eq=False):
     slot: int
     process: Any
     conn: Any
     pidfd: int
     config: Config
-    started: float = field(default_factory=time.monotonic)
+    started: float = msgspec.field(default_factory=time.monotonic)
     retiring: bool = False  # asked to stop: not replaced when it exits
     on_trial: bool = False  # a reload's new worker, not yet admitted (replace_all)
     loaded: asyncio.Future[str] | None = None  # its verdict: "" loaded, or why not

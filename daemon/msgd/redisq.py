@@ -42,9 +42,9 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import msgspec
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
@@ -445,8 +445,7 @@ def _id(entry_id: bytes | str) -> tuple[int, int]:
 # -- working --------------------------------------------------------------------------------------
 
 
-@dataclass
-class Held:
+class Held(msgspec.Struct):
     """An entry delivered to this worker and not yet settled."""
 
     fields: dict[bytes, bytes]

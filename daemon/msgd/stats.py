@@ -109,14 +109,12 @@ class Snapshot(DaemonInfo, kw_only=True):
     workers: list[WorkerStats]
 
 
-_decoder = msgspec.json.Decoder(Snapshot)
-
-
 def read(path: str) -> Snapshot | None:
-    """The stats file, or None if it is missing or not (yet) a snapshot."""
+    """The stats file, or None if it is missing or not (yet) a snapshot. (No decoder made at
+    import: resolving the types costs the daemon's start ~0.5 ms, and only msgctl reads.)"""
     try:
         with open(path, "rb") as f:
-            return _decoder.decode(f.read())
+            return msgspec.json.decode(f.read(), type=Snapshot)
     except (OSError, msgspec.DecodeError):
         return None
 
