@@ -244,8 +244,22 @@ def test_usr1_dumps_stats_once(daemon: Msgd) -> None:
     assert sent < daemon.state()["last"]["stats"]["began_monotonic"] < time.monotonic()
 
 
-def test_workers_run_nicer_than_the_master_and_a_reload_changes_it(daemon: Msgd) -> None:
-    """`worker_nice`: the master outranks its workers, so its signals act at once under load."""
+NICE_AT_IMPORT = """import os
+with open(os.path.join(os.path.dirname(__file__), "nice.%d" % os.getpid()), "w") as f:
+    f.write(str(os.nice(0)))
+from handlers import record
+"""
+
+
+def test_workers_run_nicer_than_the_master_and_a_reload_changes_it(
+    daemon: Msgd, tmp_path: Path
+) -> None:
+    """`worker_nice`: the master outranks its workers, so its signals act at once under load;
+    but a worker imports its handlers at the master's priority, since a reload waits for that."""
+    (tmp_path / "nice_at_import.py").write_text(NICE_AT_IMPORT)
+    daemon.daemon["pythonpath"] = [str(tmp_path), *daemon.daemon["pythonpath"]]
+    daemon.queues["default"] = {"handler": "nice_at_import:record"}
+    daemon.write_config()
     daemon.start()
     master = os.getpriority(os.PRIO_PROCESS, daemon.pid)
 
@@ -254,6 +268,8 @@ def test_workers_run_nicer_than_the_master_and_a_reload_changes_it(daemon: Msgd)
 
     default = [min(master + 5, 19)] * 2
     wait_for(lambda: nice_of_workers() == default, what="the workers at nice +5 (the default)")
+    imported_at = {int(p.read_text()) for p in tmp_path.glob("nice.*")}
+    assert imported_at == {master}, imported_at
     daemon.daemon["worker_nice"] = 0
     daemon.write_config()
     assert daemon.msgctl("reload").returncode == 0
