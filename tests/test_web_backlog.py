@@ -39,6 +39,15 @@ def split(data: bytes) -> list[bytes]:
     return payloads
 
 
+async def unstalled(ws: Stalled, sub: Subscriber) -> Stalled:
+    """Let the peer read, and wait until the subscriber has sent everything it holds."""
+    ws.open.set()
+    while sub.backlog or sub.missed:
+        await asyncio.sleep(0)
+    sub.task.cancel()
+    return ws
+
+
 def frame(i: int) -> bytes:
     return wire(encode_json({"topic": "event", "event": "succeeded", "id": f"m{i}"}))
 
@@ -59,11 +68,7 @@ def test_a_stalled_subscriber_keeps_the_newest_and_is_told_how_many_it_lost() ->
         stats = Chunk.of([wire(b'{"topic": "stats", "snapshot": {}}')], events=False)
         sub.push(stats)  # a stats frame is not an event
         assert sub.missed == 501  # the oldest event was dropped to make room for it
-        ws.open.set()
-        while sub.backlog or sub.missed:
-            await asyncio.sleep(0)
-        sub.task.cancel()
-        return ws
+        return await unstalled(ws, sub)
 
     ws = asyncio.run(scenario())
     sent = ws.sent
@@ -82,11 +87,7 @@ def test_one_push_past_the_backlog_keeps_the_newest_and_goes_in_one_write() -> N
         sub.push(Chunk.of([wire(b'{"topic": "stats", "snapshot": {}}')], events=False))
         sub.push(Chunk.of([frame(i) for i in range(BACKLOG + 300)], events=True))
         assert sub.waiting == BACKLOG and sub.missed == 300  # the stats frame went too
-        ws.open.set()
-        while sub.backlog or sub.missed:
-            await asyncio.sleep(0)
-        sub.task.cancel()
-        return ws
+        return await unstalled(ws, sub)
 
     ws = asyncio.run(scenario())
     assert ws.sent[0] == {"topic": "missed", "count": 300}
