@@ -449,7 +449,7 @@ def feed_text(results: dict) -> list[str]:
         f"{fmt(here, 3, 'x')} of arm *none*'s). The listener's own cost is its CPU column: "
         f"{cpu('fifty', 'listener')} s with 50 subscribers, {cpu('none', 'listener')} s with "
         "none. The arms are interleaved in rounds; ÷ none is per round. A subscriber more than "
-        "1,000 frames behind is skipped ahead and told how many events it missed; accounted for: "
+        "2,000 frames behind is skipped ahead and told how many events it missed; accounted for: "
         "the fewest events a subscriber saw or was told it missed, of the "
         f"{fmt(get(results, 'subscribers', 'msgd', 'none', 'n'))} drained.",
     ]

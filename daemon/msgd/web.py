@@ -51,7 +51,7 @@ from msgd.http import Settings
 from msgd.sysutil import read_json, set_parent_death_signal
 from msgd.when import SendOptions, send_options
 
-POLL = 0.025  # seconds between looks at the event rings
+POLL = 0.05  # seconds between looks at the event rings (each look costs every subscriber a write)
 STATS_POLL = 0.25  # seconds between looks at the stats file
 STATS_EVERY = 1.0  # at most one stats frame a second per subscriber
 LOOPBACK_NAMES = {
@@ -59,7 +59,7 @@ LOOPBACK_NAMES = {
     "127.0.0.1",
     "::1",
 }  # what a Host header may name without [http] hosts
-BACKLOG = 1000  # frames a subscriber may fall behind before its oldest are dropped
+BACKLOG = 2000  # frames a subscriber may fall behind before its oldest are dropped (> a look's)
 BATCH = 200  # frames written at once to one subscriber, unless one chunk alone has more
 SEND_BUFFER = 65536  # bytes of kernel send buffer per connection (no autotuning to megabytes)
 FLUSH_WAIT = 1.0  # seconds a stopping listener gives subscribers to take their backlog
