@@ -7,7 +7,9 @@ a new file flushed and renamed into place with its directory flushed too (two fl
 with the file's flush only, an append to one open file + fdatasync (no new file, but the size
 changes), and an overwrite in place in a file written before + fdatasync (no metadata at all:
 what a write-ahead log that reuses its file pays, SQLite's WAL among them). The first is the
-floor of any one-file-per-message send, the last the floor of a durable write.
+floor of any one-file-per-message send, the last the floor of a durable write. Beside them, what
+taking a message's file away costs: an unlink of a flushed file (on a filesystem mounted with
+online `discard` it waits for the device), as a spool worker pays once per message.
 Standard library only: the bench venv and msgd's venv both run it.
 """
 
@@ -103,6 +105,9 @@ def floors(directory: str, n: int) -> dict:
             ),
             "append_fdatasync": scenario.timed(lambda: [append() for _ in range(n)], n),
             "overwrite_fdatasync": in_place(directory, n),
+            "unlink_flushed": scenario.timed(  # the first way's files: flushed, and their names
+                lambda: [os.unlink(os.path.join(directory, "new", f"a{i}")) for i in range(n)], n
+            ),
         }
 
 

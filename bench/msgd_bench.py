@@ -262,7 +262,7 @@ def presend_run(args, iterations: int, launcher: tuple[str, ...] | None = None) 
     finally:
         status = d.stop()
     handled = scenario.drain_result(s, args.n)
-    # msgd unlinks finished files on background threads: the headline figure runs until the spool
+    # msgd may unlink finished files on background threads: the headline figure runs until the spool
     # holds no message file (the bare loop unlinks as it goes); the handler-only span beside it.
     result = scenario.drain_result(s, args.n, end=clean)
     result.update(

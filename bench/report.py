@@ -292,7 +292,7 @@ def send_section(results: dict, meta: dict) -> list[str]:
     )
     out.append("This disk's floors, measured in the same rounds (100 bytes each):\n")
     floors = [[label, cell(results, "send", "disk", (key, "msgs_per_s"))] for key, label in FLOORS]
-    out += table(["durable write", "per second"], floors)
+    out += table(["operation", "per second"], floors)
     out.append("\n4 producer processes, each sending one message at a time, flushes on:\n")
     four = [
         [LABELS[s], cell(results, "send-4", s, ("msgs_per_s",))] for s in ("msgd", "huey-sqlite")
@@ -305,6 +305,7 @@ FLOORS = (
     ("file_one_flush", "new file + rename, the file flushed"),
     ("append_fdatasync", "append to one open file + fdatasync"),
     ("overwrite_fdatasync", "overwrite in place in a written file + fdatasync (a reused WAL)"),
+    ("unlink_flushed", "unlink of a flushed file (a spool message finished)"),
 )
 
 
@@ -546,8 +547,9 @@ METHOD = """\
   unlinks. The 1-process loop is the same code in one process (the drain target's baseline).
 - Drain and CPU-bound: the messages are enqueued first, then the consumers start; time runs from
   the first handler start to the last handler end, so start-up is not counted for anyone. msgd
-  unlinks finished files on background threads, so its time runs on until no message file is left
-  in `new/` or `cur/` (the bare loop unlinks as it goes: its time ends with its last handler).
+  may unlink finished files on background threads (while unlinks wait on the device), so its time
+  runs on until no message file is left in `new/` or `cur/` (the bare loop unlinks as it goes:
+  its time ends with its last handler).
 - Stream: consumers started and warmed up first; one producer offers {rate} msgs/s on a fixed
   schedule (`msgd.send`, Huey task call, Celery `delay`, `Queue.put`, a generator fed to `imap`)
   with `time.time()` in the body; latency = handler start - that time.
