@@ -417,7 +417,7 @@ def subscribers_section(results: dict, meta: dict) -> list[str]:
             "events seen (min)", "told missed (max)", "accounted for (min)",
             "CPU s in the drain: workers", "listener", "clients"]  # fmt: skip
     rows = []
-    for arm in ("none", "fifty", "fifty-here"):
+    for arm in ("none", "fifty", "fifty-here", "none-again"):
         columns = (
             ((arm, "msgs_per_s"), 0),
             ((arm, "usr1", "p99_ms"), 2),
@@ -449,7 +449,9 @@ def feed_text(results: dict) -> list[str]:
         f"(here {cpu('fifty-here', 'clients')} CPU s of clients; the drain made "
         f"{fmt(here, 3, 'x')} of arm *none*'s). The listener's own cost is its CPU column: "
         f"{cpu('fifty', 'listener')} s with 50 subscribers, {cpu('none', 'listener')} s with "
-        "none. The arms are interleaved in rounds; ÷ none is per round. A subscriber more than "
+        "none. Arm *none-again* is arm *none* run once more: its ÷ none is the noise between two "
+        "runs of the same thing. The arms are interleaved in rounds; ÷ none is per round. A "
+        "subscriber more than "
         "2,000 frames behind is skipped ahead and told how many events it missed; accounted for: "
         "the fewest events a subscriber saw or was told it missed, of the "
         f"{fmt(get(results, 'subscribers', 'msgd', 'none', 'n'))} drained.",

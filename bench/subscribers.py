@@ -8,7 +8,9 @@ USR2: the drain is timed from the first handler start until the spool is empty; 
 stats file samples while they stay connected. Arm "none": no subscriber. Arm "fifty": the
 clients' process at the lowest priority, standing for browsers on other machines (it takes
 only the CPU msgd leaves). Arm "fifty-here": the clients as an ordinary process on the same
-cores, competing with msgd (their CPU is then taken from the drain). The arms run in R rounds,
+cores, competing with msgd (their CPU is then taken from the drain). Arm "none-again": arm "none"
+once more, so that a round also tells how far two runs of the same thing differ (the noise of
+every ÷ none). The arms run in R rounds,
 interleaved (every other round in reverse order); each arm's figures are medians over the
 rounds, and each round gives the drain's ratio to arm "none" in that round. The CPU time each
 part used during the drain (workers, master, listener, clients) is reported with each arm.
@@ -227,7 +229,12 @@ def burst_drain(args, subscribers: int, elsewhere: bool) -> dict:
     }
 
 
-ARMS = {"none": (0, True), "fifty": (SUBSCRIBERS, True), "fifty-here": (SUBSCRIBERS, False)}
+ARMS = {
+    "none": (0, True),
+    "fifty": (SUBSCRIBERS, True),
+    "fifty-here": (SUBSCRIBERS, False),
+    "none-again": (0, True),
+}
 
 
 def summary(rounds: list[dict[str, dict]]) -> dict:

@@ -353,7 +353,20 @@ def why_subscribers(r: dict) -> str:
         f"CPU {cpu('fifty-here', 'clients')} s). The fewest events a subscriber saw: "
         f"{n(r, 'subscribers', 'msgd', 'fifty', 'events_min')}, the most it was told it missed: "
         f"{n(r, 'subscribers', 'msgd', 'fifty', 'missed_max')} (a slow subscriber is skipped "
-        "ahead, never the workers slowed)."
+        f"ahead, never the workers slowed).{feed_noise(r)}"
+    )
+
+
+def feed_noise(r: dict) -> str:
+    """How far the same arm, run twice in a round, was from itself: the noise of ÷ none."""
+    again = feed_ratios(r, "none-again")
+    if not again:
+        return ""
+    apart = max(abs(1 - x) for x in again)
+    return (
+        f" With no subscriber twice in the same rounds, the second run made "
+        f"{fmt(min(again), 3, 'x')}-{fmt(max(again), 3, 'x')} of the first (up to {apart:.1%} "
+        f"apart): the noise every ÷ none carries."
     )
 
 
