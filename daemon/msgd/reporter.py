@@ -16,7 +16,7 @@ import setproctitle
 import structlog
 
 from msgd import stats
-from msgd.backend import BackendError, Depths, Outcome, Store
+from msgd.backend import BackendError, Depths, Store
 from msgd.config import Config
 from msgd.counters import Counters, QueueIndex, running
 from msgd.notify import Notifier
@@ -91,7 +91,8 @@ class Reporter:
     @staticmethod
     def queue_totals(snap: Snapshot) -> dict[str, Totals]:
         return {
-            name: Totals.of(getattr(q, o.label) for o in Outcome) for name, q in snap.queues.items()
+            name: Totals.of(getattr(q, label) for label in stats.LABELS)
+            for name, q in snap.queues.items()
         }
 
     def in_flight(self, slots: Iterable[int]) -> int:
