@@ -65,6 +65,7 @@ from msgd.sysutil import (
     IN_MODIFY,
     drain,
     fsync_dir,
+    link_count,
     make_dirs,
     mount_instance,
     syncfs,
@@ -162,7 +163,7 @@ def _open_locked(queue_dir: str, file_mode: int) -> int:
         flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
         fd = os.open(path, flags, file_mode)
         fcntl.flock(fd, fcntl.LOCK_EX)
-        if os.fstat(fd).st_nlink:
+        if link_count(fd):
             return fd
         os.close(fd)
 
@@ -170,7 +171,7 @@ def _open_locked(queue_dir: str, file_mode: int) -> int:
 def _room(fd: int, queue_dir: str, length: int) -> int:
     """Under the lock: give a new log its header and zeros, add zeros to a log that has no room
     for `length` more bytes; returns the end."""
-    size = os.fstat(fd).st_size
+    size = _size(fd)
     if size < HEADER.size:  # new (or its creator died before the header)
         _write_at(fd, fresh_log(), 0)
         os.fdatasync(fd)
@@ -186,6 +187,12 @@ def fresh_log() -> bytes:
     """A new log's content: its header (nothing converted, nothing written), then zeros."""
     start = HEADER.size
     return HEADER.pack(MAGIC, start, start, start, bytes(24)).ljust(SIZE, b"\0")
+
+
+def _size(fd: int) -> int:
+    """The file's size, by seeking to its end: os.fstat would read its timestamps too, making a
+    producer's next flush cost a journal commit (see sysutil.link_count)."""
+    return os.lseek(fd, 0, os.SEEK_END)
 
 
 def _write_at(fd: int, data: bytes, offset: int) -> None:
@@ -209,7 +216,7 @@ def read_header(fd: int, size: int | None = None) -> Header:
     magic, durable, end, cursor, instance = HEADER.unpack(os.pread(fd, HEADER.size, 0))
     if magic != MAGIC:
         raise IntakeError("intake log: bad header")
-    end = min(end, os.fstat(fd).st_size if size is None else size)
+    end = min(end, _size(fd) if size is None else size)
     durable = min(durable, end)
     return Header(durable, end, min(max(cursor, durable), end), instance)
 
@@ -284,7 +291,7 @@ def _shared(queue_dir: str) -> Iterator[int | None]:
             return
         try:
             fcntl.flock(fd, fcntl.LOCK_SH)
-            yield fd if os.fstat(fd).st_size >= HEADER.size else None
+            yield fd if _size(fd) >= HEADER.size else None
         finally:
             os.close(fd)
 

@@ -4,6 +4,7 @@ inotify, syncfs, and dropping root's privileges."""
 from __future__ import annotations
 
 import ctypes
+import errno
 import functools
 import grp
 import json
@@ -137,9 +138,37 @@ def syncfs(path: str) -> None:
         os.close(fd)
 
 
-_STATX_MNT_ID_UNIQUE = 0x4000  # Linux 6.8: a mount's id, never reused until the next boot
-_STATX_SIZE, _STATX_MNT_ID_AT = 256, 0x90
+_STATX_NLINK, _STATX_MNT_ID_UNIQUE = 0x4, 0x4000  # the latter Linux 6.8: a mount's id, never
+_STATX_SIZE, _STATX_NLINK_AT, _STATX_MNT_ID_AT = 256, 16, 0x90  # reused until the next boot
+_AT_FDCWD, _AT_EMPTY_PATH = -100, 0x1000
 _UNKNOWN_MOUNT = os.urandom(8)  # never equal to what another process wrote
+
+
+def _statx(dirfd: int, path: str, flags: int, mask: int) -> tuple[int, bytes] | None:
+    """(the mask of what the kernel filled, the statx record), asking only for `mask`; None
+    without statx (glibc < 2.28, Linux < 4.11)."""
+    statx = getattr(_libc, "statx", None)
+    if statx is None:
+        return None
+    buf = ctypes.create_string_buffer(_STATX_SIZE)
+    if statx(dirfd, os.fsencode(path), flags, mask, buf) != 0:
+        err = ctypes.get_errno()
+        if err == errno.ENOSYS:
+            return None
+        raise OSError(err, os.strerror(err), path)
+    return struct.unpack_from("<I", buf.raw, 0)[0], buf.raw
+
+
+def link_count(fd: int) -> int:
+    """How many names the open file has (0 once unlinked or renamed over), asking for nothing
+    else. os.fstat would read the timestamps too, and once they are read (Linux >= 6.13) the
+    file's next write must stamp a finer time, which dirties its inode: that write's fdatasync
+    then commits the journal as well (a durable send's flush here: 126 -> 186 µs)."""
+    found = _statx(fd, "", _AT_EMPTY_PATH, _STATX_NLINK)
+    if found is None or not found[0] & _STATX_NLINK:
+        return os.fstat(fd).st_nlink
+    (links,) = struct.unpack_from("<I", found[1], _STATX_NLINK_AT)
+    return links
 
 
 def mount_instance(path: str) -> bytes:
@@ -147,17 +176,10 @@ def mount_instance(path: str) -> bytes:
     the same while its page cache lives (a process may crash), and change after a power loss
     (a new boot), or once the filesystem is mounted anew. Without the kernel's unique mount ids,
     a value of this process's own: every other process counts as after a power loss."""
-    statx = getattr(_libc, "statx", None)  # glibc 2.28
-    if statx is None:
+    found = _statx(_AT_FDCWD, path, 0, _STATX_MNT_ID_UNIQUE)
+    if found is None or not found[0] & _STATX_MNT_ID_UNIQUE:
         return _boot_id() + _UNKNOWN_MOUNT
-    buf = ctypes.create_string_buffer(_STATX_SIZE)
-    at_fdcwd = -100
-    if statx(at_fdcwd, os.fsencode(path), 0, _STATX_MNT_ID_UNIQUE, buf) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), path)
-    (mask,) = struct.unpack_from("<I", buf.raw, 0)
-    mount = buf.raw[_STATX_MNT_ID_AT : _STATX_MNT_ID_AT + 8]
-    return _boot_id() + (mount if mask & _STATX_MNT_ID_UNIQUE else _UNKNOWN_MOUNT)
+    return _boot_id() + found[1][_STATX_MNT_ID_AT : _STATX_MNT_ID_AT + 8]
 
 
 @functools.cache
