@@ -561,10 +561,9 @@ METHOD = """\
   (`bench/disk.py`).
 - Signals: the driver watches the file's directory with inotify and reads the file after each
   rename; USR1 until the stats file's `generation` moves, HUP until the state file's
-  `generations.reload` moves (msgd acknowledges a reload once its new workers have imported
-  their handlers, the reload's check, and claim in place of the old ones; before the queue-store
-  seam it acknowledged once the new workers were forked, still importing, 2-3 ms sooner on this
-  machine); after the handler's module was rewritten, HUP until a message
+  `generations.reload` moves (msgd acknowledges a reload once its first new worker has imported
+  the handlers, the reload's check, and claims in place of the old ones; the rest of the new
+  workers are forked after that); after the handler's module was rewritten, HUP until a message
   sent every 2 ms is run by the new code. Kill → action task running: the driver's
   `time.monotonic()` before `kill` against the state file's `began_monotonic`. Samples are spaced
   10-30 ms apart at random. Saturated = both workers busy with ~5 ms messages throughout

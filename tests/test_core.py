@@ -301,8 +301,9 @@ sys.exit(3)
 def test_a_reload_whose_new_workers_cannot_load_keeps_the_old_workers(
     daemon: Msgd, tmp_path: Path
 ) -> None:
-    """The reload's handler check is its new workers' import: when it fails (here sys.exit at
-    import), they are killed before claiming anything and the same old workers serve on."""
+    """The reload's handler check is its first new worker's import: when it fails (here
+    sys.exit at import), it is killed before claiming anything and the same old workers serve
+    on."""
     (tmp_path / "exits.py").write_text(EXITS_AT_IMPORT)
     daemon.daemon["pythonpath"] = [str(tmp_path)]
     daemon.start()
@@ -322,9 +323,9 @@ def test_a_reload_whose_new_workers_cannot_load_keeps_the_old_workers(
 
 
 def test_a_reload_whose_new_workers_import_too_long_is_rejected(daemon: Msgd) -> None:
-    """A new worker whose import outlives `import_timeout` (here it would last until the test
-    releases it, which it never does) is killed with the others of its generation, the reload is
-    rejected with the limit in its error, and the old workers serve on."""
+    """A reload's first new worker whose import outlives `import_timeout` (here it would last
+    until the test releases it, which it never does) is killed, the reload is rejected with the
+    limit in its error, and the old workers serve on."""
     daemon.daemon["import_timeout"] = 1.0
     daemon.start()
     wait_for(lambda: len(daemon.workers()) == 2, what="two workers")
@@ -343,6 +344,39 @@ def test_a_reload_whose_new_workers_import_too_long_is_rejected(daemon: Msgd) ->
     assert stuck not in daemon.workers()
     ids = daemon.store().send_many([b"a", b"b"])
     wait_for(lambda: sorted(daemon.succeeded()) == sorted(ids), what="the old handler's runs")
+
+
+IMPORTS_ONCE = """import os, sys
+_marker = os.path.join(os.path.dirname(__file__), "imported")
+if os.path.exists(_marker):
+    sys.exit(4)
+open(_marker, "w").close()
+from handlers import record as handle  # noqa: E402,F401
+"""
+
+
+def test_a_new_worker_failing_after_the_reloads_check_is_a_death_like_any_other(
+    daemon: Msgd, tmp_path: Path
+) -> None:
+    """The reload's check is one new worker's import; the rest of the generation is forked once
+    it passed. One of them failing its import (here: every import after the first) is a worker
+    death: logged as a warning and respawned with backoff, while the reload stands and the
+    worker that passed serves."""
+    (tmp_path / "imports_once.py").write_text(IMPORTS_ONCE)
+    daemon.daemon["pythonpath"] = [str(tmp_path), *daemon.daemon["pythonpath"]]
+    daemon.start()
+    daemon.queues["default"] = {"handler": "imports_once:handle"}
+    daemon.write_config()
+    daemon.kill(signal.SIGHUP)
+    wait_for(lambda: daemon.generation("reload") == 1, what="the reload's answer")
+    assert daemon.state()["last"]["reload"]["outcome"] == "ok"
+    died = lambda: [  # noqa: E731
+        e for e in daemon.events("worker exited")
+        if e["level"] == "warning" and e["how"] == "exit status 1"
+    ]  # fmt: skip
+    wait_for(lambda: len(died()) >= 2, what="a failing new worker, respawned and failing again")
+    ids = daemon.store().send_many([b"a", b"b", b"c"])
+    wait_for(lambda: sorted(daemon.succeeded()) == sorted(ids), what="the checked worker's runs")
 
 
 def test_a_reload_keeps_the_stores_of_unchanged_queues(daemon: Msgd) -> None:

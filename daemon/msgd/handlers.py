@@ -3,8 +3,8 @@
 A handler is called with a `Message`. Returning means success; raising means a failure that is
 retried with backoff; raising `Reject` means a permanent failure that goes straight to failed/.
 The master never imports handler code: workers import it after fork (so a reload picks up new code),
-`msgd --check` and `msgctl reload` in a short-lived forked child, and a reload's new workers are its
-own check (pool.py: they claim nothing until all of them have loaded).
+`msgd --check` and `msgctl reload` in a short-lived forked child, and a reload's first new worker
+is its own check (pool.py: it claims nothing until it has loaded).
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ def _command_child() -> None:
 
 def import_too_slow(config: Config) -> str:
     """The error of an import of handlers that outlived `daemon.import_timeout` (a check's or a
-    reload's new workers')."""
+    reload's first new worker's)."""
     return f"queues: importing the handlers took over {config.daemon.import_timeout:g}s"
 
 

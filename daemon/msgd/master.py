@@ -258,7 +258,7 @@ class Master:
             logs.setup(new.daemon.log_file, new.daemon.log_format, new.daemon.log_level)
             self.index.add(new.queues)
             limits = RateLimits(new, self.limits)
-            await self.pool.replace_all(new, limits)  # old workers serve until new ones loaded
+            await self.pool.replace_all(new, limits)  # old workers serve until a new one loaded
         except Exception as e:
             return self.rejected(e, limits)
         self.stores, old = reopen_stores(self.config, new, self.stores)

@@ -47,7 +47,7 @@ class Word(enum.Enum):
     STOP = "stop"  # finish what is in hand, claim nothing more, exit 0
     BURST = "burst"  # a burst began: wake the burst-mode queues, due retries now
     LOADED = "loaded"  # (a worker on trial) my handlers are imported; I wait for GO
-    GO = "go"  # (to a worker on trial) every new worker loaded: start claiming
+    GO = "go"  # (to a worker on trial) the reload is applied: start claiming
 
 
 class Worker:
@@ -62,7 +62,7 @@ class Worker:
         flags: BurstFlags,
         limits: RateLimits,
         events: NullWriter | None = None,  # http: events.EventWriter for the outcome feed
-        on_trial: bool = False,  # one of a reload's new workers: see load_handlers
+        on_trial: bool = False,  # a reload's first new worker: see load_handlers
     ) -> None:
         self.slot = slot
         self.config = config
@@ -131,7 +131,7 @@ class Worker:
         weighs processes of one scheduling group against each other (a systemd service's cgroup,
         a session's autogroup), so the workers' share against other programs stays the same;
         the master's CPU is a few milliseconds a second. Not before the handlers' import: a
-        reload waits for its new workers to load, and at nice 5 they loaded behind the old ones
+        reload waits for its first new worker to load, and at nice 5 it loaded behind the old ones
         (HUP -> applied p50 with a stream running, 3 rounds: 12.7-13.1 ms, importing first:
         11.6-12.7). A sandbox that forbids setpriority costs that latency only: the workers keep
         the master's priority, and say so."""
@@ -142,9 +142,9 @@ class Worker:
                 self.log.warning("worker_nice not applied", error=str(e))
 
     def load_handlers(self) -> bool:
-        """Import every queue's handler. A worker of a reload's new generation is the reload's
-        check: it reports how the import went and claims nothing until the master says GO (all
-        new workers loaded). False: it must exit without claiming."""
+        """Import every queue's handler. A reload's first new worker is the reload's check: it
+        reports how the import went and claims nothing until the master says GO (the reload
+        applied). False: it must exit without claiming."""
         if not self.on_trial:
             self.handlers = handlers.load_all(self.config)
             return True
