@@ -43,7 +43,7 @@ class Start:
 
 def starts(daemon: Msgd) -> list[Start]:
     try:
-        lines = (daemon.out / "starts").read_text().splitlines()
+        lines = (daemon.out / "starts").read_text().split("\n")[:-1]  # not a half line
     except FileNotFoundError:
         return []
     out = []
