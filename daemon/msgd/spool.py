@@ -365,8 +365,7 @@ class SpoolStore:
         total = Settled()
         for slot in self.cur_slots():
             total.add(self.settle(Death(slot=slot, charged=False)))
-        intake.recover(self.dir, self.spool.file_mode)
-        intake.converter(self.spool.file_mode).watch(self.dir)  # from now, not the first tick
+        intake.recover(self.dir, self.spool.file_mode)  # converting from now on: release_due
         for name in listdir(self.tmp):  # taken to expire (_expire): a producer's names hold no @
             if "@x" in name:
                 os.rename(os.path.join(self.tmp, name), os.path.join(self.new, name))
