@@ -248,6 +248,31 @@ def test_a_replaced_log_is_not_appended_to(store: SpoolStore) -> None:
     assert sorted(files(store).values()) == [b"first", b"second"] and sent[0] in files(store)
 
 
+@pytest.mark.parametrize("statx", [True, False], ids=["statx", "without statx"])
+def test_a_log_renamed_over_has_no_links_left(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, statx: bool
+) -> None:
+    """What tells a producer its log was replaced: the open file's link count, read by statx
+    asking for nothing else (see sysutil.link_count), or by fstat where statx is missing."""
+    from msgd import sysutil
+
+    if not statx:
+        monkeypatch.setattr(sysutil, "_statx", lambda *args: None)
+    log = tmp_path / "log"
+    log.write_bytes(b"old")
+    fd = os.open(log, os.O_RDONLY)
+    try:
+        assert sysutil.link_count(fd) == 1
+        os.link(log, tmp_path / "second")
+        assert sysutil.link_count(fd) == 2
+        (tmp_path / "fresh").write_bytes(b"new")
+        os.rename(tmp_path / "fresh", log)
+        os.unlink(tmp_path / "second")
+        assert sysutil.link_count(fd) == 0
+    finally:
+        os.close(fd)
+
+
 def test_a_flushed_log_is_replaced_once_large_with_what_follows(
     store: SpoolStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -1,5 +1,5 @@
 """Small OS operations the standard library lacks: atomic files, safe directories, prctl,
-inotify, syncfs, and dropping root's privileges."""
+inotify, syncfs, statx, and dropping root's privileges."""
 
 from __future__ import annotations
 
@@ -138,22 +138,23 @@ def syncfs(path: str) -> None:
         os.close(fd)
 
 
-_STATX_NLINK, _STATX_MNT_ID_UNIQUE = 0x4, 0x4000  # the latter Linux 6.8: a mount's id, never
-_STATX_SIZE, _STATX_NLINK_AT, _STATX_MNT_ID_AT = 256, 16, 0x90  # reused until the next boot
+_STATX_NLINK = 0x4
+_STATX_MNT_ID_UNIQUE = 0x4000  # Linux 6.8: a mount's id, never reused until the next boot
+_STATX_SIZE, _STATX_NLINK_AT, _STATX_MNT_ID_AT = 256, 16, 0x90  # the record; where two fields are
 _AT_FDCWD, _AT_EMPTY_PATH = -100, 0x1000
 _UNKNOWN_MOUNT = os.urandom(8)  # never equal to what another process wrote
 
 
 def _statx(dirfd: int, path: str, flags: int, mask: int) -> tuple[int, bytes] | None:
     """(the mask of what the kernel filled, the statx record), asking only for `mask`; None
-    without statx (glibc < 2.28, Linux < 4.11)."""
+    without statx (glibc < 2.28, Linux < 4.11, or a seccomp filter that refuses it)."""
     statx = getattr(_libc, "statx", None)
     if statx is None:
         return None
     buf = ctypes.create_string_buffer(_STATX_SIZE)
     if statx(dirfd, os.fsencode(path), flags, mask, buf) != 0:
         err = ctypes.get_errno()
-        if err == errno.ENOSYS:
+        if err in (errno.ENOSYS, errno.EPERM):
             return None
         raise OSError(err, os.strerror(err), path)
     return struct.unpack_from("<I", buf.raw, 0)[0], buf.raw
