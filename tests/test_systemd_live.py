@@ -275,11 +275,16 @@ def test_watchdog_restarts_a_frozen_master(unit: Unit) -> None:
         frozen = unit.main_pid()
         restarts = int(unit.show("NRestarts"))
         unit.m.run("kill", "-STOP", str(frozen))
-        wait_for(
-            lambda: unit.show("ActiveState") == "active" and unit.main_pid() not in (0, frozen),
-            30,
-            "systemd to kill the frozen master and start a new one",
-        )
+        try:
+            wait_for(
+                lambda: unit.show("ActiveState") == "active" and unit.main_pid() not in (0, frozen),
+                30,
+                "systemd to kill the frozen master and start a new one",
+            )
+        except AssertionError as e:  # what systemd did instead
+            state = {p: unit.show(p) for p in ("ActiveState", "SubState", "MainPID", "Result")}
+            tail = unit.m.run("journalctl", "--no-pager", "-n", "40").stdout
+            raise AssertionError(f"{e}; {state}; the journal's end:\n{tail}") from None
         assert int(unit.show("NRestarts")) == restarts + 1
         assert "msgd.service: Watchdog timeout" in unit.journal()
         unit.handles_a_message()
