@@ -310,24 +310,27 @@ class Pool:
         is a worker death like any other). Forked before the check, they made it wait for their
         forks too: here a fork takes 1 ms, 2-3 ms while the child before it starts."""
         size = config.daemon.workers
-        trial = [self.spawn(self.free_slot(), config, limits, on_trial=True)] if size else []
-        try:
-            verdicts = await asyncio.wait_for(
-                asyncio.gather(*(h.loaded for h in trial if h.loaded)),
-                config.daemon.import_timeout,
-            )
-        except TimeoutError:
-            verdicts = [handlers.import_too_slow(config)]
-        if failure := next((v for v in verdicts if v), ""):
-            for handle in trial:
-                handle.signal(signal.SIGKILL)
-            raise ConfigError(failure)
+        trial = await self.tried(config, limits) if size else None
         self.config, self.limits, self.size = config, limits, size
         for handle in list(self.workers.values()):
             self.retire(handle)
-        for handle in trial:
-            self.admit(handle)
+        if trial is not None:
+            self.admit(trial)
         self.loop.call_soon(self._refill)  # the rest, once the reload's caller has its answer
+
+    async def tried(self, config: Config, limits: RateLimits) -> WorkerHandle:
+        """A reload's first new worker, once it has imported its handlers; if it cannot (an
+        error, an exit, past `import_timeout`), it is killed and ConfigError says why."""
+        handle = self.spawn(self.free_slot(), config, limits, on_trial=True)
+        assert handle.loaded is not None  # a worker on trial has its verdict to come
+        try:
+            failure = await asyncio.wait_for(handle.loaded, config.daemon.import_timeout)
+        except TimeoutError:
+            failure = handlers.import_too_slow(config)
+        if failure:
+            handle.signal(signal.SIGKILL)
+            raise ConfigError(failure)
+        return handle
 
     def admit(self, handle: WorkerHandle) -> None:
         """A worker that passed its trial joins the pool and starts claiming."""
